@@ -1,0 +1,39 @@
+# Starlight. `make demo` and `make test` install what they need themselves
+# (Debian packages, Go modules) on a fresh Debian 12 machine, as root.
+
+SHELL := /bin/bash
+
+GO       ?= go
+BIN      := $(CURDIR)/bin
+GOFLAGS  ?=
+export OTEL_TRACES_EXPORTER := none
+export CGO_ENABLED := 1
+
+BINARIES := starlight-registry starlight-worker ctr-starlight
+
+.PHONY: all build deps test unit demo bench clean
+
+all: build
+
+deps:
+	./hack/install-deps.sh
+
+build:
+	$(GO) build $(GOFLAGS) -o $(BIN)/ ./registry-ext/cmd/starlight-registry ./worker/cmd/starlight-worker ./worker/cmd/ctr-starlight
+
+# Unit and end-to-end tests in one run; end-to-end tests use the binaries
+# built here (STARLIGHT_BIN) and start private daemons.
+test: deps build
+	STARLIGHT_BIN=$(BIN) $(GO) test -count=1 -timeout 75m ./... 2>&1 | tee test.log; exit $${PIPESTATUS[0]}
+
+unit:
+	$(GO) test -count=1 -short ./...
+
+demo: deps build
+	./hack/demo.sh
+
+bench: deps build
+	STARLIGHT_BIN=$(BIN) ./hack/bench.sh
+
+clean:
+	rm -rf $(BIN) test.log

@@ -1,0 +1,190 @@
+// Package api holds the types that cross process boundaries in Starlight:
+// the JSON of the registry's /starlight/ HTTP API, the header of a delta
+// bundle, and the file tree entries shared by the index, the registry and
+// the worker. It has no dependencies beyond the standard library and
+// go-digest so that every component can import it.
+package api
+
+import (
+	"time"
+)
+
+// Entry types. They follow the eStargz TOC vocabulary ("reg", "dir", ...)
+// so an index row, a TOC entry and a bundle entry read the same.
+const (
+	TypeReg      = "reg"
+	TypeDir      = "dir"
+	TypeSymlink  = "symlink"
+	TypeHardlink = "hardlink"
+	TypeChar     = "char"
+	TypeBlock    = "block"
+	TypeFifo     = "fifo"
+)
+
+// Whiteout markers, as they appear in OCI layer tars. The worker translates
+// them into overlayfs whiteouts (0:0 character devices and the
+// trusted.overlay.opaque xattr) when it exposes a layer.
+const (
+	WhiteoutPrefix = ".wh."
+	WhiteoutOpaque = ".wh..wh..opq"
+)
+
+// Entry is one entry of a layer's file tree.
+//
+// Name is a clean relative path without a leading "./" or "/" (the layer
+// root itself is never listed). Whiteouts are kept exactly as in the tar
+// (".wh.NAME" regular files, ".wh..wh..opq"), so the index is a faithful
+// description of the layer and consumers apply overlay semantics themselves.
+type Entry struct {
+	Name     string            `json:"name"`
+	Type     string            `json:"type"`
+	Mode     uint32            `json:"mode"` // permission bits plus setuid/setgid/sticky (07777)
+	UID      int               `json:"uid"`
+	GID      int               `json:"gid"`
+	Size     int64             `json:"size,omitempty"`
+	ModTime  time.Time         `json:"mtime"`
+	LinkName string            `json:"linkName,omitempty"` // symlink target, or hard link target path
+	DevMajor int64             `json:"devMajor,omitempty"`
+	DevMinor int64             `json:"devMinor,omitempty"`
+	Xattrs   map[string][]byte `json:"xattrs,omitempty"`
+	// Digest is the sha256 of the whole content of a regular file with
+	// Size > 0 ("sha256:<hex>"); empty otherwise.
+	Digest string `json:"digest,omitempty"`
+	// Chunks covers [0, Size) of a regular file in order. A file smaller
+	// than the chunk size has exactly one chunk.
+	Chunks []Chunk `json:"chunks,omitempty"`
+}
+
+// Chunk is one eStargz chunk of a regular file: an independent gzip member
+// of the layer blob.
+type Chunk struct {
+	Offset int64  `json:"offset"` // offset in the uncompressed file
+	Size   int64  `json:"size"`   // uncompressed size
+	Digest string `json:"digest"` // sha256 of the uncompressed chunk
+	// CompressedOffset and CompressedSize locate the raw gzip member in the
+	// layer blob. The member starts with this chunk's data; the decoder reads
+	// exactly Size bytes from it (an eStargz member may carry the following
+	// tar headers after the data).
+	CompressedOffset int64 `json:"compressedOffset"`
+	CompressedSize   int64 `json:"compressedSize"`
+}
+
+// Platform identifies an image platform, as in the OCI image index.
+type Platform struct {
+	OS           string `json:"os"`
+	Architecture string `json:"architecture"`
+	Variant      string `json:"variant,omitempty"`
+}
+
+func (p Platform) String() string {
+	s := p.OS + "/" + p.Architecture
+	if p.Variant != "" {
+		s += "/" + p.Variant
+	}
+	return s
+}
+
+// Conversion states of a pushed image.
+const (
+	StateQueued     = "queued"
+	StateConverting = "converting"
+	StateReady      = "ready"
+	StateFailed     = "failed"
+)
+
+// ImageStatus is the body of GET /starlight/v1/images/<repository>/<tag-or-digest>.
+type ImageStatus struct {
+	Repository      string    `json:"repository"`
+	Reference       string    `json:"reference"` // the tag or digest asked for
+	Digest          string    `json:"digest"`    // pushed manifest (or index) digest
+	State           string    `json:"state"`     // queued|converting|ready|failed
+	ConvertedDigest string    `json:"convertedDigest,omitempty"`
+	ConvertedTag    string    `json:"convertedTag,omitempty"`
+	Error           string    `json:"error,omitempty"`
+	Attempts        int       `json:"attempts"`
+	Layers          int       `json:"layers"`
+	Files           int       `json:"files"`
+	UpdatedAt       time.Time `json:"updatedAt"`
+}
+
+// Error is the JSON body of every 4xx/5xx answer of the /starlight/ API.
+type Error struct {
+	Code    string `json:"code"`    // machine-readable: NOT_FOUND, BAD_REQUEST, UNAUTHORIZED, ...
+	Message string `json:"message"` // human-readable
+}
+
+// DeltaRequest is the body of POST /starlight/delta.
+type DeltaRequest struct {
+	// Reference is the image as pushed, without the registry host:
+	// "repo/name:tag" or "repo/name@sha256:...".
+	Reference string `json:"reference"`
+	// Platform selects a manifest from a multi-platform image. Empty means
+	// linux/amd64.
+	Platform Platform `json:"platform"`
+	// Have lists the converted layer digests the worker holds complete.
+	// Every content of those layers is left out of the bundle.
+	Have []string `json:"have,omitempty"`
+	// Resume is the number of content frames already received from an
+	// earlier, identical request whose stream broke. The header is always
+	// sent whole; frames [Resume, len(Frames)) follow it.
+	Resume int `json:"resume,omitempty"`
+}
+
+// BundleHeader opens a delta bundle. It carries everything needed to mount
+// the image before any content arrives.
+type BundleHeader struct {
+	Version    int    `json:"version"`
+	Repository string `json:"repository"`
+	// ManifestDigest and Manifest are the converted image manifest for the
+	// requested platform; Manifest is the exact stored bytes.
+	ManifestDigest    string `json:"manifestDigest"`
+	ManifestMediaType string `json:"manifestMediaType"`
+	Manifest          []byte `json:"manifest"`
+	ConfigDigest      string `json:"configDigest"`
+	Config            []byte `json:"config"`
+	// Layers are in manifest order (base first).
+	Layers []LayerTree `json:"layers"`
+	// Frames lists, in stream order, the content frames that follow.
+	Frames []Frame     `json:"frames"`
+	Stats  BundleStats `json:"stats"`
+	Resume int         `json:"resume,omitempty"` // index of the first frame in this stream
+}
+
+// LayerTree is the complete file tree of one converted layer.
+type LayerTree struct {
+	Digest  string  `json:"digest"` // converted (eStargz) blob digest
+	DiffID  string  `json:"diffID"`
+	Size    int64   `json:"size"`
+	Entries []Entry `json:"entries"`
+}
+
+// Frame is one content chunk in the bundle stream: CompressedSize raw bytes
+// of a gzip member that decompresses to Size bytes of the file with content
+// Digest at Offset, whose sha256 is ChunkDigest.
+type Frame struct {
+	Digest         string `json:"digest"`
+	Offset         int64  `json:"offset"`
+	Size           int64  `json:"size"`
+	ChunkDigest    string `json:"chunkDigest"`
+	CompressedSize int64  `json:"compressedSize"`
+}
+
+// BundleStats summarises a bundle. Sizes are compressed bytes of contents.
+type BundleStats struct {
+	ImageBytes int64 `json:"imageBytes"` // all distinct contents of the image
+	DedupBytes int64 `json:"dedupBytes"` // left out because the worker holds them
+	SendBytes  int64 `json:"sendBytes"`  // frames in this bundle (before Resume)
+	Files      int   `json:"files"`      // entries in all layers
+	Contents   int   `json:"contents"`   // distinct contents sent
+}
+
+// HTTP response headers of POST /starlight/delta, so a client can report
+// the byte counters without parsing the header.
+const (
+	HeaderImageBytes = "Starlight-Image-Bytes"
+	HeaderDedupBytes = "Starlight-Dedup-Bytes"
+	HeaderSendBytes  = "Starlight-Send-Bytes"
+)
+
+// MediaTypeBundle is the Content-Type of a delta bundle response.
+const MediaTypeBundle = "application/vnd.starlight.bundle.v1"

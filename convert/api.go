@@ -1,0 +1,99 @@
+package convert
+
+import (
+	"context"
+	"io"
+	"os"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/starlight-project/starlight/api"
+)
+
+// Annotations set on converted layer descriptors; the same keys the
+// stargz-snapshotter uses, so other eStargz consumers understand our images.
+const (
+	AnnotationTOCDigest        = "containerd.io/snapshot/stargz/toc.digest"
+	AnnotationUncompressedSize = "io.containers.estargz.uncompressed-size"
+)
+
+// DefaultChunkSize is the eStargz chunk size: small enough that a partly
+// read large file (a JRE's modules, libjvm.so) travels chunk by chunk.
+const DefaultChunkSize = 1 << 20
+
+// Options tune a conversion.
+type Options struct {
+	ChunkSize        int    // eStargz chunk size; DefaultChunkSize when 0
+	CompressionLevel int    // gzip level; gzip.BestCompression... default 6 (gzip.DefaultCompression) when 0
+	TempDir          string // where uncompressed and converted layers are spooled; os.TempDir() when ""
+	Parallelism      int    // concurrent layers and estargz workers; GOMAXPROCS when 0
+}
+
+// Index is what the registry indexes of one eStargz layer: its TOC digest
+// and every entry, in TOC order, with chunk locations in the blob.
+type Index struct {
+	TOCDigest        digest.Digest
+	UncompressedSize int64
+	Entries          []api.Entry
+}
+
+// Layer is a converted layer spooled to a temporary file.
+type Layer struct {
+	// Desc describes the eStargz blob (digest, size, media type, and the
+	// TOC-digest and uncompressed-size annotations).
+	Desc   ocispec.Descriptor
+	DiffID digest.Digest
+	Index  *Index
+	// File holds the blob; the caller reads it from offset 0 and must call
+	// Close, which removes it.
+	File *os.File
+}
+
+// Close removes the spooled blob.
+func (l *Layer) Close() error {
+	if l.File == nil {
+		return nil
+	}
+	name := l.File.Name()
+	err := l.File.Close()
+	if rerr := os.Remove(name); err == nil {
+		err = rerr
+	}
+	return err
+}
+
+// Store is the image store a conversion reads from and writes to: the
+// registry's own storage, or a remote registry for ctr-starlight convert.
+type Store interface {
+	// Fetch opens a blob or manifest.
+	Fetch(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error)
+	// Push stores a blob or manifest whose digest and size desc gives.
+	Push(ctx context.Context, desc ocispec.Descriptor, r io.Reader) error
+}
+
+// ImageResult describes a converted image.
+type ImageResult struct {
+	// Desc is the converted root: a manifest, or an index for a
+	// multi-platform image. Equal to the source when every layer already
+	// was eStargz.
+	Desc      ocispec.Descriptor
+	Manifests []ManifestResult
+}
+
+// ManifestResult describes one converted platform manifest.
+type ManifestResult struct {
+	Platform ocispec.Platform
+	Original ocispec.Descriptor // pushed platform manifest
+	Desc     ocispec.Descriptor // converted platform manifest
+	Config   ocispec.Descriptor // converted config
+	Layers   []LayerResult      // base first
+}
+
+// LayerResult describes one converted layer of a manifest.
+type LayerResult struct {
+	Desc   ocispec.Descriptor // eStargz blob
+	DiffID digest.Digest
+	Index  *Index
+	Reused bool // the source layer already was eStargz and was kept as is
+}
