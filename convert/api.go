@@ -44,7 +44,10 @@ type Layer struct {
 	// TOC-digest and uncompressed-size annotations).
 	Desc   ocispec.Descriptor
 	DiffID digest.Digest
-	Index  *Index
+	// SourceDiffID is the sha256 of the uncompressed source tar, to be
+	// checked against the source image config's rootfs.diff_ids.
+	SourceDiffID digest.Digest
+	Index        *Index
 	// File holds the blob; the caller reads it from offset 0 and must call
 	// Close, which removes it.
 	File *os.File

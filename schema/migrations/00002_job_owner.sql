@@ -8,7 +8,10 @@
 ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
 -- Leasing skips jobs whose image another job is converting right now.
 CREATE INDEX jobs_by_image ON jobs (repository, digest, state);
+-- ... and jobs of a tag another job of the same tag is converting.
+CREATE INDEX jobs_by_tag ON jobs (repository, tag, state);
 
 -- +goose Down
+DROP INDEX jobs_by_tag;
 DROP INDEX jobs_by_image;
 ALTER TABLE jobs DROP COLUMN owner;

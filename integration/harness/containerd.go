@@ -1,0 +1,197 @@
+package harness
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Paths of the system containerd tools (Debian's containerd package).
+const (
+	ContainerdBinary = "/usr/bin/containerd"
+	CtrBinary        = "/usr/bin/ctr"
+)
+
+// ContainerdOptions configure StartContainerd.
+type ContainerdOptions struct {
+	// StarlightSocket, when set, registers the starlight snapshotter as
+	// `[proxy_plugins.starlight]` at this address. The worker may start
+	// later: containerd dials proxy plugins lazily.
+	StarlightSocket string
+	// Namespace used by Ctr; "starlight-test" when empty.
+	Namespace string
+}
+
+// Containerd is a private containerd daemon.
+type Containerd struct {
+	Address   string // the gRPC socket
+	Root      string
+	State     string
+	Dir       string
+	Namespace string
+	proc      *Process
+}
+
+// StartContainerd starts /usr/bin/containerd with its own root, state and
+// socket under a short temporary directory, the CRI plugin off. Cleanup
+// removes the tasks left running, stops it by PID and unmounts whatever is
+// still mounted under its directories.
+func StartContainerd(t T, opts ContainerdOptions) *Containerd {
+	t.Helper()
+	dir := ShortTempDir(t, "ctd-")
+	c := &Containerd{
+		Dir:       dir,
+		Address:   filepath.Join(dir, "c.sock"),
+		Root:      filepath.Join(dir, "root"),
+		State:     filepath.Join(dir, "state"),
+		Namespace: opts.Namespace,
+	}
+	if c.Namespace == "" {
+		c.Namespace = "starlight-test"
+	}
+	cfg := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = %q
+
+[ttrpc]
+  address = %q
+
+[debug]
+  address = ""
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = %q
+`, c.Root, c.State, c.Address, c.Address+".ttrpc", filepath.Join(dir, "opt"))
+	if opts.StarlightSocket != "" {
+		cfg += fmt.Sprintf(`
+[proxy_plugins.starlight]
+  type = "snapshot"
+  address = %q
+`, opts.StarlightSocket)
+	}
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatalf("containerd config: %v", err)
+	}
+	p, err := startProcess("containerd", filepath.Join(dir, "containerd.log"), nil, ContainerdBinary, "--config", cfgPath)
+	if err != nil {
+		t.Fatalf("containerd: %v", err)
+	}
+	c.proc = p
+	t.Cleanup(func() {
+		c.removeTasks(t)
+		p.Stop(10 * time.Second)
+		p.dumpOnFailure(t)
+		for _, d := range []string{c.State, c.Root} {
+			if err := UnmountUnder(d); err != nil {
+				t.Logf("containerd cleanup: %v", err)
+			}
+		}
+	})
+	if err := waitFor(p, 60*time.Second, func() error {
+		_, err := c.CtrE("version")
+		return err
+	}); err != nil {
+		t.Fatalf("start containerd: %v\n%s", err, p.Log(32<<10))
+	}
+	t.Logf("containerd pid %d on %s", p.PID(), c.Address)
+	return c
+}
+
+// Log returns the tail of the containerd log.
+func (c *Containerd) Log() string { return c.proc.Log(64 << 10) }
+
+// CtrE runs `ctr --address ADDR -n NS args...` and returns its combined
+// output.
+func (c *Containerd) CtrE(args ...string) (string, error) {
+	return c.CtrNSE(c.Namespace, args...)
+}
+
+// CtrNSE is CtrE in namespace ns.
+func (c *Containerd) CtrNSE(ns string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	full := append([]string{"--address", c.Address, "-n", ns}, args...)
+	cmd := exec.CommandContext(ctx, CtrBinary, full...)
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	cmd.Stderr = &out
+	err := cmd.Run()
+	if err != nil {
+		return out.String(), fmt.Errorf("ctr %s: %w\n%s", strings.Join(args, " "), err, out.String())
+	}
+	return out.String(), nil
+}
+
+// Ctr is CtrE that fails the test on error.
+func (c *Containerd) Ctr(t T, args ...string) string {
+	t.Helper()
+	out, err := c.CtrE(args...)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return out
+}
+
+// CtrNS is Ctr in namespace ns.
+func (c *Containerd) CtrNS(t T, ns string, args ...string) string {
+	t.Helper()
+	out, err := c.CtrNSE(ns, args...)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return out
+}
+
+// MountImage mounts the rootfs of image ref (already pulled into
+// snapshotter) read-only at a new directory with `ctr images mount`, and
+// unmounts it in cleanup. It returns the mount point.
+func (c *Containerd) MountImage(t T, ns, snapshotter, ref string) string {
+	t.Helper()
+	target, err := os.MkdirTemp(c.Dir, "mnt-")
+	if err != nil {
+		t.Fatalf("mount dir: %v", err)
+	}
+	c.CtrNS(t, ns, "images", "mount", "--snapshotter", snapshotter, ref, target)
+	t.Cleanup(func() {
+		if out, err := c.CtrNSE(ns, "images", "unmount", "--rm", target); err != nil {
+			t.Logf("ctr images unmount: %v: %s", err, out)
+			_ = UnmountUnder(target)
+		}
+	})
+	return target
+}
+
+// removeTasks kills and deletes the tasks and containers left in every
+// namespace, so that no shim outlives the daemon.
+func (c *Containerd) removeTasks(t T) {
+	nsOut, err := c.CtrE("namespaces", "ls", "-q")
+	if err != nil {
+		return
+	}
+	for _, ns := range strings.Fields(nsOut) {
+		tasks, _ := c.CtrNSE(ns, "tasks", "ls", "-q")
+		for _, id := range strings.Fields(tasks) {
+			if out, err := c.CtrNSE(ns, "tasks", "delete", "-f", id); err != nil {
+				t.Logf("containerd cleanup: %v: %s", err, out)
+			}
+		}
+		ctrs, _ := c.CtrNSE(ns, "containers", "ls", "-q")
+		for _, id := range strings.Fields(ctrs) {
+			_, _ = c.CtrNSE(ns, "containers", "rm", id)
+		}
+	}
+}

@@ -1,0 +1,169 @@
+package harness
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/starlight-project/starlight/worker/client"
+)
+
+// WorkerOptions configure StartWorker.
+type WorkerOptions struct {
+	// Registries are the starlight-registry endpoints (http://HOST:PORT).
+	Registries []string
+	// Containerd the worker talks to. Its StarlightSocket must be Address.
+	Containerd *Containerd
+	// Address is the snapshotter socket; a new one when empty (then the
+	// containerd must be started with it: use StartNode).
+	Address string
+	// LogLevel of the worker; "debug" when empty.
+	LogLevel string
+}
+
+// Worker is a running starlight-worker.
+type Worker struct {
+	Root    string
+	Address string // snapshotter socket
+	API     string // API socket for ctr-starlight
+	Dir     string
+	proc    *Process
+	bin     string
+}
+
+// StartWorker runs bin/starlight-worker with a private root and sockets.
+// Cleanup removes the containers' tasks (their rootfs sit on the worker's
+// mounts), stops the worker by PID with SIGTERM (it unmounts its FUSE
+// mounts) and lazily unmounts leftovers under its root.
+func StartWorker(t T, opts WorkerOptions) *Worker {
+	t.Helper()
+	bins := Binaries(t)
+	dir := ShortTempDir(t, "wrk-")
+	w := &Worker{
+		Dir:     dir,
+		Root:    filepath.Join(dir, "root"),
+		Address: opts.Address,
+		API:     filepath.Join(dir, "api.sock"),
+		bin:     filepath.Join(bins, CLIBinary),
+	}
+	if w.Address == "" {
+		w.Address = filepath.Join(dir, "sn.sock")
+	}
+	level := opts.LogLevel
+	if level == "" {
+		level = "debug"
+	}
+	args := []string{"--root", w.Root, "--address", w.Address, "--api", w.API, "--log-level", level}
+	if opts.Containerd != nil {
+		args = append(args, "--containerd", opts.Containerd.Address)
+	}
+	for _, r := range opts.Registries {
+		args = append(args, "--registry", r)
+	}
+	p, err := startProcess("starlight-worker", filepath.Join(dir, "worker.log"), nil, filepath.Join(bins, WorkerBinary), args...)
+	if err != nil {
+		t.Fatalf("worker: %v", err)
+	}
+	w.proc = p
+	t.Cleanup(func() {
+		if opts.Containerd != nil {
+			opts.Containerd.removeTasks(t)
+		}
+		p.Stop(15 * time.Second)
+		p.dumpOnFailure(t)
+		if err := UnmountUnder(w.Root); err != nil {
+			t.Logf("worker cleanup: %v", err)
+		}
+	})
+	if err := waitFor(p, 60*time.Second, func() error {
+		for _, s := range []string{w.Address, w.API} {
+			c, err := net.Dial("unix", s)
+			if err != nil {
+				return err
+			}
+			c.Close()
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("start worker: %v\n%s", err, p.Log(32<<10))
+	}
+	t.Logf("starlight-worker pid %d, snapshotter %s, api %s", p.PID(), w.Address, w.API)
+	return w
+}
+
+// Node is a containerd with the starlight proxy snapshotter and its worker.
+type Node struct {
+	Containerd *Containerd
+	Worker     *Worker
+}
+
+// StartNode starts a private containerd wired to a new starlight-worker
+// that pulls from registries.
+func StartNode(t T, registries ...string) *Node {
+	t.Helper()
+	dir := ShortTempDir(t, "node-")
+	sock := filepath.Join(dir, "sn.sock")
+	c := StartContainerd(t, ContainerdOptions{StarlightSocket: sock})
+	w := StartWorker(t, WorkerOptions{Registries: registries, Containerd: c, Address: sock})
+	return &Node{Containerd: c, Worker: w}
+}
+
+// Log returns the tail of the worker log.
+func (w *Worker) Log() string { return w.proc.Log(64 << 10) }
+
+// CLIE runs `ctr-starlight --worker API --namespace ns args...`.
+func (w *Worker) CLIE(ns string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, w.bin, append([]string{"--worker", w.API, "--namespace", ns}, args...)...)
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	cmd.Stderr = &out
+	cmd.Stdin = nil
+	if err := cmd.Run(); err != nil {
+		return out.String(), fmt.Errorf("ctr-starlight %s: %w\n%s", strings.Join(args, " "), err, out.String())
+	}
+	return out.String(), nil
+}
+
+// CLI is CLIE that fails the test on error.
+func (w *Worker) CLI(t T, ns string, args ...string) string {
+	t.Helper()
+	out, err := w.CLIE(ns, args...)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return out
+}
+
+// Images asks the worker for the state and progress of its images
+// (GET /v1/images on the API socket).
+func (w *Worker) Images() ([]client.Image, error) {
+	c := client.New(w.API)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return c.Images(ctx)
+}
+
+// Progress returns the worker's state of ref in namespace ns.
+func (w *Worker) Progress(t T, ref, ns string) client.Image {
+	t.Helper()
+	imgs, err := w.Images()
+	if err != nil {
+		t.Fatalf("worker images: %v", err)
+	}
+	for _, im := range imgs {
+		if im.Ref == ref && (ns == "" || im.Namespace == ns) {
+			return im
+		}
+	}
+	t.Fatalf("the worker does not report %s in namespace %q: %+v", ref, ns, imgs)
+	return client.Image{}
+}

@@ -1,0 +1,141 @@
+package integration
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/starlight-project/starlight/integration/harness"
+	"github.com/starlight-project/starlight/integration/linkem"
+)
+
+// TestWorkerRunsPushedImage is the acceptance test of the worker: an image
+// pushed with docker runs on a fresh worker after `ctr-starlight pull`,
+// through `ctr run` and through `ctr c create` + `ctr t start`, and its
+// rootfs equals, file by file, the overlayfs pull of the same image.
+func TestWorkerRunsPushedImage(t *testing.T) {
+	requireRoot(t)
+	reg := harness.StartRegistry(t, harness.RegistryOptions{})
+	docker := harness.SharedDockerd(t)
+	spec := harness.TrickyImage("starlight-test/tricky:w1")
+	img := harness.BuildImage(t, spec)
+	const repo, tag = "e2e/worker", "v1"
+	ref := reg.Addr + "/" + repo + ":" + tag
+	docker.Push(t, img, ref)
+	reg.WaitReady(t, repo, tag)
+
+	node := harness.StartNode(t, reg.URL)
+	ctd, w := node.Containerd, node.Worker
+	const ns, plainNS = "sl", "plain"
+	var pullOut string
+	timed(t, "ctr-starlight pull", func() { pullOut = w.CLI(t, ns, "pull", "--plain-http", ref) })
+	t.Logf("ctr-starlight pull: %s", pullOut)
+
+	// The same image through containerd's own pull and overlayfs, in
+	// another namespace so the two image records do not clash.
+	timed(t, "ctr pull", func() { ctd.CtrNS(t, plainNS, "images", "pull", "--plain-http", ref) })
+	want := ctd.CtrNS(t, plainNS, "run", "--rm", "--snapshotter", "overlayfs", ref, uniqueID("plain"), "/bin/sh", "-c", probeScript(false))
+	mustContain(t, "overlayfs run", want, expectedProbe(t, spec)...)
+
+	var got string
+	timed(t, "ctr run --snapshotter starlight", func() {
+		got = ctd.CtrNS(t, ns, "run", "--rm", "--snapshotter", "starlight", ref, uniqueID("sl"), "/bin/sh", "-c", probeScript(false))
+	})
+	mustContain(t, "starlight run", got, expectedProbe(t, spec)...)
+	if got != want {
+		t.Errorf("starlight container prints something else than overlayfs:\n--- overlayfs\n%s\n--- starlight\n%s", want, got)
+	}
+
+	t.Run("create and start", func(t *testing.T) {
+		id := uniqueID("create")
+		ctd.CtrNS(t, ns, "containers", "create", "--snapshotter", "starlight", ref, id, "cat", "/data/hello.txt", "/small.txt")
+		defer ctd.CtrNSE(ns, "containers", "rm", id)
+		out := ctd.CtrNS(t, ns, "tasks", "start", id)
+		mustContain(t, "ctr t start", out, "hello again from layer 3", "small file at the root")
+	})
+
+	t.Run("rootfs equivalence", func(t *testing.T) {
+		a := ctd.MountImage(t, plainNS, "overlayfs", ref)
+		b := ctd.MountImage(t, ns, "starlight", ref)
+		diff, err := harness.CompareTrees(a, b, harness.CompareOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff != "" {
+			t.Errorf("starlight rootfs differs from overlayfs (A=overlayfs, B=starlight):\n%s", diff)
+		}
+	})
+
+	t.Run("images", func(t *testing.T) {
+		// Everything has arrived once the tree was read in full.
+		deadline := time.Now().Add(2 * time.Minute)
+		for {
+			p := w.Progress(t, ref, ns)
+			if p.Complete {
+				if p.BytesReceived != p.BytesTotal {
+					t.Errorf("complete with %d of %d bytes", p.BytesReceived, p.BytesTotal)
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("not complete: %+v", p)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		out := w.CLI(t, ns, "images")
+		mustContain(t, "ctr-starlight images", out, repo)
+	})
+}
+
+// TestWorkerLazyStart checks that a container that reads one small file of
+// a large image runs before the image's bundle has finished arriving over
+// a slow link. The assertion is on bytes (the worker's progress and the
+// link's counters), not on time.
+func TestWorkerLazyStart(t *testing.T) {
+	requireRoot(t)
+	reg := harness.StartRegistry(t, harness.RegistryOptions{})
+	docker := harness.SharedDockerd(t)
+	const bigSize = 60 << 20
+	img := harness.BuildImage(t, harness.LazyImage("starlight-test/lazy:v1", bigSize))
+	const repo, tag = "e2e/lazy", "v1"
+	docker.Push(t, img, reg.Addr+"/"+repo+":"+tag)
+	reg.WaitReady(t, repo, tag)
+
+	link := linkem.New(linkem.Profile{RTT: 50 * time.Millisecond, Bandwidth: 20_000_000})
+	t.Cleanup(link.Stop)
+	addr, err := link.Proxy("127.0.0.1:0", reg.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("link %s in front of the registry at %s", link.Profile(), addr)
+	node := harness.StartNode(t, "http://"+addr.String())
+	ctd, w := node.Containerd, node.Worker
+	ref := addr.String() + "/" + repo + ":" + tag
+	const ns = "lazy"
+
+	timed(t, "ctr-starlight pull", func() { w.CLI(t, ns, "pull", "--plain-http", ref) })
+	var out string
+	timed(t, "ctr run cat /small.txt", func() {
+		out = ctd.CtrNS(t, ns, "run", "--rm", "--snapshotter", "starlight", ref, uniqueID("lazy"), "cat", "/small.txt")
+	})
+	p := w.Progress(t, ref, ns)
+	down := link.Stats().BytesDown
+	t.Logf("after the container ran: worker %d/%d bytes, %d/%d frames, complete=%t; link delivered %d bytes",
+		p.BytesReceived, p.BytesTotal, p.FramesReceived, p.FramesTotal, p.Complete, down)
+
+	if !strings.Contains(out, "small file at the root") {
+		t.Fatalf("container output %q", out)
+	}
+	if p.Complete {
+		t.Errorf("the bundle was complete before the container finished: %+v", p)
+	}
+	if p.BytesTotal < bigSize {
+		t.Errorf("worker reports %d bytes in the bundle, the image holds %d incompressible bytes", p.BytesTotal, bigSize)
+	}
+	if p.BytesReceived >= p.BytesTotal {
+		t.Errorf("worker received %d of %d bytes: nothing left to arrive", p.BytesReceived, p.BytesTotal)
+	}
+	if down >= bigSize {
+		t.Errorf("the link delivered %d bytes before the container finished, the big file alone is %d", down, bigSize)
+	}
+}

@@ -1,0 +1,445 @@
+package delta
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/api/bundle"
+)
+
+// Plan computes the bundle for the converted platform manifest
+// manifestDigest of repository: the header (manifest, config, every layer's
+// tree, the frames in stream order, the statistics) and, for every frame of
+// header.Frames, where its raw bytes live. The frames of the stream proper
+// are header.Frames[header.Resume:].
+//
+// Plan is deterministic: identical requests against an unchanged index
+// yield identical frames, which is what makes Resume work.
+func (p *Planner) Plan(ctx context.Context, repository string, manifestDigest digest.Digest, req api.DeltaRequest) (*api.BundleHeader, []Source, error) {
+	have, err := validateRequest(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	layers, err := p.manifestLayers(ctx, manifestDigest)
+	if err != nil {
+		return nil, nil, err
+	}
+	h := &api.BundleHeader{
+		Repository:     repository,
+		ManifestDigest: manifestDigest.String(),
+	}
+	m, err := p.readManifest(ctx, repository, manifestDigest, layers)
+	if err != nil {
+		return nil, nil, err
+	}
+	h.Manifest, h.ManifestMediaType, h.ConfigDigest = m.raw, m.mediaType, m.config.String()
+	if h.Config, err = p.readBlob(ctx, repository, m.config, maxConfigSize); err != nil {
+		return nil, nil, fmt.Errorf("reading config: %w", err)
+	}
+
+	h.Layers = make([]api.LayerTree, len(layers))
+	for i, l := range layers {
+		entries, err := p.layerEntries(ctx, l.digest, l.files)
+		if err != nil {
+			return nil, nil, err
+		}
+		h.Layers[i] = api.LayerTree{Digest: l.digest, DiffID: l.diffID, Size: l.size, Entries: entries}
+		h.Stats.Files += len(entries)
+	}
+
+	held, err := p.heldContents(ctx, have, imageContents(h.Layers))
+	if err != nil {
+		return nil, nil, err
+	}
+	cands := candidates(h.Layers, held, &h.Stats)
+	if p.priority != nil {
+		if err := p.priority.Rank(ctx, repository, manifestDigest, h.Layers, cands); err != nil {
+			return nil, nil, fmt.Errorf("ranking frames: %w", err)
+		}
+	}
+	sortCandidates(cands)
+
+	h.Frames = make([]api.Frame, len(cands))
+	sources := make([]Source, len(cands))
+	for i := range cands {
+		h.Frames[i] = cands[i].Frame
+		sources[i] = cands[i].Source
+	}
+	if req.Resume > len(h.Frames) {
+		return nil, nil, fmt.Errorf("%w: resume %d is past the %d frames of the bundle", ErrBadRequest, req.Resume, len(h.Frames))
+	}
+	h.Resume = req.Resume
+	return h, sources, nil
+}
+
+// validateRequest checks the parts of an untrusted request the Planner
+// uses and returns the Have digests without duplicates.
+func validateRequest(req api.DeltaRequest) ([]string, error) {
+	if req.Resume < 0 {
+		return nil, fmt.Errorf("%w: negative resume %d", ErrBadRequest, req.Resume)
+	}
+	if len(req.Have) > MaxHave {
+		return nil, fmt.Errorf("%w: %d layers in have, at most %d are accepted", ErrBadRequest, len(req.Have), MaxHave)
+	}
+	seen := make(map[string]struct{}, len(req.Have))
+	have := make([]string, 0, len(req.Have))
+	for _, s := range req.Have {
+		d, err := api.ParseDigest(s)
+		if err != nil {
+			return nil, fmt.Errorf("%w: have: %w", ErrBadRequest, err)
+		}
+		if _, dup := seen[d.String()]; dup {
+			continue
+		}
+		seen[d.String()] = struct{}{}
+		have = append(have, d.String())
+	}
+	return have, nil
+}
+
+type layerRow struct {
+	digest, diffID string
+	size           int64
+	files          int // entries, a capacity hint
+}
+
+// manifestLayers returns the indexed layers of a converted manifest, base
+// first.
+func (p *Planner) manifestLayers(ctx context.Context, manifestDigest digest.Digest) ([]layerRow, error) {
+	rows, err := p.db.QueryContext(ctx, p.rebind(`
+		SELECT ml.position, ml.layer_digest, l.diff_id, l.size, l.files
+		FROM manifest_layers ml LEFT JOIN layers l ON l.digest = ml.layer_digest
+		WHERE ml.manifest_digest = ?
+		ORDER BY ml.position`), manifestDigest.String())
+	if err != nil {
+		return nil, fmt.Errorf("querying layers of %s: %w", manifestDigest, err)
+	}
+	defer rows.Close()
+	var layers []layerRow
+	for rows.Next() {
+		var (
+			pos    int
+			l      layerRow
+			diffID sql.NullString
+			size   sql.NullInt64
+			files  sql.NullInt64
+		)
+		if err := rows.Scan(&pos, &l.digest, &diffID, &size, &files); err != nil {
+			return nil, fmt.Errorf("querying layers of %s: %w", manifestDigest, err)
+		}
+		if pos != len(layers) {
+			return nil, fmt.Errorf("index of %s: layer position %d, want %d", manifestDigest, pos, len(layers))
+		}
+		if !diffID.Valid {
+			return nil, fmt.Errorf("index of %s: layer %s is not indexed", manifestDigest, l.digest)
+		}
+		l.diffID, l.size, l.files = diffID.String, size.Int64, int(files.Int64)
+		layers = append(layers, l)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("querying layers of %s: %w", manifestDigest, err)
+	}
+	if len(layers) > 0 {
+		return layers, nil
+	}
+	// No layer rows: either a manifest without layers or one that is not
+	// (yet) converted. Only the latter is unknown to image_manifests.
+	var one int
+	err = p.db.QueryRowContext(ctx, p.rebind(`SELECT 1 FROM image_manifests WHERE manifest_digest = ? LIMIT 1`),
+		manifestDigest.String()).Scan(&one)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return nil, fmt.Errorf("%w: manifest %s is not indexed", ErrNotFound, manifestDigest)
+	case err != nil:
+		return nil, fmt.Errorf("looking up manifest %s: %w", manifestDigest, err)
+	}
+	return nil, nil
+}
+
+type manifest struct {
+	raw       []byte
+	mediaType string
+	config    digest.Digest
+}
+
+// readManifest reads the stored manifest and checks it against the index.
+func (p *Planner) readManifest(ctx context.Context, repository string, dgst digest.Digest, layers []layerRow) (*manifest, error) {
+	raw, err := p.readBlob(ctx, repository, dgst, maxManifestSize)
+	if err != nil {
+		return nil, fmt.Errorf("reading manifest: %w", err)
+	}
+	var m struct {
+		MediaType string             `json:"mediaType"`
+		Config    ocispec.Descriptor `json:"config"`
+		Layers    []struct {
+			Digest string `json:"digest"`
+		} `json:"layers"`
+		Manifests json.RawMessage `json:"manifests"`
+	}
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", dgst, err)
+	}
+	if m.Manifests != nil {
+		return nil, fmt.Errorf("manifest %s is an index, not a platform manifest", dgst)
+	}
+	config, err := api.ParseDigest(m.Config.Digest.String())
+	if err != nil {
+		return nil, fmt.Errorf("manifest %s: config: %w", dgst, err)
+	}
+	if len(m.Layers) != len(layers) {
+		return nil, fmt.Errorf("manifest %s has %d layers, the index %d", dgst, len(m.Layers), len(layers))
+	}
+	for i, l := range m.Layers {
+		if l.Digest != layers[i].digest {
+			return nil, fmt.Errorf("manifest %s: layer %d is %s, the index says %s", dgst, i, l.Digest, layers[i].digest)
+		}
+	}
+	mt := m.MediaType
+	if mt == "" {
+		// mediaType is optional in an OCI manifest.
+		mt = ocispec.MediaTypeImageManifest
+	}
+	return &manifest{raw: raw, mediaType: mt, config: config}, nil
+}
+
+// readBlob reads a small blob (manifest, config) whole and verifies it.
+func (p *Planner) readBlob(ctx context.Context, repository string, dgst digest.Digest, limit int64) ([]byte, error) {
+	rc, err := p.blobs.OpenBlob(ctx, repository, dgst)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", dgst, err)
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(io.LimitReader(rc, limit+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", dgst, err)
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("%s exceeds %d bytes", dgst, limit)
+	}
+	if got := dgst.Algorithm().FromBytes(b); got != dgst {
+		return nil, fmt.Errorf("stored %s has digest %s", dgst, got)
+	}
+	return b, nil
+}
+
+// layerEntries rebuilds a layer's tree, in TOC order, from the files and
+// chunks tables. Both are read in position order and merged, one query
+// each, so a layer of 100k files costs two round trips.
+func (p *Planner) layerEntries(ctx context.Context, layer string, hint int) ([]api.Entry, error) {
+	entries, positions, err := p.layerFiles(ctx, layer, hint)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.layerChunks(ctx, layer, entries, positions); err != nil {
+		return nil, err
+	}
+	for i := range entries {
+		e := &entries[i]
+		// The index is ours, but a bad row would make every worker reject
+		// the header: fail here with a clear message instead.
+		if err := e.Validate(); err != nil {
+			return nil, fmt.Errorf("index of layer %s: %w", layer, err)
+		}
+		for _, c := range e.Chunks {
+			if c.CompressedSize <= 0 || c.CompressedSize > bundle.MaxFrameCompressed || c.Size > bundle.MaxFrameUncompressed {
+				return nil, fmt.Errorf("index of layer %s: %s: chunk at %d does not fit a bundle frame", layer, e.Name, c.Offset)
+			}
+		}
+	}
+	return entries, nil
+}
+
+func (p *Planner) layerFiles(ctx context.Context, layer string, hint int) ([]api.Entry, []int64, error) {
+	rows, err := p.db.QueryContext(ctx, p.rebind(`
+		SELECT position, name, type, mode, uid, gid, size, mtime, link_name,
+		       dev_major, dev_minor, xattrs, digest
+		FROM files WHERE layer_digest = ? ORDER BY position`), layer)
+	if err != nil {
+		return nil, nil, fmt.Errorf("querying files of %s: %w", layer, err)
+	}
+	defer rows.Close()
+	// The hint comes from our own index; bound it anyway, it only sizes
+	// the first allocation.
+	hint = max(0, min(hint, 1<<20))
+	entries, positions := make([]api.Entry, 0, hint), make([]int64, 0, hint)
+	for rows.Next() {
+		var (
+			e      api.Entry
+			pos    int64
+			mode   int64
+			mtime  int64
+			xattrs string
+		)
+		if err := rows.Scan(&pos, &e.Name, &e.Type, &mode, &e.UID, &e.GID, &e.Size, &mtime,
+			&e.LinkName, &e.DevMajor, &e.DevMinor, &xattrs, &e.Digest); err != nil {
+			return nil, nil, fmt.Errorf("querying files of %s: %w", layer, err)
+		}
+		e.Mode = uint32(mode & 0o7777)
+		e.ModTime = time.Unix(0, mtime).UTC()
+		if xattrs != "" {
+			if err := json.Unmarshal([]byte(xattrs), &e.Xattrs); err != nil {
+				return nil, nil, fmt.Errorf("index of layer %s: %s: xattrs: %w", layer, e.Name, err)
+			}
+		}
+		entries = append(entries, e)
+		positions = append(positions, pos)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("querying files of %s: %w", layer, err)
+	}
+	return entries, positions, nil
+}
+
+// layerChunks attaches the chunk rows of a layer to its entries; positions
+// holds the entries' positions in increasing order.
+func (p *Planner) layerChunks(ctx context.Context, layer string, entries []api.Entry, positions []int64) error {
+	rows, err := p.db.QueryContext(ctx, p.rebind(`
+		SELECT file_position, chunk_offset, chunk_size, chunk_digest,
+		       compressed_offset, compressed_size
+		FROM chunks WHERE layer_digest = ? ORDER BY file_position, chunk_offset`), layer)
+	if err != nil {
+		return fmt.Errorf("querying chunks of %s: %w", layer, err)
+	}
+	defer rows.Close()
+	j := 0
+	for rows.Next() {
+		var (
+			pos int64
+			c   api.Chunk
+		)
+		if err := rows.Scan(&pos, &c.Offset, &c.Size, &c.Digest, &c.CompressedOffset, &c.CompressedSize); err != nil {
+			return fmt.Errorf("querying chunks of %s: %w", layer, err)
+		}
+		for j < len(positions) && positions[j] < pos {
+			j++
+		}
+		if j == len(positions) || positions[j] != pos {
+			return fmt.Errorf("index of layer %s: chunk of unknown file position %d", layer, pos)
+		}
+		entries[j].Chunks = append(entries[j].Chunks, c)
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("querying chunks of %s: %w", layer, err)
+	}
+	return nil
+}
+
+// hasContent reports whether e carries content that travels in frames.
+func hasContent(e *api.Entry) bool {
+	return e.Type == api.TypeReg && e.Size > 0
+}
+
+// imageContents returns the set of content digests of an image.
+func imageContents(layers []api.LayerTree) map[string]struct{} {
+	set := make(map[string]struct{})
+	for i := range layers {
+		for j := range layers[i].Entries {
+			if e := &layers[i].Entries[j]; hasContent(e) {
+				set[e.Digest] = struct{}{}
+			}
+		}
+	}
+	return set
+}
+
+// heldContents returns the contents of need that appear in any of the
+// layers the worker holds, in whatever image or repository they were
+// indexed. Only digests in need are kept, so memory is bounded by the
+// image, not by the worker's inventory.
+func (p *Planner) heldContents(ctx context.Context, have []string, need map[string]struct{}) (map[string]struct{}, error) {
+	held := make(map[string]struct{})
+	for start := 0; start < len(have) && len(held) < len(need); start += maxParams {
+		batch := have[start:min(start+maxParams, len(have))]
+		args := make([]any, len(batch))
+		for i, d := range batch {
+			args[i] = d
+		}
+		q := `SELECT DISTINCT digest FROM files WHERE digest <> '' AND layer_digest IN (?` +
+			strings.Repeat(",?", len(batch)-1) + `)`
+		if err := p.collect(ctx, p.rebind(q), args, need, held); err != nil {
+			return nil, fmt.Errorf("querying contents of held layers: %w", err)
+		}
+	}
+	return held, nil
+}
+
+func (p *Planner) collect(ctx context.Context, q string, args []any, need, held map[string]struct{}) error {
+	rows, err := p.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var d string
+		if err := rows.Scan(&d); err != nil {
+			return err
+		}
+		if _, ok := need[d]; ok {
+			held[d] = struct{}{}
+		}
+	}
+	return rows.Err()
+}
+
+// candidates lists the chunks of every distinct content of the image the
+// worker does not hold, taken from the first layer (base first) and the
+// first file (TOC order) that holds the content, and fills the byte
+// statistics.
+func candidates(layers []api.LayerTree, held map[string]struct{}, st *api.BundleStats) []Candidate {
+	seen := make(map[string]struct{})
+	var cands []Candidate
+	for li := range layers {
+		l := &layers[li]
+		for ei := range l.Entries {
+			e := &l.Entries[ei]
+			if !hasContent(e) {
+				continue
+			}
+			if _, dup := seen[e.Digest]; dup {
+				continue
+			}
+			seen[e.Digest] = struct{}{}
+			var size int64
+			for _, c := range e.Chunks {
+				size += c.CompressedSize
+			}
+			st.ImageBytes += size
+			if _, ok := held[e.Digest]; ok {
+				st.DedupBytes += size
+				continue
+			}
+			st.SendBytes += size
+			st.Contents++
+			for _, c := range e.Chunks {
+				cands = append(cands, Candidate{
+					Frame: api.Frame{
+						Digest:         e.Digest,
+						Offset:         c.Offset,
+						Size:           c.Size,
+						ChunkDigest:    c.Digest,
+						CompressedSize: c.CompressedSize,
+					},
+					Source: Source{
+						Layer:  digest.Digest(l.Digest),
+						Offset: c.CompressedOffset,
+						Size:   c.CompressedSize,
+					},
+					Layer: li,
+					Entry: ei,
+					Name:  e.Name,
+				})
+			}
+		}
+	}
+	return cands
+}

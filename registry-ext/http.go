@@ -1,0 +1,486 @@
+package registryext
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/log"
+	"github.com/distribution/distribution/v3"
+	"github.com/distribution/distribution/v3/configuration"
+	"github.com/distribution/distribution/v3/registry/auth"
+	"github.com/distribution/reference"
+	"github.com/gorilla/mux"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/registry-ext/delta"
+	"github.com/starlight-project/starlight/schema"
+)
+
+// PathPrefix is where the extension's routes live on the registry's
+// listener.
+const PathPrefix = "/starlight/"
+
+// maxDeltaRequest bounds the body of POST /starlight/delta: MaxHave
+// digests of ~75 bytes each fit with room to spare.
+const maxDeltaRequest = 2 << 20
+
+// Handler wraps the registry's HTTP handler next: requests under
+// /starlight/ are served by the extension of the database configured in
+// config, every other request goes to next. It is registered with
+// registry.RegisterHandler; tests call it around a handlers.App.
+//
+// The /starlight/ routes are outside distribution's own authorisation, so
+// when config has an auth section Handler builds the same access
+// controller and checks every request with it (pull scope on the
+// repository, catalog scope for the job list).
+func Handler(config *configuration.Configuration, next http.Handler) http.Handler {
+	opts, ok, err := configOptions(config)
+	if !ok {
+		return next
+	}
+	h := &handler{opts: opts, next: next, initErr: err}
+	if err == nil {
+		h.initErr = h.configureAuth(config)
+	}
+	if h.initErr != nil {
+		log.L.WithError(h.initErr).Error("starlight: /starlight/ routes disabled")
+	}
+	r := mux.NewRouter()
+	r.Handle("/starlight/v1/images/{repository:.+}/{reference}", h.route(h.imageStatus)).Methods(http.MethodGet, http.MethodHead)
+	r.Handle("/starlight/v1/jobs", h.route(h.jobs)).Methods(http.MethodGet, http.MethodHead)
+	r.Handle("/starlight/delta", h.route(h.delta)).Methods(http.MethodPost)
+	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "NOT_FOUND", "no such route: "+r.URL.Path)
+	})
+	r.MethodNotAllowedHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusMethodNotAllowed, "METHOD_NOT_ALLOWED", r.Method+" is not allowed on "+r.URL.Path)
+	})
+	h.router = r
+	return h
+}
+
+type handler struct {
+	opts    Options
+	next    http.Handler
+	router  *mux.Router
+	access  auth.AccessController // nil without auth
+	initErr error
+}
+
+func (h *handler) configureAuth(config *configuration.Configuration) error {
+	typ := config.Auth.Type()
+	if typ == "" || strings.EqualFold(typ, "none") {
+		return nil
+	}
+	ac, err := auth.GetAccessController(typ, config.Auth.Parameters())
+	if err != nil {
+		return fmt.Errorf("configuring %s access controller: %w", typ, err)
+	}
+	h.access = ac
+	return nil
+}
+
+func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !strings.HasPrefix(r.URL.Path, PathPrefix) {
+		h.next.ServeHTTP(w, r)
+		return
+	}
+	h.router.ServeHTTP(w, r)
+}
+
+// apiError is an error with the HTTP status and code it is answered with.
+type apiError struct {
+	status int
+	code   string
+	msg    string
+}
+
+func (e *apiError) Error() string { return e.msg }
+
+func errorf(status int, code, format string, args ...any) error {
+	return &apiError{status: status, code: code, msg: fmt.Sprintf(format, args...)}
+}
+
+// route adapts a handler function: it resolves the Extension, answers
+// errors as JSON and never leaks internal errors to the client.
+func (h *handler) route(fn func(w http.ResponseWriter, r *http.Request, x *Extension) error) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := r.Context()
+		if h.initErr != nil {
+			writeError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "the starlight extension is not configured correctly")
+			return
+		}
+		x := Lookup(h.opts.Database)
+		if x == nil || x.namespace() == nil {
+			writeError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "the starlight extension is not running")
+			return
+		}
+		err := fn(w, r, x)
+		if err == nil {
+			return
+		}
+		var ae *apiError
+		var ch auth.Challenge
+		switch {
+		case errors.As(err, &ch):
+			ch.SetHeaders(r, w)
+			writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
+		case errors.As(err, &ae):
+			if ae.status >= 500 {
+				log.G(ctx).WithError(err).WithField("path", r.URL.Path).Error("starlight: request failed")
+			}
+			writeError(w, ae.status, ae.code, ae.msg)
+		default:
+			log.G(ctx).WithError(err).WithField("path", r.URL.Path).Error("starlight: request failed")
+			writeError(w, http.StatusInternalServerError, "INTERNAL", "internal error; see the registry log")
+		}
+	})
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, api.Error{Code: code, Message: msg})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(v); err != nil {
+		status = http.StatusInternalServerError
+		buf.Reset()
+		buf.WriteString(`{"code":"INTERNAL","message":"encoding the response failed"}` + "\n")
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
+	w.WriteHeader(status)
+	w.Write(buf.Bytes()) //nolint:errcheck // the client went away
+}
+
+// authorize checks access to resource with the registry's access
+// controller. A challenge is returned as the error.
+func (h *handler) authorize(r *http.Request, access ...auth.Access) error {
+	if h.access == nil {
+		return nil
+	}
+	_, err := h.access.Authorized(r, access...)
+	if err == nil {
+		return nil
+	}
+	var ch auth.Challenge
+	if errors.As(err, &ch) {
+		return ch
+	}
+	// Like distribution: a controller failure is not explained to the
+	// client.
+	log.G(r.Context()).WithError(err).Error("starlight: checking authorization")
+	return errorf(http.StatusBadRequest, "UNAUTHORIZED", "authorization failed")
+}
+
+func repositoryAccess(name, action string) auth.Access {
+	return auth.Access{Resource: auth.Resource{Type: "repository", Name: name}, Action: action}
+}
+
+// parseRepository validates a repository name from a request.
+func parseRepository(name string) (reference.Named, error) {
+	named, err := reference.WithName(name)
+	if err != nil {
+		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid repository name %q", name)
+	}
+	return named, nil
+}
+
+// resolve turns a tag or digest of repository into the pushed digest.
+func (x *Extension) resolve(ctx context.Context, named reference.Named, ref string) (digest.Digest, error) {
+	if strings.Contains(ref, ":") {
+		d, err := api.ParseDigest(ref)
+		if err != nil {
+			return "", errorf(http.StatusBadRequest, "BAD_REQUEST", "%v", err)
+		}
+		return d, nil
+	}
+	if _, err := reference.WithTag(named, ref); err != nil {
+		return "", errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid tag %q", ref)
+	}
+	repo, err := x.namespace().Repository(ctx, named)
+	if err != nil {
+		return "", err
+	}
+	desc, err := repo.Tags(ctx).Get(ctx, ref)
+	if err != nil {
+		var unknown distribution.ErrTagUnknown
+		var unknownRepo distribution.ErrRepositoryUnknown
+		if errors.As(err, &unknown) || errors.As(err, &unknownRepo) {
+			return "", errorf(http.StatusNotFound, "NOT_FOUND", "tag %s:%s not found", named.Name(), ref)
+		}
+		return "", fmt.Errorf("resolving %s:%s: %w", named.Name(), ref, err)
+	}
+	return desc.Digest, nil
+}
+
+// findImage returns the image a digest of repository belongs to: the
+// pushed root itself, or the root whose platform manifest or converted
+// image the digest is. A platform manifest that is not converted on its
+// own yet but is part of a converted index is answered with the index.
+func (x *Extension) findImage(ctx context.Context, repository string, dgst digest.Digest) (*schema.Image, error) {
+	im, err := x.db.Image(ctx, repository, dgst.String())
+	if err != nil && !errors.Is(err, schema.ErrNotFound) {
+		return nil, err
+	}
+	if im != nil && im.State == api.StateReady {
+		return im, nil
+	}
+	if parentDigest, _, ferr := x.db.FindImageManifest(ctx, repository, dgst.String()); ferr == nil && parentDigest != dgst.String() {
+		if parent, perr := x.db.Image(ctx, repository, parentDigest); perr == nil && (im == nil || parent.State == api.StateReady) {
+			return parent, nil
+		}
+	} else if ferr != nil && !errors.Is(ferr, schema.ErrNotFound) {
+		return nil, ferr
+	}
+	if im != nil {
+		return im, nil
+	}
+	im, err = x.db.ImageByConverted(ctx, repository, dgst.String())
+	if errors.Is(err, schema.ErrNotFound) {
+		return nil, errorf(http.StatusNotFound, "NOT_FOUND", "image %s@%s is not indexed", repository, dgst)
+	}
+	return im, err
+}
+
+// imageStatus serves GET /starlight/v1/images/{repository}/{reference}.
+func (h *handler) imageStatus(w http.ResponseWriter, r *http.Request, x *Extension) error {
+	ctx := r.Context()
+	vars := mux.Vars(r)
+	named, err := parseRepository(vars["repository"])
+	if err != nil {
+		return err
+	}
+	if err := h.authorize(r, repositoryAccess(named.Name(), "pull")); err != nil {
+		return err
+	}
+	ref := vars["reference"]
+	dgst, err := x.resolve(ctx, named, ref)
+	if err != nil {
+		return err
+	}
+	im, err := x.findImage(ctx, named.Name(), dgst)
+	if err != nil {
+		return err
+	}
+	st := api.ImageStatus{
+		Repository:      im.Repository,
+		Reference:       ref,
+		Digest:          im.Digest,
+		State:           im.State,
+		ConvertedDigest: im.ConvertedDigest,
+		Error:           im.Error,
+		Attempts:        im.Attempts,
+		UpdatedAt:       im.UpdatedAt,
+	}
+	if isTag := !strings.Contains(ref, ":"); isTag && st.State == api.StateReady && im.Digest == dgst.String() {
+		// The image is converted; the converted tag of this tag exists
+		// once its own job is done.
+		st.ConvertedTag = ref + x.opts.TagSuffix
+		job, err := x.db.Job(ctx, im.Repository, im.Digest, ref)
+		switch {
+		case errors.Is(err, schema.ErrNotFound):
+			st.ConvertedTag = "" // tagged while autoconvert was off
+		case err != nil:
+			return err
+		case job.State != api.StateReady:
+			st.State, st.Error, st.ConvertedTag = job.State, job.Error, ""
+		}
+	}
+	if st.State != api.StateReady {
+		st.ConvertedDigest = ""
+	}
+	if st.Layers, st.Files, err = x.db.ImageCounts(ctx, im.Repository, im.Digest); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, st)
+	return nil
+}
+
+// jobs serves GET /starlight/v1/jobs[?state=queued&state=failed]: the
+// conversion queue, for operators. It spans repositories, so it needs
+// catalog access.
+func (h *handler) jobs(w http.ResponseWriter, r *http.Request, x *Extension) error {
+	if err := h.authorize(r, auth.Access{Resource: auth.Resource{Type: "registry", Name: "catalog"}, Action: "*"}); err != nil {
+		return err
+	}
+	q, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid query")
+	}
+	states := q["state"]
+	for _, s := range states {
+		switch s {
+		case api.StateQueued, api.StateConverting, api.StateReady, api.StateFailed:
+		default:
+			return errorf(http.StatusBadRequest, "BAD_REQUEST", "unknown state %q", s)
+		}
+	}
+	if len(states) == 0 {
+		states = []string{api.StateQueued, api.StateConverting, api.StateFailed}
+	}
+	jobs, err := x.db.Jobs(r.Context(), 1000, states...)
+	if err != nil {
+		return err
+	}
+	type jobJSON struct {
+		Repository string `json:"repository"`
+		Digest     string `json:"digest"`
+		Tag        string `json:"tag,omitempty"`
+		State      string `json:"state"`
+		Attempts   int    `json:"attempts"`
+		Error      string `json:"error,omitempty"`
+		UpdatedAt  string `json:"updatedAt"`
+	}
+	out := make([]jobJSON, 0, len(jobs))
+	for _, j := range jobs {
+		out = append(out, jobJSON{Repository: j.Repository, Digest: j.Digest, Tag: j.Tag, State: j.State,
+			Attempts: j.Attempts, Error: j.Error, UpdatedAt: j.UpdatedAt.Format("2006-01-02T15:04:05.000Z07:00")})
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"jobs": out})
+	return nil
+}
+
+// delta serves POST /starlight/delta: it validates the request, checks
+// pull access, resolves the reference as pushed to the converted platform
+// manifest, and hands over to the delta planner.
+func (h *handler) delta(w http.ResponseWriter, r *http.Request, x *Extension) error {
+	ctx := r.Context()
+	req, named, ref, err := parseDeltaRequest(w, r)
+	if err != nil {
+		return err
+	}
+	if err := h.authorize(r, repositoryAccess(named.Name(), "pull")); err != nil {
+		return err
+	}
+	dgst, err := x.resolve(ctx, named, ref)
+	if err != nil {
+		return err
+	}
+	manifest, err := x.convertedManifest(ctx, named.Name(), dgst, req.Platform)
+	if err != nil {
+		return err
+	}
+	planner := x.deltaPlanner()
+	if planner == nil {
+		return errorf(http.StatusServiceUnavailable, "UNAVAILABLE", "the delta planner is not running")
+	}
+	planner.ServeDelta(w, r, req, manifest, named.Name())
+	return nil
+}
+
+// parseDeltaRequest decodes and validates the body of POST /starlight/delta
+// and splits its reference into repository and tag or digest.
+func parseDeltaRequest(w http.ResponseWriter, r *http.Request) (api.DeltaRequest, reference.Named, string, error) {
+	var req api.DeltaRequest
+	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
+		return req, nil, "", errorf(http.StatusUnsupportedMediaType, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxDeltaRequest))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return req, nil, "", errorf(http.StatusRequestEntityTooLarge, "BAD_REQUEST", "request body larger than %d bytes", maxDeltaRequest)
+		}
+		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid request body: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid request body: trailing data after the JSON object")
+	}
+	parsed, err := reference.Parse(req.Reference)
+	if err != nil {
+		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid reference %q: %v", req.Reference, err)
+	}
+	named, ok := parsed.(reference.Named)
+	if !ok {
+		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "reference %q has no repository", req.Reference)
+	}
+	var ref string
+	switch p := parsed.(type) {
+	case reference.Canonical:
+		ref = p.Digest().String()
+		if _, err := api.ParseDigest(ref); err != nil {
+			return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "%v", err)
+		}
+	case reference.Tagged:
+		ref = p.Tag()
+	default:
+		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "reference %q has neither a tag nor a digest", req.Reference)
+	}
+	if (req.Platform.OS == "") != (req.Platform.Architecture == "") || (req.Platform.Variant != "" && req.Platform.OS == "") {
+		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "platform needs both os and architecture")
+	}
+	if req.Platform.OS == "" {
+		req.Platform = api.Platform{OS: "linux", Architecture: "amd64"}
+	}
+	if len(req.Have) > delta.MaxHave {
+		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "more than %d layers in have", delta.MaxHave)
+	}
+	for _, h := range req.Have {
+		if _, err := api.ParseDigest(h); err != nil {
+			return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "have: %v", err)
+		}
+	}
+	if req.Resume < 0 {
+		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "resume must not be negative")
+	}
+	// The repository as stored by distribution: the reference's full name,
+	// with no normalisation (no docker.io/library/ prefix).
+	return req, named, ref, nil
+}
+
+// convertedManifest returns the converted platform manifest for the image
+// dgst of repository as pushed (a root, or one of its platform manifests,
+// or a converted image itself).
+func (x *Extension) convertedManifest(ctx context.Context, repository string, dgst digest.Digest, platform api.Platform) (digest.Digest, error) {
+	im, err := x.findImage(ctx, repository, dgst)
+	if err != nil {
+		return "", err
+	}
+	if im.State != api.StateReady {
+		msg := fmt.Sprintf("image %s@%s is %s", repository, im.Digest, im.State)
+		if im.Error != "" {
+			msg += ": " + im.Error
+		}
+		return "", errorf(http.StatusConflict, "NOT_READY", "%s", msg)
+	}
+	manifests, err := x.db.ImageManifests(ctx, repository, im.Digest)
+	if err != nil {
+		return "", err
+	}
+	// A digest that names one platform manifest selects it.
+	for _, m := range manifests {
+		if m.OriginalDigest == dgst.String() || m.ManifestDigest == dgst.String() {
+			return digest.Digest(m.ManifestDigest), nil
+		}
+	}
+	// A single-platform image serves any platform, as a plain pull does.
+	if len(manifests) == 1 && !isIndexType(im.MediaType) {
+		return digest.Digest(manifests[0].ManifestDigest), nil
+	}
+	want := platform.String()
+	var byArch []schema.ImageManifest
+	for _, m := range manifests {
+		if m.Platform == want {
+			return digest.Digest(m.ManifestDigest), nil
+		}
+		if platform.Variant == "" && strings.HasPrefix(m.Platform, platform.OS+"/"+platform.Architecture+"/") {
+			byArch = append(byArch, m)
+		}
+	}
+	if len(byArch) == 1 {
+		return digest.Digest(byArch[0].ManifestDigest), nil
+	}
+	return "", errorf(http.StatusNotFound, "NOT_FOUND", "image %s@%s has no %s manifest", repository, im.Digest, want)
+}

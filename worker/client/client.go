@@ -1,0 +1,140 @@
+package client
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+)
+
+// Client talks to a starlight-worker over its API socket.
+type Client struct {
+	hc *http.Client
+}
+
+// New returns a client of the worker API served on the unix socket path.
+func New(socket string) *Client {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		},
+	}
+	return &Client{hc: &http.Client{Transport: tr}}
+}
+
+// The host part is ignored: every request goes to the socket.
+const base = "http://starlight-worker"
+
+// Close releases idle connections.
+func (c *Client) Close() { c.hc.CloseIdleConnections() }
+
+// Pull asks the worker to pull req.Ref and calls fn with every event until
+// the image is usable (or complete with req.Wait). A failed pull returns
+// the worker's message verbatim as the error.
+func (c *Client) Pull(ctx context.Context, req PullRequest, fn func(Event)) error {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/pull", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	hr.Header.Set("Content-Type", "application/json")
+	resp, err := c.do(hr)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	want := StateReady
+	if req.Wait {
+		want = StateComplete
+	}
+	for sc.Scan() {
+		var ev Event
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			return fmt.Errorf("decoding worker event: %w", err)
+		}
+		if fn != nil {
+			fn(ev)
+		}
+		switch ev.Status {
+		case StateFailed:
+			return errors.New(ev.Message)
+		case want:
+			return nil
+		case StateComplete: // complete implies ready
+			return nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("reading worker events: %w", err)
+	}
+	return errors.New("the worker ended the pull stream before the image was ready")
+}
+
+// Images lists the images pulled through the worker.
+func (c *Client) Images(ctx context.Context) ([]Image, error) {
+	var out []Image
+	if err := c.get(ctx, "/v1/images", &out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// Image returns the state of one image. namespace may be empty.
+func (c *Client) Image(ctx context.Context, ref, namespace string) (*Image, error) {
+	p := "/v1/images/" + url.PathEscape(ref)
+	if namespace != "" {
+		p += "?namespace=" + url.QueryEscape(namespace)
+	}
+	var out Image
+	if err := c.get(ctx, p, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+func (c *Client) get(ctx context.Context, path string, v any) error {
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, base+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.do(hr)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(v); err != nil {
+		return fmt.Errorf("decoding worker answer: %w", err)
+	}
+	return nil
+}
+
+// do sends a request and turns a non-2xx answer into its message.
+func (c *Client) do(hr *http.Request) (*http.Response, error) {
+	resp, err := c.hc.Do(hr)
+	if err != nil {
+		return nil, fmt.Errorf("contacting starlight-worker: %w", err)
+	}
+	if resp.StatusCode/100 == 2 {
+		return resp, nil
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	var eb ErrorBody
+	if json.Unmarshal(b, &eb) == nil && eb.Message != "" {
+		return nil, errors.New(eb.Message)
+	}
+	return nil, fmt.Errorf("starlight-worker: %s: %s", resp.Status, strings.TrimSpace(string(b)))
+}

@@ -1,0 +1,73 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/starlight-project/starlight/worker/client"
+)
+
+var imagesCmd = &cobra.Command{
+	Use:     "images",
+	Aliases: []string{"image", "ls"},
+	Short:   "List the images pulled through the worker and how much of them has arrived",
+	Args:    cobra.NoArgs,
+	RunE: func(cmd *cobra.Command, _ []string) error {
+		c := client.New(global.worker)
+		defer c.Close()
+		imgs, err := c.Images(cmd.Context())
+		if err != nil {
+			return err
+		}
+		var shown []client.Image
+		for _, img := range imgs {
+			if global.namespace == "" || img.Namespace == global.namespace {
+				shown = append(shown, img)
+			}
+		}
+		return printImages(os.Stdout, shown)
+	},
+}
+
+func init() {
+	rootCmd.AddCommand(imagesCmd)
+}
+
+func printImages(out io.Writer, imgs []client.Image) error {
+	tw := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "REF\tDIGEST\tSIZE\tRECEIVED\tSTATE")
+	for _, img := range imgs {
+		dgst := img.Digest
+		if len(dgst) > 19 {
+			dgst = dgst[:19] // sha256: + 12 hex, like docker's short IDs
+		}
+		received := "-"
+		if img.BytesTotal > 0 || img.State == client.StateReady || img.State == client.StateComplete {
+			received = fmt.Sprintf("%s (%d%%)", humanBytes(img.BytesReceived), percent(img.BytesReceived, img.BytesTotal))
+		}
+		state := img.State
+		if img.Error != "" {
+			state += ": " + img.Error
+		}
+		// SIZE is the compressed size of every content of the image;
+		// RECEIVED counts what this worker's bundle carried, the rest
+		// being contents it already held.
+		size := img.ImageBytes
+		if size == 0 {
+			size = img.BytesTotal
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", img.Ref, dgst, humanBytes(size), received, state)
+	}
+	return tw.Flush()
+}
+
+func percent(n, total int64) int64 {
+	if total <= 0 {
+		return 100
+	}
+	return n * 100 / total
+}

@@ -1,0 +1,124 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/starlight-project/starlight/worker/client"
+)
+
+var pullOpts struct {
+	plainHTTP bool
+	wait      bool
+}
+
+var pullCmd = &cobra.Command{
+	Use:   "pull [--plain-http] [--wait] REF",
+	Short: "Pull an image through the worker: one delta bundle, usable before it has arrived",
+	Long: `Pull asks the worker to pull REF from its Starlight registry. It returns as
+soon as the image is usable (it exists in containerd and its snapshot chain is
+committed in the "starlight" snapshotter) while contents keep streaming; with
+--wait it returns once everything has arrived. Then:
+
+  ctr run --snapshotter starlight REF ID`,
+	Args: cobra.ExactArgs(1),
+	RunE: func(cmd *cobra.Command, args []string) error {
+		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return runPull(ctx, os.Stdout, term.IsTerminal(int(os.Stdout.Fd())), client.PullRequest{
+			Ref:       args[0],
+			PlainHTTP: pullOpts.plainHTTP,
+			Namespace: global.namespace,
+			Wait:      pullOpts.wait,
+		})
+	},
+}
+
+func init() {
+	pullCmd.Flags().BoolVar(&pullOpts.plainHTTP, "plain-http", false, "talk HTTP, not HTTPS, to the registry for this pull")
+	pullCmd.Flags().BoolVar(&pullOpts.wait, "wait", false, "return once every content has arrived, not when the image is usable")
+	rootCmd.AddCommand(pullCmd)
+}
+
+// runPull drives a pull. On a terminal it draws a progress bar (bytes,
+// files, rate and time left); otherwise it prints one final line.
+func runPull(ctx context.Context, out io.Writer, tty bool, req client.PullRequest) error {
+	c := client.New(global.worker)
+	defer c.Close()
+
+	var (
+		bar  *progressbar.ProgressBar
+		last client.Event
+	)
+	describe := func(ev client.Event) string {
+		return fmt.Sprintf("%-9s %d/%d files", ev.Status, ev.FilesReceived, ev.FilesTotal)
+	}
+	err := c.Pull(ctx, req, func(ev client.Event) {
+		if ev.Status == client.EventProgress {
+			ev.Status = last.Status
+		}
+		last = ev
+		if !tty || ev.Status == client.StateFailed {
+			return
+		}
+		if bar == nil {
+			if ev.Status == client.StateResolving {
+				fmt.Fprintf(out, "%s: resolving\n", ev.Ref)
+				return
+			}
+			bar = progressbar.NewOptions64(ev.BytesTotal,
+				progressbar.OptionSetWriter(out),
+				progressbar.OptionShowBytes(true),
+				progressbar.OptionShowTotalBytes(true),
+				progressbar.OptionSetPredictTime(true),
+				progressbar.OptionSetElapsedTime(true),
+				progressbar.OptionFullWidth(),
+				progressbar.OptionSetRenderBlankState(true),
+				progressbar.OptionSetDescription(describe(ev)),
+			)
+		}
+		bar.ChangeMax64(max(ev.BytesTotal, 1))
+		bar.Describe(describe(ev))
+		bar.Set64(ev.BytesReceived)
+	})
+	if bar != nil {
+		if last.Status == client.StateComplete {
+			bar.Finish()
+		}
+		fmt.Fprintln(out)
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(out, summary(last))
+	return nil
+}
+
+func summary(ev client.Event) string {
+	if ev.Status == client.StateComplete {
+		return fmt.Sprintf("%s: complete (%s in %d files received)", ev.Ref, humanBytes(ev.BytesTotal), ev.FilesTotal)
+	}
+	return fmt.Sprintf("%s: ready (%s of %s received, %d of %d files; the rest streams in the background)",
+		ev.Ref, humanBytes(ev.BytesReceived), humanBytes(ev.BytesTotal), ev.FilesReceived, ev.FilesTotal)
+}
+
+func humanBytes(n int64) string {
+	const unit = 1000
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %cB", float64(n)/float64(div), "kMGTPE"[exp])
+}

@@ -1,0 +1,71 @@
+package config
+
+import (
+	"fmt"
+
+	"github.com/spf13/pflag"
+)
+
+// Flags are the starlight-worker command line flags. A flag given on the
+// command line overrides the same setting of the config file.
+type Flags struct {
+	fs         *pflag.FlagSet
+	file       string
+	root       string
+	address    string
+	api        string
+	containerd string
+	metrics    string
+	logLevel   string
+	registries []string
+}
+
+// AddFlags registers the worker flags on fs.
+func AddFlags(fs *pflag.FlagSet) *Flags {
+	f := &Flags{fs: fs}
+	fs.StringVar(&f.file, "config", "", "TOML config file (see deploy/worker/config.toml.example)")
+	fs.StringVar(&f.root, "root", DefaultRoot, "directory that holds all state")
+	fs.StringVar(&f.address, "address", DefaultAddress, "unix socket of the snapshotter gRPC service containerd dials")
+	fs.StringVar(&f.api, "api", DefaultAPI, "unix socket of the worker API (ctr-starlight --worker)")
+	fs.StringVar(&f.containerd, "containerd", DefaultContainerd, "containerd's socket")
+	fs.StringVar(&f.metrics, "metrics", "", "listen address for Prometheus metrics, e.g. 127.0.0.1:9100 (empty: off)")
+	fs.StringVar(&f.logLevel, "log-level", DefaultLogLevel, "log level: trace, debug, info, warn, error")
+	fs.StringArrayVar(&f.registries, "registry", nil, "Starlight registry, repeatable: http://host:port (plain HTTP), https://host, userinfo allowed")
+	return f
+}
+
+// Load builds the configuration: defaults, then the --config file, then
+// the flags given on the command line. --registry entries replace file
+// entries of the same host and add the others.
+func (f *Flags) Load() (*Config, error) {
+	c := Default()
+	if f.file != "" {
+		var err error
+		if c, err = LoadFile(f.file); err != nil {
+			return nil, err
+		}
+	}
+	for name, dst := range map[string]*string{
+		"root":       &c.Root,
+		"address":    &c.Address,
+		"api":        &c.API,
+		"containerd": &c.Containerd,
+		"metrics":    &c.Metrics,
+		"log-level":  &c.LogLevel,
+	} {
+		if fl := f.fs.Lookup(name); fl != nil && fl.Changed {
+			*dst = fl.Value.String()
+		}
+	}
+	for _, s := range f.registries {
+		r, err := ParseRegistryURL(s)
+		if err != nil {
+			return nil, fmt.Errorf("--registry: %w", err)
+		}
+		c.SetRegistry(r)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}

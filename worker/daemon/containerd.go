@@ -1,0 +1,268 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd"
+	"github.com/containerd/containerd/content"
+	"github.com/containerd/containerd/errdefs"
+	"github.com/containerd/containerd/images"
+	"github.com/containerd/containerd/leases"
+	"github.com/containerd/containerd/remotes/docker"
+	"github.com/containerd/containerd/snapshots"
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/snapshotter"
+)
+
+// SnapshotterName is the name containerd knows the worker's snapshotter by
+// ([proxy_plugins.starlight]).
+const SnapshotterName = "starlight"
+
+// containerdConn connects to containerd at the first use, so that the
+// worker can start before containerd does.
+type containerdConn struct {
+	address string
+	mu      sync.Mutex
+	c       *containerd.Client
+}
+
+func (cc *containerdConn) get(ctx context.Context) (*containerd.Client, error) {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if cc.c != nil {
+		return cc.c, nil
+	}
+	c, err := containerd.New(cc.address, containerd.WithTimeout(10*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("connecting to containerd at %s: %w", cc.address, err)
+	}
+	cc.c = c
+	return c, nil
+}
+
+func (cc *containerdConn) Close() error {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if cc.c == nil {
+		return nil
+	}
+	err := cc.c.Close()
+	cc.c = nil
+	return err
+}
+
+// imagePlan is what a bundle header says about the image, checked for
+// consistency: the manifest and config are the ones the digests name and
+// the layers are the manifest's, in order.
+type imagePlan struct {
+	manifest     ocispec.Descriptor
+	config       ocispec.Descriptor
+	layers       []digest.Digest
+	chainIDs     []digest.Digest
+	manifestBlob []byte
+	configBlob   []byte
+}
+
+func planImage(h *api.BundleHeader) (*imagePlan, error) {
+	md, err := api.ParseDigest(h.ManifestDigest)
+	if err != nil {
+		return nil, fmt.Errorf("bundle header: manifest: %w", err)
+	}
+	if got := digest.FromBytes(h.Manifest); got != md {
+		return nil, fmt.Errorf("bundle header: manifest content has digest %s, header says %s", got, md)
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(h.Manifest, &m); err != nil {
+		return nil, fmt.Errorf("bundle header: manifest: %w", err)
+	}
+	mediaType := h.ManifestMediaType
+	if mediaType == "" {
+		mediaType = m.MediaType
+	}
+	switch mediaType {
+	case ocispec.MediaTypeImageManifest, images.MediaTypeDockerSchema2Manifest:
+	case "":
+		mediaType = ocispec.MediaTypeImageManifest
+	default:
+		return nil, fmt.Errorf("bundle header: unsupported manifest media type %q", mediaType)
+	}
+	cd, err := api.ParseDigest(h.ConfigDigest)
+	if err != nil {
+		return nil, fmt.Errorf("bundle header: config: %w", err)
+	}
+	if m.Config.Digest != cd {
+		return nil, fmt.Errorf("bundle header: manifest names config %s, header says %s", m.Config.Digest, cd)
+	}
+	if got := digest.FromBytes(h.Config); got != cd {
+		return nil, fmt.Errorf("bundle header: config content has digest %s, header says %s", got, cd)
+	}
+	var img ocispec.Image
+	if err := json.Unmarshal(h.Config, &img); err != nil {
+		return nil, fmt.Errorf("bundle header: config: %w", err)
+	}
+	if len(m.Layers) != len(h.Layers) || len(img.RootFS.DiffIDs) != len(m.Layers) {
+		return nil, fmt.Errorf("bundle header: %d layers in the manifest, %d diff IDs in the config, %d layer trees",
+			len(m.Layers), len(img.RootFS.DiffIDs), len(h.Layers))
+	}
+	if len(m.Layers) == 0 {
+		return nil, fmt.Errorf("bundle header: the image has no layers")
+	}
+	p := &imagePlan{
+		manifest:     ocispec.Descriptor{MediaType: mediaType, Digest: md, Size: int64(len(h.Manifest))},
+		config:       m.Config,
+		manifestBlob: h.Manifest,
+		configBlob:   h.Config,
+	}
+	p.config.Size = int64(len(h.Config))
+	for i, l := range m.Layers {
+		if l.Digest.String() != h.Layers[i].Digest {
+			return nil, fmt.Errorf("bundle header: layer %d is %s in the manifest, %s in the trees", i, l.Digest, h.Layers[i].Digest)
+		}
+		if id := h.Layers[i].DiffID; id != "" && id != img.RootFS.DiffIDs[i].String() {
+			return nil, fmt.Errorf("bundle header: layer %s has diff ID %s, the config says %s", l.Digest, id, img.RootFS.DiffIDs[i])
+		}
+		if err := img.RootFS.DiffIDs[i].Validate(); err != nil {
+			return nil, fmt.Errorf("bundle header: config: diff ID %d: %w", i, err)
+		}
+		p.layers = append(p.layers, l.Digest)
+	}
+	p.chainIDs = identity.ChainIDs(append([]digest.Digest(nil), img.RootFS.DiffIDs...))
+	return p, nil
+}
+
+// importImage makes the image usable in containerd, the way containerd's
+// own pull-and-unpack leaves it: manifest and config in the content store
+// with GC labels (the layer blobs stay remote, like a remote snapshotter's),
+// the image record named name, and the committed snapshot chain in the
+// starlight snapshotter. Everything is created under a lease, so the
+// garbage collector cannot take pieces before the image references them.
+func importImage(ctx context.Context, c *containerd.Client, name string, p *imagePlan) error {
+	ctx, done, err := c.WithLease(ctx, leases.WithRandomID(), leases.WithExpiration(time.Hour))
+	if err != nil {
+		return fmt.Errorf("creating containerd lease: %w", err)
+	}
+	defer done(context.WithoutCancel(ctx))
+
+	cs := c.ContentStore()
+	top := p.chainIDs[len(p.chainIDs)-1]
+	configLabels := map[string]string{
+		"containerd.io/gc.ref.snapshot." + SnapshotterName: top.String(),
+	}
+	if err := writeBlob(ctx, cs, p.config, p.configBlob, configLabels); err != nil {
+		return err
+	}
+	manifestLabels := map[string]string{"containerd.io/gc.ref.content.config": p.config.Digest.String()}
+	for i, l := range p.layers {
+		manifestLabels["containerd.io/gc.ref.content.l."+strconv.Itoa(i)] = l.String()
+	}
+	if err := writeBlob(ctx, cs, p.manifest, p.manifestBlob, manifestLabels); err != nil {
+		return err
+	}
+
+	if err := createChain(ctx, c.SnapshotService(SnapshotterName), p); err != nil {
+		return err
+	}
+
+	is := c.ImageService()
+	img := images.Image{Name: name, Target: p.manifest}
+	if _, err := is.Create(ctx, img); err != nil {
+		if !errdefs.IsAlreadyExists(err) {
+			return fmt.Errorf("creating image %s: %w", name, err)
+		}
+		if _, err := is.Update(ctx, img, "target"); err != nil {
+			return fmt.Errorf("updating image %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func writeBlob(ctx context.Context, cs content.Store, desc ocispec.Descriptor, blob []byte, labels map[string]string) error {
+	ref := "starlight-" + desc.Digest.String()
+	if err := content.WriteBlob(ctx, cs, ref, bytes.NewReader(blob), desc, content.WithLabels(labels)); err != nil {
+		return fmt.Errorf("writing %s to containerd: %w", desc.Digest, err)
+	}
+	// WriteBlob leaves an existing blob alone: set the labels anyway, the
+	// blob may come from a pull into another snapshotter.
+	info := content.Info{Digest: desc.Digest, Labels: labels}
+	var fields []string
+	for k := range labels {
+		fields = append(fields, "labels."+k)
+	}
+	if _, err := cs.Update(ctx, info, fields...); err != nil {
+		return fmt.Errorf("labelling %s in containerd: %w", desc.Digest, err)
+	}
+	return nil
+}
+
+// createChain commits the image's snapshot chain through containerd, with
+// the remote-snapshotter protocol: each Prepare carries the target chain
+// ID and the layer digest, and the starlight snapshotter answers
+// "already exists" after committing the target itself.
+func createChain(ctx context.Context, sn snapshots.Snapshotter, p *imagePlan) error {
+	var parent string
+	for i, chainID := range p.chainIDs {
+		if _, err := sn.Stat(ctx, chainID.String()); err == nil {
+			parent = chainID.String()
+			continue
+		} else if !errdefs.IsNotFound(err) {
+			return fmt.Errorf("snapshot %s: %w", chainID, err)
+		}
+		key := fmt.Sprintf("extract-%s-%s", randomID(), chainID)
+		labels := map[string]string{
+			snapshotter.LabelSnapshotRef:          chainID.String(),
+			snapshotter.LabelInheritedLayerDigest: p.layers[i].String(),
+		}
+		_, err := sn.Prepare(ctx, key, parent, snapshots.WithLabels(labels))
+		if err == nil {
+			// The snapshotter made an empty active snapshot instead: it
+			// does not know the layer. Nothing would fill it.
+			if rerr := sn.Remove(ctx, key); rerr != nil {
+				return fmt.Errorf("layer %s was not accepted by the %s snapshotter (and removing %s: %v)", p.layers[i], SnapshotterName, key, rerr)
+			}
+			return fmt.Errorf("layer %s was not accepted by the %s snapshotter", p.layers[i], SnapshotterName)
+		}
+		if !errdefs.IsAlreadyExists(err) {
+			return fmt.Errorf("preparing snapshot %s of layer %s: %w", chainID, p.layers[i], err)
+		}
+		parent = chainID.String()
+	}
+	return nil
+}
+
+func randomID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// plainPull is the fallback for a host that is not a Starlight registry: a
+// standard containerd pull, unpacked by containerd's default snapshotter.
+func plainPull(ctx context.Context, c *containerd.Client, r Ref, reg config.Registry) (images.Image, error) {
+	hostOpts := []docker.RegistryOpt{}
+	if reg.PlainHTTP {
+		hostOpts = append(hostOpts, docker.WithPlainHTTP(docker.MatchAllHosts))
+	}
+	if reg.Username != "" {
+		hostOpts = append(hostOpts, docker.WithAuthorizer(docker.NewDockerAuthorizer(
+			docker.WithAuthCreds(func(string) (string, string, error) { return reg.Username, reg.Password, nil }))))
+	}
+	resolver := docker.NewResolver(docker.ResolverOptions{Hosts: docker.ConfigureDefaultRegistries(hostOpts...)})
+	img, err := c.Pull(ctx, r.Normalized, containerd.WithResolver(resolver), containerd.WithPullUnpack)
+	if err != nil {
+		return images.Image{}, fmt.Errorf("pulling %s: %w", r.Name, err)
+	}
+	return img.Metadata(), nil
+}

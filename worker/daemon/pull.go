@@ -1,0 +1,454 @@
+package daemon
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"reflect"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/identifiers"
+	"github.com/containerd/containerd/namespaces"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/api/bundle"
+	"github.com/starlight-project/starlight/worker/client"
+	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/store"
+)
+
+// DefaultPlatform is the platform a delta request asks for.
+var DefaultPlatform = api.Platform{OS: "linux", Architecture: "amd64"}
+
+// Puller runs pulls: one delta request per image, the image made usable in
+// containerd as soon as the bundle header arrives, the contents received in
+// the background, a broken stream resumed.
+type Puller struct {
+	cfg     *config.Config
+	store   *store.Store
+	layers  *Layers
+	remote  *Remote
+	ctrd    *containerdConn
+	metrics *Metrics
+	// recordDir holds one JSON record per image (client.Image), so that
+	// `ctr-starlight images` survives a worker restart.
+	recordDir string
+	// Backoff is the wait before the first resume of a broken stream;
+	// it doubles on every further attempt, up to 30s.
+	Backoff time.Duration
+
+	sem    chan struct{}
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex
+	pulls map[string]*pull
+}
+
+// pull is one image's state. Its watchers wait on changed, which is closed
+// and replaced at every update.
+type pull struct {
+	mu      sync.Mutex
+	img     client.Image
+	changed chan struct{}
+	active  bool
+}
+
+func (p *pull) snapshot() (client.Image, <-chan struct{}) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	img := p.img
+	img.Layers = append([]string(nil), p.img.Layers...)
+	return img, p.changed
+}
+
+func (p *pull) update(fn func(img *client.Image)) {
+	p.mu.Lock()
+	fn(&p.img)
+	close(p.changed)
+	p.changed = make(chan struct{})
+	p.mu.Unlock()
+}
+
+func imageKey(namespace, ref string) string { return namespace + "\x00" + ref }
+
+// NewPuller loads the image records under recordDir. A pull that was
+// still running when the worker stopped is reported as interrupted.
+func NewPuller(cfg *config.Config, st *store.Store, layers *Layers, remote *Remote, metrics *Metrics, recordDir string) (*Puller, error) {
+	if err := os.MkdirAll(recordDir, 0o700); err != nil {
+		return nil, fmt.Errorf("opening image records: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	pl := &Puller{
+		cfg: cfg, store: st, layers: layers, remote: remote, metrics: metrics,
+		ctrd:      &containerdConn{address: cfg.Containerd},
+		recordDir: recordDir,
+		Backoff:   time.Second,
+		sem:       make(chan struct{}, cfg.MaxConcurrentPulls),
+		ctx:       ctx, cancel: cancel,
+		pulls: make(map[string]*pull),
+	}
+	files, err := filepath.Glob(filepath.Join(recordDir, "*.json"))
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		var img client.Image
+		if json.Unmarshal(b, &img) != nil || img.Ref == "" {
+			continue
+		}
+		if img.State != client.StateComplete && img.State != client.StateFailed {
+			img.State = client.StateFailed
+			img.Error = "interrupted by a worker restart; pull again to fetch the missing contents"
+		}
+		pl.pulls[imageKey(img.Namespace, img.Ref)] = &pull{img: img, changed: make(chan struct{})}
+	}
+	return pl, nil
+}
+
+// Close stops every running pull and waits for them. Contents that did not
+// arrive stay pending (partial files are kept for the next attempt).
+func (pl *Puller) Close() error {
+	pl.cancel()
+	pl.wg.Wait()
+	return pl.ctrd.Close()
+}
+
+// Images returns the state of every image, sorted by namespace and ref.
+func (pl *Puller) Images() []client.Image {
+	pl.mu.Lock()
+	ps := make([]*pull, 0, len(pl.pulls))
+	for _, p := range pl.pulls {
+		ps = append(ps, p)
+	}
+	pl.mu.Unlock()
+	out := make([]client.Image, 0, len(ps))
+	for _, p := range ps {
+		img, _ := p.snapshot()
+		out = append(out, img)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Namespace != out[j].Namespace {
+			return out[i].Namespace < out[j].Namespace
+		}
+		return out[i].Ref < out[j].Ref
+	})
+	return out
+}
+
+// Image returns the state of ref. With an empty namespace any namespace
+// matches (the first in order).
+func (pl *Puller) Image(ref, namespace string) (client.Image, bool) {
+	for _, img := range pl.Images() {
+		if img.Ref == ref && (namespace == "" || img.Namespace == namespace) {
+			return img, true
+		}
+	}
+	return client.Image{}, false
+}
+
+// Start starts pulling req.Ref, or joins the pull of the same image that
+// is already running. The returned pull reports its progress.
+func (pl *Puller) Start(req client.PullRequest) (*pull, error) {
+	if req.Namespace == "" {
+		req.Namespace = namespaces.Default
+	}
+	if err := identifiers.Validate(req.Namespace); err != nil {
+		return nil, fmt.Errorf("invalid namespace: %w", err)
+	}
+	ref, err := ParseRef(req.Ref)
+	if err != nil {
+		return nil, err
+	}
+	ep, err := ResolveEndpoint(pl.cfg, ref, req.PlainHTTP)
+	if err != nil {
+		return nil, err
+	}
+	if pl.ctx.Err() != nil {
+		return nil, errors.New("the worker is shutting down")
+	}
+	key := imageKey(req.Namespace, ref.Name)
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if p, ok := pl.pulls[key]; ok {
+		p.mu.Lock()
+		active := p.active
+		p.mu.Unlock()
+		if active {
+			return p, nil
+		}
+	}
+	p := &pull{
+		img: client.Image{
+			Ref: ref.Name, Namespace: req.Namespace, State: client.StateResolving,
+			Started: time.Now().UTC(),
+		},
+		changed: make(chan struct{}),
+		active:  true,
+	}
+	pl.pulls[key] = p
+	pl.wg.Add(1)
+	go func() {
+		defer pl.wg.Done()
+		pl.run(p, ref, ep)
+	}()
+	return p, nil
+}
+
+// run is one pull, from the delta request to the last frame.
+func (pl *Puller) run(p *pull, ref Ref, ep Endpoint) {
+	ctx := log.WithLogger(pl.ctx, log.G(pl.ctx).WithField("ref", ref.Name))
+	img, _ := p.snapshot()
+	ctx = namespaces.WithNamespace(ctx, img.Namespace)
+	start := time.Now()
+
+	err := pl.pull(ctx, p, ref, ep, start)
+	p.update(func(img *client.Image) {
+		p.active = false
+		if err != nil {
+			img.State = client.StateFailed
+			img.Error = err.Error()
+		}
+	})
+	if err != nil {
+		log.G(ctx).WithError(err).Error("pull failed")
+		pl.metrics.Pulls.WithLabelValues("failed").Inc()
+	}
+	pl.save(p)
+}
+
+func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start time.Time) error {
+	select {
+	case pl.sem <- struct{}{}:
+	case <-ctx.Done():
+		return errors.New("the worker is shutting down")
+	}
+	defer func() { <-pl.sem }()
+	pl.metrics.ActivePulls.Inc()
+	defer pl.metrics.ActivePulls.Dec()
+
+	c, err := pl.ctrd.get(ctx)
+	if err != nil {
+		return err
+	}
+	if !ep.Starlight {
+		log.G(ctx).WithField("registry", ep.Registry.String()).Info("host is not a Starlight registry, falling back to a standard pull")
+		md, err := plainPull(ctx, c, ref, ep.Registry)
+		if err != nil {
+			return err
+		}
+		now := time.Now().UTC()
+		p.update(func(img *client.Image) {
+			img.Digest = md.Target.Digest.String()
+			img.State = client.StateComplete
+			img.Complete = true
+			img.Ready, img.Completed = &now, &now
+		})
+		pl.metrics.Pulls.WithLabelValues("complete").Inc()
+		return nil
+	}
+
+	req := api.DeltaRequest{
+		Reference: ref.DeltaReference(),
+		Platform:  DefaultPlatform,
+		Have:      pl.layers.Inventory(),
+	}
+	log.G(ctx).WithField("registry", ep.Registry.String()).WithField("have", len(req.Have)).Info("requesting delta bundle")
+	body, err := pl.remote.Delta(ctx, ep.Registry, ref.Repository, req)
+	if err != nil {
+		return fmt.Errorf("%s: %w", ref.Name, err)
+	}
+	defer func() { body.Close() }()
+	br, err := bundle.NewReader(body)
+	if err != nil {
+		return fmt.Errorf("%s: reading bundle: %w", ref.Name, err)
+	}
+	h := br.Header()
+	plan, err := planImage(h)
+	if err != nil {
+		return fmt.Errorf("%s: %w", ref.Name, err)
+	}
+	files := countContents(h.Frames)
+	var total int64
+	for _, f := range h.Frames {
+		total += f.CompressedSize
+	}
+	p.update(func(img *client.Image) {
+		img.State = client.StateImporting
+		img.Digest = h.ManifestDigest
+		img.Layers = nil
+		for _, l := range plan.layers {
+			img.Layers = append(img.Layers, l.String())
+		}
+		img.BytesTotal, img.FramesTotal, img.FilesTotal = total, len(h.Frames), files
+		img.ImageBytes, img.DedupBytes, img.SendBytes = h.Stats.ImageBytes, h.Stats.DedupBytes, h.Stats.SendBytes
+	})
+
+	// Trees and expected contents first, so that a read through a layer
+	// mounted from here on blocks until its content arrives.
+	for i := range h.Layers {
+		if err := pl.layers.Add(&h.Layers[i]); err != nil {
+			return fmt.Errorf("%s: %w", ref.Name, err)
+		}
+	}
+	if err := pl.store.ExpectHeader(h); err != nil {
+		return fmt.Errorf("%s: %w", ref.Name, err)
+	}
+	if err := importImage(ctx, c, ref.Name, plan); err != nil {
+		err = fmt.Errorf("%s: %w", ref.Name, err)
+		pl.failFrames(h.Frames, err)
+		return err
+	}
+	ready := time.Now().UTC()
+	p.update(func(img *client.Image) {
+		img.State = client.StateReady
+		img.Ready = &ready
+	})
+	pl.metrics.Pulls.WithLabelValues("ready").Inc()
+	pl.metrics.PullSeconds.WithLabelValues("ready").Observe(time.Since(start).Seconds())
+	log.G(ctx).WithField("digest", h.ManifestDigest).WithField("frames", len(h.Frames)).
+		WithField("bytes", total).WithField("dedupBytes", h.Stats.DedupBytes).Info("image ready, receiving contents")
+	pl.save(p)
+
+	if err := pl.receive(ctx, p, ref, ep, req, br, &body); err != nil {
+		return err
+	}
+
+	complete := true
+	for i := range h.Layers {
+		ok, err := pl.layers.CheckComplete(&h.Layers[i])
+		if err != nil {
+			return fmt.Errorf("%s: %w", ref.Name, err)
+		}
+		complete = complete && ok
+	}
+	completed := time.Now().UTC()
+	p.update(func(img *client.Image) {
+		img.Complete = complete
+		img.Completed = &completed
+		img.State = client.StateComplete
+		if !complete {
+			// The registry left out contents of layers this worker
+			// claimed to hold, and they are gone from the store.
+			img.Error = "some contents the registry did not send are missing from the store"
+		}
+	})
+	pl.metrics.Pulls.WithLabelValues("complete").Inc()
+	pl.metrics.PullSeconds.WithLabelValues("complete").Observe(time.Since(start).Seconds())
+	log.G(ctx).WithField("seconds", time.Since(start).Seconds()).Info("image complete")
+	return nil
+}
+
+// receive stores the frames of the bundle, resuming a broken stream with
+// the same request (same Have, so the same frame order) up to
+// cfg.PullRetries times. When it gives up, the contents still missing fail,
+// so blocked reads return EIO instead of hanging.
+func (pl *Puller) receive(ctx context.Context, p *pull, ref Ref, ep Endpoint, req api.DeltaRequest, br *bundle.Reader, body *io.ReadCloser) error {
+	frames := br.Header().Frames
+	var last store.Progress
+	var countedBytes int64
+	countedFrames, filesBase := br.Header().Resume, 0
+	progress := func(sp store.Progress) {
+		last = sp
+		if d := sp.Bytes - countedBytes; d > 0 && sp.Frames > countedFrames {
+			pl.metrics.BytesReceived.Add(float64(d))
+			pl.metrics.FramesReceived.Add(float64(sp.Frames - countedFrames))
+		}
+		countedBytes, countedFrames = sp.Bytes, sp.Frames
+		p.update(func(img *client.Image) {
+			img.BytesReceived, img.FramesReceived = sp.Bytes, sp.Frames
+			img.FilesReceived = filesBase + sp.Contents
+		})
+	}
+	var err error
+	for attempt := 0; ; attempt++ {
+		if br != nil {
+			err = pl.store.Receive(ctx, br, progress)
+			(*body).Close()
+			if err == nil {
+				return nil
+			}
+			filesBase += last.Contents
+			last.Contents = 0
+		}
+		if ctx.Err() != nil {
+			return errors.New("the worker is shutting down; pull again to fetch the missing contents")
+		}
+		if attempt >= pl.cfg.PullRetries {
+			break
+		}
+		wait := min(pl.Backoff<<attempt, 30*time.Second)
+		log.G(ctx).WithError(err).WithField("resume", last.Frames).WithField("retryIn", wait).Warn("bundle stream broke, resuming")
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			continue
+		}
+		pl.metrics.Resumes.Inc()
+		p.update(func(img *client.Image) { img.Resumes++ })
+		req.Resume = last.Frames
+		br = nil
+		*body, err = pl.remote.Delta(ctx, ep.Registry, ref.Repository, req)
+		if err != nil {
+			continue
+		}
+		nbr, nerr := bundle.NewReader(*body)
+		if nerr != nil {
+			(*body).Close()
+			err = nerr
+			continue
+		}
+		if nbr.Header().Resume != req.Resume || !reflect.DeepEqual(nbr.Header().Frames, frames) {
+			(*body).Close()
+			err = errors.New("the registry answered the resumed request with another bundle (was the image re-pushed?)")
+			break
+		}
+		br = nbr
+	}
+	err = fmt.Errorf("%s: receiving contents: %w", ref.Name, err)
+	pl.failFrames(frames[last.Frames:], err)
+	return err
+}
+
+// failFrames fails the contents of frames that will not arrive, so that
+// reads blocked on them return EIO. Unlike store.FailPending it leaves
+// alone the contents other pulls, running at the same time, still bring.
+// A later pull expecting them again re-arms them.
+func (pl *Puller) failFrames(frames []api.Frame, err error) {
+	for _, f := range frames {
+		pl.store.Fail(digest.Digest(f.Digest), err)
+	}
+}
+
+func countContents(frames []api.Frame) int {
+	seen := make(map[string]bool)
+	for _, f := range frames {
+		seen[f.Digest] = true
+	}
+	return len(seen)
+}
+
+// save writes the image record.
+func (pl *Puller) save(p *pull) {
+	img, _ := p.snapshot()
+	sum := sha256.Sum256([]byte(imageKey(img.Namespace, img.Ref)))
+	path := filepath.Join(pl.recordDir, hex.EncodeToString(sum[:])+".json")
+	if err := writeFileAtomic(path, func(w io.Writer) error { return json.NewEncoder(w).Encode(img) }); err != nil {
+		log.G(pl.ctx).WithError(err).WithField("ref", img.Ref).Warn("saving image record")
+	}
+}

@@ -1,0 +1,121 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/containerd/log"
+
+	"github.com/starlight-project/starlight/worker/client"
+)
+
+// progressInterval bounds how often a pull stream reports progress.
+const progressInterval = 250 * time.Millisecond
+
+// APIHandler serves the worker API (see package client for the routes).
+func APIHandler(pl *Puller) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/pull", func(w http.ResponseWriter, r *http.Request) { servePull(pl, w, r) })
+	mux.HandleFunc("GET /v1/images", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, pl.Images())
+	})
+	mux.HandleFunc("GET /v1/images/{ref...}", func(w http.ResponseWriter, r *http.Request) {
+		ref := r.PathValue("ref")
+		img, ok := pl.Image(ref, r.URL.Query().Get("namespace"))
+		if !ok {
+			writeError(w, http.StatusNotFound, "image "+ref+" was not pulled through this worker")
+			return
+		}
+		writeJSON(w, http.StatusOK, img)
+	})
+	return mux
+}
+
+func servePull(pl *Puller, w http.ResponseWriter, r *http.Request) {
+	var req client.PullRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "invalid pull request: "+err.Error())
+		return
+	}
+	p, err := pl.Start(req)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	enc := json.NewEncoder(w)
+	emit := func(ev client.Event) bool {
+		if err := enc.Encode(ev); err != nil {
+			return false
+		}
+		if flusher != nil {
+			flusher.Flush()
+		}
+		return true
+	}
+
+	var (
+		lastState    string
+		lastProgress client.Progress
+		lastEmit     time.Time
+	)
+	for {
+		img, changed := p.snapshot()
+		ev := client.Event{Status: img.State, Ref: img.Ref, Progress: img.Progress, Message: img.Error}
+		switch {
+		case img.State != lastState:
+			lastState = img.State
+		case img.Progress != lastProgress && time.Since(lastEmit) >= progressInterval:
+			ev.Status = client.EventProgress
+			ev.Message = ""
+		default:
+			ev.Status = ""
+		}
+		if ev.Status != "" {
+			if !emit(ev) {
+				return
+			}
+			lastProgress, lastEmit = img.Progress, time.Now()
+		}
+		switch {
+		case img.State == client.StateFailed, img.State == client.StateComplete:
+			return
+		case img.State == client.StateReady && !req.Wait:
+			return
+		}
+		select {
+		case <-changed:
+		case <-r.Context().Done():
+			return
+		}
+		// Progress changes with every frame: let them accumulate.
+		if wait := progressInterval - time.Since(lastEmit); wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-r.Context().Done():
+				t.Stop()
+				return
+			}
+		}
+	}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	if err := json.NewEncoder(w).Encode(v); err != nil && !errors.Is(err, http.ErrHandlerTimeout) {
+		log.L.WithError(err).Debug("writing API answer")
+	}
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, client.ErrorBody{Message: msg})
+}

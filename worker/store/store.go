@@ -1,0 +1,771 @@
+// Package store is the worker's content-addressed store of file contents.
+//
+// Every regular file of every layer is stored once, by the sha256 of its
+// content, and shared by all layers and images of the worker:
+//
+//	<root>/content/sha256/<2 hex>/<hex>   complete, verified contents
+//	<root>/partial/<hex>                  contents still arriving
+//
+// Contents arrive chunk by chunk (one eStargz chunk per bundle frame), in any
+// order. A chunk becomes readable as soon as its own digest has been
+// verified, so a reader of a partly arrived file is served as soon as the
+// chunks that cover its read are in. Once every chunk is in, the whole file
+// is verified against its digest, synced and renamed into content/. Nothing
+// unverified is ever readable or renamed into content/.
+//
+// File names are built only from digests that passed api.ParseDigest, whose
+// hex is checked, so a hostile digest cannot escape the store root.
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/starlight-project/starlight/api"
+)
+
+var (
+	// ErrFailed is wrapped by the error readers get for a content that
+	// will not arrive (its bundle failed for good, or it did not verify).
+	ErrFailed = errors.New("content failed")
+	// ErrNotFound is wrapped when a content is neither complete nor
+	// expected.
+	ErrNotFound = errors.New("content not found")
+	// ErrMismatch is wrapped when data does not match its expected
+	// layout or digest.
+	ErrMismatch = errors.New("content mismatch")
+)
+
+// emptyDigest is the sha256 of no bytes, the content of every empty file.
+var emptyDigest = digest.SHA256.FromBytes(nil)
+
+// Store is a content-addressed store of file contents. It is safe for
+// concurrent use.
+type Store struct {
+	root string
+
+	// expectMu serialises Expect, so that two callers never prepare the
+	// same partial file at once.
+	expectMu sync.Mutex
+
+	mu sync.Mutex
+	// pending holds the contents that are expected but not complete: the
+	// ones arriving and the failed ones (so that their readers get the
+	// error). A content leaves the map when it is renamed into content/.
+	pending map[digest.Digest]*content
+}
+
+// content is the state of one expected content. Its fields are guarded by
+// Store.mu, except that the partial file is written outside the lock by the
+// writer that owns a chunk (busy), and the running hash by the writer that
+// owns it (hashBusy).
+type content struct {
+	d      digest.Digest
+	size   int64
+	chunks []api.Chunk // sorted, contiguous, covering [0, size)
+	have   []bool      // chunk i is written and verified
+	busy   []bool      // a writer is writing chunk i
+	// missing counts the chunks not yet in.
+	missing int
+	// f is the partial file; nil once the content is complete or failed.
+	f   *os.File
+	err error // non-nil once failed; wraps ErrFailed
+	// finishing is set while the whole file is verified and renamed.
+	finishing bool
+	// changed is closed (and replaced) on every change of state readers
+	// wait for: a chunk arrived, the content completed or failed.
+	changed chan struct{}
+
+	// hash is the running sha256 of [0, hashed): chunks that arrive in
+	// order are hashed while they are written, so the final verification
+	// usually reads nothing back.
+	hash     hash.Hash
+	hashed   int64
+	hashBusy bool
+}
+
+func (c *content) broadcast() {
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// Open opens (creating if needed) the store rooted at root.
+//
+// Partial files left by an earlier run are kept: when their content is
+// expected again, every chunk in them is re-verified and only the chunks
+// that match their digest count as arrived.
+func Open(root string) (*Store, error) {
+	for _, dir := range []string{
+		filepath.Join(root, "content", "sha256"),
+		filepath.Join(root, "partial"),
+	} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("opening store: %w", err)
+		}
+	}
+	return &Store{root: root, pending: make(map[digest.Digest]*content)}, nil
+}
+
+// Root returns the directory of the store.
+func (s *Store) Root() string { return s.root }
+
+// parse validates a digest received from anywhere before it is used to
+// build a path.
+func parse(d digest.Digest) (digest.Digest, error) {
+	return api.ParseDigest(string(d))
+}
+
+// path returns the path of a complete content. d must have been parsed.
+func (s *Store) path(d digest.Digest) string {
+	hex := d.Encoded()
+	return filepath.Join(s.root, "content", "sha256", hex[:2], hex)
+}
+
+// partialPath returns the path of an arriving content. d must have been
+// parsed.
+func (s *Store) partialPath(d digest.Digest) string {
+	return filepath.Join(s.root, "partial", d.Encoded())
+}
+
+// Path returns the path of the complete content d, which exists only if
+// Has(d). Callers must treat the file as read-only.
+func (s *Store) Path(d digest.Digest) (string, error) {
+	d, err := parse(d)
+	if err != nil {
+		return "", err
+	}
+	return s.path(d), nil
+}
+
+// Has reports whether the content d is complete and verified.
+func (s *Store) Has(d digest.Digest) bool {
+	d, err := parse(d)
+	if err != nil {
+		return false
+	}
+	fi, err := os.Lstat(s.path(d))
+	return err == nil && fi.Mode().IsRegular()
+}
+
+// Open opens the complete content d for reading. It fails with an error
+// wrapping ErrNotFound if the content is not complete.
+func (s *Store) Open(d digest.Digest) (*os.File, error) {
+	d, err := parse(d)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(s.path(d))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %s is not complete", ErrNotFound, d)
+	}
+	return f, err
+}
+
+// checkChunks validates a content's chunk list: contiguous, covering
+// [0, size), with sha256 digests. An empty list means one chunk.
+func checkChunks(d digest.Digest, size int64, chunks []api.Chunk) ([]api.Chunk, error) {
+	if len(chunks) == 0 {
+		return []api.Chunk{{Offset: 0, Size: size, Digest: d.String()}}, nil
+	}
+	var next int64
+	for i, c := range chunks {
+		if c.Offset != next || c.Size <= 0 {
+			return nil, fmt.Errorf("%w: %s: chunk %d does not continue the content", ErrMismatch, d, i)
+		}
+		if _, err := api.ParseDigest(c.Digest); err != nil {
+			return nil, fmt.Errorf("%s: chunk %d: %w", d, i, err)
+		}
+		next += c.Size
+	}
+	if next != size {
+		return nil, fmt.Errorf("%w: %s: chunks cover %d of %d bytes", ErrMismatch, d, next, size)
+	}
+	return append([]api.Chunk(nil), chunks...), nil
+}
+
+func sameLayout(a, b []api.Chunk) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].Offset != b[i].Offset || a[i].Size != b[i].Size || a[i].Digest != b[i].Digest {
+			return false
+		}
+	}
+	return true
+}
+
+// Expect registers a content that is going to arrive, of the given size and
+// chunk layout (nil chunks: one chunk covering the whole content). It is
+// idempotent and a no-op for a complete content. Expecting a failed content
+// again re-arms it, for a new attempt.
+func (s *Store) Expect(d digest.Digest, size int64, chunks []api.Chunk) error {
+	d, err := parse(d)
+	if err != nil {
+		return err
+	}
+	if size < 0 {
+		return fmt.Errorf("%w: %s: negative size", ErrMismatch, d)
+	}
+	if size == 0 {
+		return s.putEmpty(d)
+	}
+	chunks, err = checkChunks(d, size, chunks)
+	if err != nil {
+		return err
+	}
+
+	s.expectMu.Lock()
+	defer s.expectMu.Unlock()
+	s.mu.Lock()
+	if c, ok := s.pending[d]; ok && c.err == nil {
+		s.mu.Unlock()
+		if c.size != size || !sameLayout(c.chunks, chunks) {
+			return fmt.Errorf("%w: %s expected again with another size or chunk layout", ErrMismatch, d)
+		}
+		return nil
+	}
+	s.mu.Unlock()
+	if s.Has(d) {
+		return nil
+	}
+
+	// Prepare outside the lock: re-verifying a partial file left by an
+	// earlier run reads it.
+	c, err := s.newContent(d, size, chunks)
+	if err != nil {
+		return err
+	}
+
+	s.mu.Lock()
+	if old, ok := s.pending[d]; ok {
+		// Wake the readers of the failed attempt; they already hold
+		// its error.
+		old.broadcast()
+	}
+	s.pending[d] = c
+	done := c.missing == 0
+	if done {
+		c.finishing = true
+	}
+	s.mu.Unlock()
+	if done {
+		return s.finish(c)
+	}
+	return nil
+}
+
+// newContent opens the partial file of d and finds which of its chunks are
+// already there and verified.
+func (s *Store) newContent(d digest.Digest, size int64, chunks []api.Chunk) (*content, error) {
+	c := &content{
+		d:       d,
+		size:    size,
+		chunks:  chunks,
+		have:    make([]bool, len(chunks)),
+		busy:    make([]bool, len(chunks)),
+		missing: len(chunks),
+		changed: make(chan struct{}),
+		hash:    sha256.New(),
+	}
+	f, err := os.OpenFile(s.partialPath(d), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("creating partial content %s: %w", d, err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("creating partial content %s: %w", d, err)
+	}
+	if fi.Size() == size {
+		// Left by an earlier run: keep what verifies.
+		for i, ch := range chunks {
+			if verifyChunk(f, ch) {
+				c.have[i] = true
+				c.missing--
+			}
+		}
+	} else if err := f.Truncate(0); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("creating partial content %s: %w", d, err)
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("creating partial content %s: %w", d, err)
+	}
+	c.f = f
+	return c, nil
+}
+
+func verifyChunk(f *os.File, ch api.Chunk) bool {
+	h := sha256.New()
+	if _, err := io.Copy(h, io.NewSectionReader(f, ch.Offset, ch.Size)); err != nil {
+		return false
+	}
+	return digest.NewDigest(digest.SHA256, h).String() == ch.Digest
+}
+
+// putEmpty stores the empty content.
+func (s *Store) putEmpty(d digest.Digest) error {
+	if d != emptyDigest {
+		return fmt.Errorf("%w: %s has size 0 but is not the digest of empty content", ErrMismatch, d)
+	}
+	if s.Has(d) {
+		return nil
+	}
+	p := s.path(d)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return fmt.Errorf("storing empty content: %w", err)
+	}
+	if err := os.WriteFile(p, nil, 0o444); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("storing empty content: %w", err)
+	}
+	return nil
+}
+
+// ExpectHeader registers every content the frames of a bundle header carry,
+// with the size given by the layer entries. Call it before the layers are
+// mounted, so that reads block until their content arrives instead of
+// failing with ErrNotFound.
+//
+// The chunk layout is the one of the frames (the registry picks the layout
+// it sends when two layers store the same content with different chunk
+// sizes); the first entry's chunks are the fallback.
+func (s *Store) ExpectHeader(h *api.BundleHeader) error {
+	frames := make(map[string][]api.Chunk)
+	for _, f := range h.Frames {
+		frames[f.Digest] = append(frames[f.Digest], api.Chunk{Offset: f.Offset, Size: f.Size, Digest: f.ChunkDigest})
+	}
+	for i := range h.Layers {
+		for j := range h.Layers[i].Entries {
+			e := &h.Layers[i].Entries[j]
+			fc, ok := frames[e.Digest]
+			if e.Type != api.TypeReg || !ok {
+				continue
+			}
+			chunks := framesLayout(fc)
+			if _, err := checkChunks(digest.Digest(e.Digest), e.Size, chunks); err != nil {
+				chunks = e.Chunks
+			}
+			if err := s.Expect(digest.Digest(e.Digest), e.Size, chunks); err != nil {
+				return fmt.Errorf("layer %s: %s: %w", h.Layers[i].Digest, e.Name, err)
+			}
+			delete(frames, e.Digest)
+		}
+	}
+	for d := range frames {
+		return fmt.Errorf("%w: bundle frames carry content %s that no entry lists", ErrMismatch, d)
+	}
+	return nil
+}
+
+// framesLayout sorts the chunks a bundle's frames carry and drops
+// duplicates.
+func framesLayout(chunks []api.Chunk) []api.Chunk {
+	sort.Slice(chunks, func(i, j int) bool { return chunks[i].Offset < chunks[j].Offset })
+	out := chunks[:0]
+	for _, c := range chunks {
+		if len(out) > 0 && out[len(out)-1] == c {
+			continue
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// chunkIndex returns the index of the chunk starting at off, or -1.
+func (c *content) chunkIndex(off int64) int {
+	i := sort.Search(len(c.chunks), func(i int) bool { return c.chunks[i].Offset >= off })
+	if i < len(c.chunks) && c.chunks[i].Offset == off {
+		return i
+	}
+	return -1
+}
+
+// covered reports whether every chunk overlapping [off, end) is in.
+func (c *content) covered(off, end int64) bool {
+	i := sort.Search(len(c.chunks), func(i int) bool { return c.chunks[i].Offset+c.chunks[i].Size > off })
+	for ; i < len(c.chunks) && c.chunks[i].Offset < end; i++ {
+		if !c.have[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// WriteChunk writes one chunk of an expected content. data is the output of
+// bundle.Decode, which reports a digest mismatch at its end: the chunk
+// becomes readable only once data reached EOF without error. When the last
+// chunk is in, the whole content is verified and made complete; if it does
+// not match its digest it is deleted and failed.
+//
+// A chunk that is already in, or of a complete content, is skipped without
+// reading data.
+func (s *Store) WriteChunk(f api.Frame, data io.Reader) error {
+	_, err := s.writeChunk(f, data)
+	return err
+}
+
+// writeChunk is WriteChunk, and also reports whether this chunk completed
+// its content.
+func (s *Store) writeChunk(f api.Frame, data io.Reader) (completed bool, err error) {
+	d, err := api.ParseDigest(f.Digest)
+	if err != nil {
+		return false, err
+	}
+	s.mu.Lock()
+	c, ok := s.pending[d]
+	if !ok {
+		s.mu.Unlock()
+		if s.Has(d) {
+			return false, nil
+		}
+		return false, fmt.Errorf("%w: chunk of %s, which is not expected", ErrNotFound, d)
+	}
+	i := c.chunkIndex(f.Offset)
+	if i < 0 || c.chunks[i].Size != f.Size || c.chunks[i].Digest != f.ChunkDigest {
+		s.mu.Unlock()
+		return false, fmt.Errorf("%w: frame %s@%d (%d bytes, %s) matches no chunk of the content", ErrMismatch, d, f.Offset, f.Size, f.ChunkDigest)
+	}
+	// Another bundle may be writing the same chunk: wait for it, then
+	// skip the chunk if it made it.
+	for c.busy[i] && c.err == nil {
+		ch := c.changed
+		s.mu.Unlock()
+		<-ch
+		s.mu.Lock()
+	}
+	if c.err != nil {
+		err := c.err
+		s.mu.Unlock()
+		return false, err
+	}
+	if c.have[i] || c.f == nil {
+		s.mu.Unlock()
+		return false, nil
+	}
+	ch := c.chunks[i]
+	c.busy[i] = true
+	file := c.f
+	// Take the running hash if this chunk continues the hashed prefix.
+	var h hash.Hash
+	var snapshot []byte
+	if !c.hashBusy && c.hashed == ch.Offset {
+		if m, ok := c.hash.(encoding.BinaryMarshaler); ok {
+			if snapshot, err = m.MarshalBinary(); err == nil {
+				c.hashBusy = true
+				h = c.hash
+			}
+		}
+	}
+	s.mu.Unlock()
+
+	w := &sectionWriter{f: file, off: ch.Offset, left: ch.Size}
+	var dst io.Writer = w
+	if h != nil {
+		dst = io.MultiWriter(w, h)
+	}
+	n, err := io.Copy(dst, data)
+	if err == nil && n != ch.Size {
+		err = fmt.Errorf("%w: chunk %s@%d: got %d of %d bytes", ErrMismatch, d, ch.Offset, n, ch.Size)
+	}
+
+	s.mu.Lock()
+	c.busy[i] = false
+	if h != nil {
+		c.hashBusy = false
+		if err == nil {
+			c.hashed += ch.Size
+		} else if uerr := c.hash.(encoding.BinaryUnmarshaler).UnmarshalBinary(snapshot); uerr != nil {
+			// Cannot happen for sha256; restart the hash from 0.
+			c.hash, c.hashed = sha256.New(), 0
+		}
+	}
+	if err != nil {
+		c.broadcast()
+		if c.err != nil {
+			err = fmt.Errorf("%w (%v)", c.err, err)
+		}
+		s.mu.Unlock()
+		return false, fmt.Errorf("writing chunk %s@%d: %w", d, ch.Offset, err)
+	}
+	if c.err != nil {
+		// Failed while we were writing; its partial file is gone.
+		err := c.err
+		s.mu.Unlock()
+		return false, err
+	}
+	c.have[i] = true
+	c.missing--
+	c.broadcast()
+	finish := c.missing == 0 && !c.finishing
+	if finish {
+		c.finishing = true
+	}
+	s.mu.Unlock()
+	if finish {
+		return true, s.finish(c)
+	}
+	return false, nil
+}
+
+// sectionWriter writes at most left bytes at off of f: a chunk never spills
+// into its neighbour, whatever the decoder yields.
+type sectionWriter struct {
+	f    *os.File
+	off  int64
+	left int64
+}
+
+func (w *sectionWriter) Write(p []byte) (int, error) {
+	if int64(len(p)) > w.left {
+		return 0, fmt.Errorf("%w: chunk data exceeds its size", ErrMismatch)
+	}
+	n, err := w.f.WriteAt(p, w.off)
+	w.off += int64(n)
+	w.left -= int64(n)
+	return n, err
+}
+
+// finish verifies a content whose chunks are all in and renames it into
+// content/. The caller set c.finishing, so no writer touches c.f or c.hash.
+func (s *Store) finish(c *content) error {
+	s.mu.Lock()
+	f, h, hashed := c.f, c.hash, c.hashed
+	s.mu.Unlock()
+	if f == nil {
+		return c.failure()
+	}
+	if _, err := io.Copy(h, io.NewSectionReader(f, hashed, c.size-hashed)); err != nil {
+		s.fail(c, fmt.Errorf("verifying: %w", err))
+		return c.failure()
+	}
+	if got := digest.NewDigest(digest.SHA256, h); got != c.d {
+		s.fail(c, fmt.Errorf("%w: whole content has digest %s", ErrMismatch, got))
+		return c.failure()
+	}
+	if err := f.Sync(); err != nil {
+		s.fail(c, fmt.Errorf("syncing: %w", err))
+		return c.failure()
+	}
+	if err := f.Chmod(0o444); err != nil {
+		s.fail(c, fmt.Errorf("making read-only: %w", err))
+		return c.failure()
+	}
+	final := s.path(c.d)
+	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
+		s.fail(c, err)
+		return c.failure()
+	}
+
+	// Rename under the lock so a concurrent Fail or Remove either comes
+	// first (and the rename does not happen) or sees a complete content.
+	s.mu.Lock()
+	if c.err != nil {
+		s.mu.Unlock()
+		return c.err
+	}
+	if err := os.Rename(s.partialPath(c.d), final); err != nil {
+		s.failLocked(c, fmt.Errorf("renaming into the store: %w", err))
+		s.mu.Unlock()
+		return c.failure()
+	}
+	delete(s.pending, c.d)
+	c.f = nil
+	c.broadcast()
+	s.mu.Unlock()
+
+	// Readers still holding f get os.ErrClosed and retry on the final file.
+	f.Close()
+	syncDir(filepath.Dir(final))
+	return nil
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+}
+
+func (c *content) failure() error {
+	if c.err != nil {
+		return c.err
+	}
+	return fmt.Errorf("%w: %s", ErrFailed, c.d)
+}
+
+// Fail marks the pending content d as failed: its readers, present and
+// future, get an error wrapping ErrFailed and err, and what arrived of it
+// is deleted. It is a no-op for a complete or unknown content.
+func (s *Store) Fail(d digest.Digest, err error) {
+	d, perr := parse(d)
+	if perr != nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c, ok := s.pending[d]; ok {
+		s.failLocked(c, err)
+	}
+}
+
+// FailPending fails every content that has not completed, e.g. when a
+// bundle failed for good.
+func (s *Store) FailPending(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.pending {
+		s.failLocked(c, err)
+	}
+}
+
+func (s *Store) fail(c *content, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.failLocked(c, err)
+}
+
+func (s *Store) failLocked(c *content, err error) {
+	if c.err != nil || s.pending[c.d] != c {
+		return
+	}
+	c.err = fmt.Errorf("%w: %s: %w", ErrFailed, c.d, err)
+	if c.f != nil {
+		c.f.Close()
+		c.f = nil
+	}
+	// Under the lock, so a re-Expect cannot create the new partial file
+	// before this removes the old one.
+	os.Remove(s.partialPath(c.d))
+	c.broadcast()
+}
+
+// Remove deletes the content d, complete or not. Readers of a pending
+// content get an error wrapping ErrFailed.
+func (s *Store) Remove(d digest.Digest) error {
+	d, err := parse(d)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	if c, ok := s.pending[d]; ok {
+		s.failLocked(c, errors.New("removed"))
+		delete(s.pending, d)
+	}
+	s.mu.Unlock()
+	if err := os.Remove(s.path(d)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing %s: %w", d, err)
+	}
+	return nil
+}
+
+// ReadAt reads len(p) bytes of the content d at off, like io.ReaderAt. It
+// blocks until the chunks that cover the range have arrived and been
+// verified, ctx is done (ctx.Err() is returned) or the content failed (an
+// error wrapping ErrFailed). A read past the end returns io.EOF.
+func (s *Store) ReadAt(ctx context.Context, d digest.Digest, p []byte, off int64) (int, error) {
+	d, err := parse(d)
+	if err != nil {
+		return 0, err
+	}
+	if off < 0 {
+		return 0, fmt.Errorf("reading %s: negative offset", d)
+	}
+	for {
+		s.mu.Lock()
+		c, ok := s.pending[d]
+		if !ok {
+			s.mu.Unlock()
+			return s.readComplete(d, p, off)
+		}
+		if c.err != nil {
+			s.mu.Unlock()
+			return 0, c.err
+		}
+		if off >= c.size {
+			s.mu.Unlock()
+			return 0, io.EOF
+		}
+		end := min(off+int64(len(p)), c.size)
+		if c.covered(off, end) {
+			f := c.f
+			s.mu.Unlock()
+			n, err := f.ReadAt(p[:end-off], off)
+			if errors.Is(err, os.ErrClosed) {
+				// Completed (or failed) meanwhile: look again.
+				continue
+			}
+			if err == nil && n < len(p) {
+				err = io.EOF
+			}
+			return n, err
+		}
+		changed := c.changed
+		s.mu.Unlock()
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+}
+
+func (s *Store) readComplete(d digest.Digest, p []byte, off int64) (int, error) {
+	f, err := s.Open(d)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	return f.ReadAt(p, off)
+}
+
+// Wait blocks until the content d is complete, ctx is done or the content
+// failed.
+func (s *Store) Wait(ctx context.Context, d digest.Digest) error {
+	d, err := parse(d)
+	if err != nil {
+		return err
+	}
+	for {
+		s.mu.Lock()
+		c, ok := s.pending[d]
+		if !ok {
+			s.mu.Unlock()
+			if s.Has(d) {
+				return nil
+			}
+			return fmt.Errorf("%w: %s", ErrNotFound, d)
+		}
+		if c.err != nil {
+			s.mu.Unlock()
+			return c.err
+		}
+		changed := c.changed
+		s.mu.Unlock()
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Pending returns the number of contents expected and not complete,
+// failed ones included.
+func (s *Store) Pending() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.pending)
+}
