@@ -188,3 +188,36 @@ const (
 
 // MediaTypeBundle is the Content-Type of a delta bundle response.
 const MediaTypeBundle = "application/vnd.starlight.bundle.v1"
+
+// TraceReport is the body of POST /starlight/v1/traces: the first accesses
+// of one container run, recorded by a worker in optimize mode.
+type TraceReport struct {
+	// Repository and ManifestDigest name the converted platform manifest
+	// the container ran (as in the bundle header).
+	Repository     string    `json:"repository"`
+	ManifestDigest string    `json:"manifestDigest"`
+	Worker         string    `json:"worker,omitempty"` // free-form worker identity, e.g. its hostname
+	Container      string    `json:"container,omitempty"`
+	StartedAt      time.Time `json:"startedAt"`
+	// Accesses are in order of first access.
+	Accesses []TraceAccess `json:"accesses"`
+}
+
+// TraceAccess is the first access of a file (or, for chunk-level traces, of
+// one chunk of a file) during a traced run.
+type TraceAccess struct {
+	Layer  string `json:"layer"`            // converted layer digest
+	Name   string `json:"name"`             // entry name in that layer's tree
+	Digest string `json:"digest,omitempty"` // content digest, when the entry has content
+	// ChunkOffset is the offset of the chunk first read; 0 for a
+	// file-level access (open) and for the first chunk.
+	ChunkOffset int64 `json:"chunkOffset,omitempty"`
+	TimeNS      int64 `json:"timeNs"` // since the container started
+}
+
+// TraceResult answers POST /starlight/v1/traces.
+type TraceResult struct {
+	ID       string `json:"id"`       // sha256 of the canonical report; re-uploads are no-ops
+	Accepted int    `json:"accepted"` // accesses stored
+	Existing bool   `json:"existing"` // the same report was already stored
+}
