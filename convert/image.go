@@ -42,7 +42,7 @@ func ConvertImage(ctx context.Context, store Store, src ocispec.Descriptor, opts
 	case ocispec.MediaTypeImageIndex, images.MediaTypeDockerSchema2ManifestList:
 		return convertIndex(ctx, store, src, opts)
 	default:
-		return nil, fmt.Errorf("image %s: unsupported media type %q", src.Digest, src.MediaType)
+		return nil, invalid(fmt.Errorf("image %s: unsupported media type %q", src.Digest, src.MediaType))
 	}
 }
 
@@ -103,7 +103,7 @@ func convertManifest(ctx context.Context, store Store, src ocispec.Descriptor, p
 	switch m.Config.MediaType {
 	case ocispec.MediaTypeImageConfig, images.MediaTypeDockerSchema2Config:
 	default:
-		return nil, fmt.Errorf("manifest %s: config media type %q is not a container image config", src.Digest, m.Config.MediaType)
+		return nil, invalid(fmt.Errorf("manifest %s: config media type %q is not a container image config", src.Digest, m.Config.MediaType))
 	}
 	cfgRaw, err := readManifest(ctx, store, m.Config)
 	if err != nil {
@@ -114,7 +114,7 @@ func convertManifest(ctx context.Context, store Store, src ocispec.Descriptor, p
 		return nil, fmt.Errorf("config %s: %w", m.Config.Digest, err)
 	}
 	if len(diffIDs) != len(m.Layers) {
-		return nil, fmt.Errorf("manifest %s: %d layers but %d diff_ids in the config", src.Digest, len(m.Layers), len(diffIDs))
+		return nil, invalid(fmt.Errorf("manifest %s: %d layers but %d diff_ids in the config", src.Digest, len(m.Layers), len(diffIDs)))
 	}
 	mr := &ManifestResult{Original: src, Desc: src, Config: m.Config}
 	if platform != nil {
@@ -198,9 +198,9 @@ func convertImageLayer(ctx context.Context, store Store, desc ocispec.Descriptor
 	case images.MediaTypeDockerSchema2LayerForeign, images.MediaTypeDockerSchema2LayerForeignGzip,
 		ocispec.MediaTypeImageLayerNonDistributable, ocispec.MediaTypeImageLayerNonDistributableGzip, //nolint:staticcheck // recognised to refuse them
 		ocispec.MediaTypeImageLayerNonDistributableZstd: //nolint:staticcheck
-		return nil, fmt.Errorf("foreign (non-distributable) layer of type %q cannot be converted: its blob is not in the registry", desc.MediaType)
+		return nil, invalid(fmt.Errorf("foreign (non-distributable) layer of type %q cannot be converted: its blob is not in the registry", desc.MediaType))
 	default:
-		return nil, fmt.Errorf("unsupported layer media type %q", desc.MediaType)
+		return nil, invalid(fmt.Errorf("unsupported layer media type %q", desc.MediaType))
 	}
 	rc, err := store.Fetch(ctx, desc)
 	if err != nil {
@@ -253,7 +253,7 @@ func reuseOrConvert(ctx context.Context, store Store, desc ocispec.Descriptor, d
 
 func pushLayer(ctx context.Context, store Store, l *Layer, diffID digest.Digest) (*LayerResult, error) {
 	if l.SourceDiffID != diffID {
-		return nil, fmt.Errorf("uncompressed digest %s does not match the config's diff_id %s", l.SourceDiffID, diffID)
+		return nil, invalid(fmt.Errorf("uncompressed digest %s does not match the config's diff_id %s", l.SourceDiffID, diffID))
 	}
 	if err := store.Push(ctx, l.Desc, l.File); err != nil {
 		return nil, fmt.Errorf("pushing converted layer %s: %w", l.Desc.Digest, err)
@@ -326,7 +326,7 @@ func readManifest(ctx context.Context, store Store, desc ocispec.Descriptor) ([]
 		return nil, fmt.Errorf("%s: %w", desc.MediaType, err)
 	}
 	if desc.Size < 0 || desc.Size > MaxManifestSize {
-		return nil, fmt.Errorf("%s %s: size %d out of range", desc.MediaType, desc.Digest, desc.Size)
+		return nil, invalid(fmt.Errorf("%s %s: size %d out of range", desc.MediaType, desc.Digest, desc.Size))
 	}
 	rc, err := store.Fetch(ctx, desc)
 	if err != nil {

@@ -168,14 +168,14 @@ func spoolTar(ctx context.Context, r io.Reader, dir string) (_ *spooledTar, retE
 	case bytes.HasPrefix(magic, magicGzip):
 		zr, err := pgzip.NewReader(br)
 		if err != nil {
-			return nil, fmt.Errorf("layer: invalid gzip stream: %w", err)
+			return nil, invalid(fmt.Errorf("layer: invalid gzip stream: %w", err))
 		}
 		defer zr.Close()
 		src = zr
 	case bytes.HasPrefix(magic, magicZstd):
 		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
 		if err != nil {
-			return nil, fmt.Errorf("layer: invalid zstd stream: %w", err)
+			return nil, invalid(fmt.Errorf("layer: invalid zstd stream: %w", err))
 		}
 		defer zr.Close()
 		src = zr
@@ -209,17 +209,17 @@ func spoolTar(ctx context.Context, r io.Reader, dir string) (_ *spooledTar, retE
 				return nil, ctxErr
 			}
 			if errors.Is(err, io.ErrUnexpectedEOF) {
-				return nil, fmt.Errorf("layer: tar truncated in or after entry %s: %w", last, err)
+				return nil, invalid(fmt.Errorf("layer: tar truncated in or after entry %s: %w", last, err))
 			}
-			return nil, fmt.Errorf("layer: invalid tar header after entry %s: %w", last, err)
+			return nil, invalid(fmt.Errorf("layer: invalid tar header after entry %s: %w", last, err))
 		}
 		if err := v.check(hdr); err != nil {
-			return nil, fmt.Errorf("layer: %w", err)
+			return nil, invalid(fmt.Errorf("layer: %w", err))
 		}
 		last = strconv.Quote(hdr.Name)
 	}
 	if cw.n == 0 {
-		return nil, errors.New("layer: empty blob, not a tar archive")
+		return nil, invalid(errors.New("layer: empty blob, not a tar archive"))
 	}
 	// Read the stream to its end through the tee: the diff_id covers every
 	// uncompressed byte, including the zero padding after the end-of-archive
@@ -227,7 +227,7 @@ func spoolTar(ctx context.Context, r io.Reader, dir string) (_ *spooledTar, retE
 	// verifies the gzip checksum and notices a stream truncated after the
 	// tar trailer.
 	if _, err := io.Copy(io.Discard, tee); err != nil {
-		return nil, fmt.Errorf("layer: reading to the end of the stream: %w", err)
+		return nil, invalid(fmt.Errorf("layer: reading to the end of the stream: %w", err))
 	}
 	if err := bw.Flush(); err != nil {
 		return nil, fmt.Errorf("writing temporary file: %w", err)

@@ -109,7 +109,8 @@ func acquire(opts Options, ns distribution.Namespace, ref bool) (*Extension, err
 	}
 	if ns != nil && x.ns == nil {
 		x.ns = ns
-		x.planner = delta.New(x.db.SQL(), x.db.Rebind, blobOpener{ns: ns})
+		x.planner = delta.New(x.db.SQL(), x.db.Rebind, blobOpener{ns: ns}).
+			WithPriority(delta.NewTraced(x.db.SQL(), x.db.Rebind))
 		x.startLocked()
 	}
 	return x, nil

@@ -58,6 +58,7 @@ func Handler(config *configuration.Configuration, next http.Handler) http.Handle
 	r.Handle("/starlight/v1/images/{repository:.+}/{reference}", h.route(h.imageStatus)).Methods(http.MethodGet, http.MethodHead)
 	r.Handle("/starlight/v1/jobs", h.route(h.jobs)).Methods(http.MethodGet, http.MethodHead)
 	r.Handle("/starlight/delta", h.route(h.delta)).Methods(http.MethodPost)
+	r.Handle("/starlight/v1/traces", h.route(h.traces)).Methods(http.MethodPost)
 	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "NOT_FOUND", "no such route: "+r.URL.Path)
 	})

@@ -100,7 +100,13 @@ func (x *Extension) runJob(job *schema.Job) {
 		logger.Info("starlight: conversion interrupted by shutdown; job queued again")
 	case err != nil:
 		conversionsFailed.Inc()
-		final, ferr := x.db.FailJob(rctx, job, err.Error(), x.opts.MaxAttempts, x.opts.RetryDelay)
+		// An invalid image fails for good at once; other errors (storage,
+		// a transient fault) are retried with backoff.
+		maxAttempts := x.opts.MaxAttempts
+		if errors.Is(err, convert.ErrInvalid) {
+			maxAttempts = job.Attempts
+		}
+		final, ferr := x.db.FailJob(rctx, job, err.Error(), maxAttempts, x.opts.RetryDelay)
 		if ferr != nil {
 			logger.WithError(ferr).Error("starlight: recording failed job")
 			return

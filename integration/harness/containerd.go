@@ -9,6 +9,12 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/containerd/containerd"
+	"github.com/containerd/containerd/mount"
+	"github.com/containerd/containerd/namespaces"
+	"github.com/containerd/containerd/snapshots"
+	"github.com/opencontainers/image-spec/identity"
 )
 
 // Paths of the system containerd tools (Debian's containerd package).
@@ -156,22 +162,60 @@ func (c *Containerd) CtrNS(t T, ns string, args ...string) string {
 	return out
 }
 
-// MountImage mounts the rootfs of image ref (already pulled into
-// snapshotter) read-only at a new directory with `ctr images mount`, and
-// unmounts it in cleanup. It returns the mount point.
+// MountImage mounts the rootfs of image ref, already pulled into
+// snapshotter in namespace ns, read-only at a new directory, and unmounts
+// it in cleanup. It asks the snapshotter for a view of the image's top
+// snapshot (its chain ID) and mounts what it returns, as a container
+// runtime would; unlike `ctr images mount` it never unpacks layers itself,
+// so it shows exactly what the snapshotter serves.
 func (c *Containerd) MountImage(t T, ns, snapshotter, ref string) string {
 	t.Helper()
 	target, err := os.MkdirTemp(c.Dir, "mnt-")
 	if err != nil {
 		t.Fatalf("mount dir: %v", err)
 	}
-	c.CtrNS(t, ns, "images", "mount", "--snapshotter", snapshotter, ref, target)
+	client, err := containerd.New(c.Address, containerd.WithDefaultNamespace(ns))
+	if err != nil {
+		t.Fatalf("containerd client: %v", err)
+	}
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), ns), 5*time.Minute)
+	defer cancel()
+	img, err := client.GetImage(ctx, ref)
+	if err != nil {
+		t.Fatalf("image %s: %v", ref, err)
+	}
+	diffIDs, err := img.RootFS(ctx)
+	if err != nil {
+		t.Fatalf("rootfs of %s: %v", ref, err)
+	}
+	sn := client.SnapshotService(snapshotter)
+	key := "harness-view-" + filepath.Base(target)
+	// A GC root, or containerd's garbage collector may remove the view
+	// while it is mounted.
+	mounts, err := sn.View(ctx, key, identity.ChainID(diffIDs).String(),
+		snapshots.WithLabels(map[string]string{"containerd.io/gc.root": time.Now().UTC().Format(time.RFC3339)}))
+	if err != nil {
+		t.Fatalf("view of %s in %s: %v", ref, snapshotter, err)
+	}
 	t.Cleanup(func() {
-		if out, err := c.CtrNSE(ns, "images", "unmount", "--rm", target); err != nil {
-			t.Logf("ctr images unmount: %v: %s", err, out)
-			_ = UnmountUnder(target)
+		if err := UnmountUnder(target); err != nil {
+			t.Logf("unmount %s: %v", target, err)
+		}
+		client, err := containerd.New(c.Address, containerd.WithDefaultNamespace(ns))
+		if err != nil {
+			return
+		}
+		defer client.Close()
+		ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), ns), time.Minute)
+		defer cancel()
+		if err := client.SnapshotService(snapshotter).Remove(ctx, key); err != nil {
+			t.Logf("remove view %s: %v", key, err)
 		}
 	})
+	if err := mount.All(mounts, target); err != nil {
+		t.Fatalf("mount %s view of %s: %v (mounts %+v)", snapshotter, ref, err, mounts)
+	}
 	return target
 }
 

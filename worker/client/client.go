@@ -105,10 +105,73 @@ func (c *Client) Image(ctx context.Context, ref, namespace string) (*Image, erro
 	return &out, nil
 }
 
+// RemoveImage removes the image ref from the worker and from containerd,
+// then drops the layers and contents nothing else uses. namespace may be
+// empty ("default").
+func (c *Client) RemoveImage(ctx context.Context, ref, namespace string) (*RemoveResult, error) {
+	p := "/v1/images/" + url.PathEscape(ref)
+	if namespace != "" {
+		p += "?namespace=" + url.QueryEscape(namespace)
+	}
+	var out RemoveResult
+	if err := c.call(ctx, http.MethodDelete, p, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Optimize returns whether every new container is traced.
+func (c *Client) Optimize(ctx context.Context) (bool, error) {
+	var out OptimizeState
+	err := c.get(ctx, "/v1/optimize", &out)
+	return out.On, err
+}
+
+// SetOptimize turns tracing of every new container on or off.
+func (c *Client) SetOptimize(ctx context.Context, on bool) error {
+	return c.call(ctx, http.MethodPut, "/v1/optimize", OptimizeState{On: on}, &OptimizeState{})
+}
+
+// Traces lists the traces not yet reported.
+func (c *Client) Traces(ctx context.Context) ([]Trace, error) {
+	var out []Trace
+	if err := c.get(ctx, "/v1/traces", &out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// Report uploads every pending trace (see ReportRequest). A trace that
+// fails is listed with its error; the call itself fails only when the
+// worker cannot try.
+func (c *Client) Report(ctx context.Context, req ReportRequest) (*ReportResult, error) {
+	var out ReportResult
+	if err := c.call(ctx, http.MethodPost, "/v1/traces/report", req, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
 func (c *Client) get(ctx context.Context, path string, v any) error {
-	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, base+path, nil)
+	return c.call(ctx, http.MethodGet, path, nil, v)
+}
+
+// call sends in (if not nil) as JSON and decodes the answer into v.
+func (c *Client) call(ctx context.Context, method, path string, in, v any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	hr, err := http.NewRequestWithContext(ctx, method, base+path, body)
 	if err != nil {
 		return err
+	}
+	if in != nil {
+		hr.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.do(hr)
 	if err != nil {

@@ -4,9 +4,14 @@
 //
 // Routes:
 //
-//	POST /v1/pull           PullRequest → NDJSON stream of Event
-//	GET  /v1/images         → []Image
-//	GET  /v1/images/{ref}   → Image (ref path-escaped; ?namespace= optional)
+//	POST   /v1/pull            PullRequest → NDJSON stream of Event
+//	GET    /v1/images          → []Image
+//	GET    /v1/images/{ref}    → Image (ref path-escaped; ?namespace= optional)
+//	DELETE /v1/images/{ref}    → RemoveResult (?namespace=, default "default")
+//	GET    /v1/optimize        → OptimizeState
+//	PUT    /v1/optimize        OptimizeState → OptimizeState
+//	GET    /v1/traces          → []Trace
+//	POST   /v1/traces/report   ReportRequest → ReportResult
 //
 // Errors outside a pull stream are answered with a non-2xx status and an
 // ErrorBody.
@@ -84,6 +89,9 @@ type Image struct {
 	ImageBytes int64 `json:"imageBytes"`
 	DedupBytes int64 `json:"dedupBytes"`
 	SendBytes  int64 `json:"sendBytes"`
+	// PlainHTTP records that the pull talked HTTP to the registry; the
+	// traces of the image are reported the same way.
+	PlainHTTP bool `json:"plainHTTP,omitempty"`
 	// Resumes counts how often a broken stream was resumed.
 	Resumes   int        `json:"resumes,omitempty"`
 	Started   time.Time  `json:"started"`
@@ -94,4 +102,78 @@ type Image struct {
 // ErrorBody is the JSON answer of a failed API request.
 type ErrorBody struct {
 	Message string `json:"message"`
+}
+
+// Snapshot labels of a Starlight container (set by ctr-starlight create).
+// They carry containerd's "containerd.io/snapshot/" prefix, the only
+// labels containerd forwards to a proxy snapshotter.
+const (
+	// LabelOptimize = "true" traces the container whatever the optimize
+	// mode; "false" never traces it.
+	LabelOptimize = "containerd.io/snapshot/starlight.optimize"
+	// LabelImageRef names the image the container runs, as pulled, so
+	// that its trace goes to the right image even when several images
+	// share the same layers.
+	LabelImageRef = "containerd.io/snapshot/starlight.image-ref"
+)
+
+// OptimizeState is the body of GET and PUT /v1/optimize. On, every new
+// container whose rootfs sits on Starlight layers is traced.
+type OptimizeState struct {
+	On bool `json:"on"`
+}
+
+// Trace describes a trace the worker holds: recorded, not yet reported.
+type Trace struct {
+	ID             string    `json:"id"`
+	Ref            string    `json:"ref"`
+	Registry       string    `json:"registry"`
+	Repository     string    `json:"repository"`
+	ManifestDigest string    `json:"manifestDigest"`
+	Container      string    `json:"container"`
+	StartedAt      time.Time `json:"startedAt"`
+	// Accesses are the recorded first accesses (files and chunks); Files
+	// the distinct files among them.
+	Accesses int `json:"accesses"`
+	Files    int `json:"files"`
+	// Recording is true while the container runs and its trace grows;
+	// Partial when the stored trace was written while it still ran.
+	Recording bool `json:"recording,omitempty"`
+	Partial   bool `json:"partial,omitempty"`
+}
+
+// ReportRequest is the body of POST /v1/traces/report.
+type ReportRequest struct {
+	// Server, if set, is the registry URL every trace goes to
+	// ("http://host:port"), instead of the registry of its image.
+	Server string `json:"server,omitempty"`
+}
+
+// ReportResult answers POST /v1/traces/report: one entry per trace.
+// Uploaded traces are deleted; failed ones stay for the next report.
+type ReportResult struct {
+	Traces []TraceUpload `json:"traces"`
+}
+
+// TraceUpload is the outcome of one trace's upload.
+type TraceUpload struct {
+	Trace
+	URL string `json:"url"` // where it was posted
+	// ReportID, Accepted and Existing are the registry's answer.
+	ReportID string `json:"reportId,omitempty"`
+	Accepted int    `json:"accepted,omitempty"`
+	Existing bool   `json:"existing,omitempty"`
+	// Error is the failure, verbatim; empty on success.
+	Error string `json:"error,omitempty"`
+}
+
+// RemoveResult answers DELETE /v1/images/{ref}: what the image's removal
+// freed on the worker.
+type RemoveResult struct {
+	Ref string `json:"ref"`
+	// Layers and Contents were dropped because nothing else uses them;
+	// Bytes is the size of those contents.
+	Layers   int   `json:"layers"`
+	Contents int   `json:"contents"`
+	Bytes    int64 `json:"bytes"`
 }

@@ -15,7 +15,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/identifiers"
+	"github.com/containerd/containerd/images"
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -54,6 +56,13 @@ type Puller struct {
 
 	mu    sync.Mutex
 	pulls map[string]*pull
+
+	// gcLock keeps the garbage collector away from the moment a pull
+	// sends the layers it holds (Have) until the layers it receives are
+	// recorded: the registry leaves out the contents of Have, so they
+	// must still be there when the bundle arrives. Pulls share it; a
+	// collection takes it alone.
+	gcLock sync.RWMutex
 }
 
 // pull is one image's state. Its watchers wait on changed, which is closed
@@ -196,7 +205,7 @@ func (pl *Puller) Start(req client.PullRequest) (*pull, error) {
 	p := &pull{
 		img: client.Image{
 			Ref: ref.Name, Namespace: req.Namespace, State: client.StateResolving,
-			Started: time.Now().UTC(),
+			Started: time.Now().UTC(), PlainHTTP: ep.Registry.PlainHTTP,
 		},
 		changed: make(chan struct{}),
 		active:  true,
@@ -263,6 +272,15 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 		return nil
 	}
 
+	pl.gcLock.RLock()
+	gcLocked := true
+	unlockGC := func() {
+		if gcLocked {
+			gcLocked = false
+			pl.gcLock.RUnlock()
+		}
+	}
+	defer unlockGC()
 	req := api.DeltaRequest{
 		Reference: ref.DeltaReference(),
 		Platform:  DefaultPlatform,
@@ -309,6 +327,9 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	if err := pl.store.ExpectHeader(h); err != nil {
 		return fmt.Errorf("%s: %w", ref.Name, err)
 	}
+	// The image record names the layers now: they and their contents
+	// are safe from the collector.
+	unlockGC()
 	if err := importImage(ctx, c, ref.Name, plan); err != nil {
 		err = fmt.Errorf("%s: %w", ref.Name, err)
 		pl.failFrames(h.Frames, err)
@@ -443,12 +464,120 @@ func countContents(frames []api.Frame) int {
 	return len(seen)
 }
 
+func (pl *Puller) recordPath(namespace, ref string) string {
+	sum := sha256.Sum256([]byte(imageKey(namespace, ref)))
+	return filepath.Join(pl.recordDir, hex.EncodeToString(sum[:])+".json")
+}
+
 // save writes the image record.
 func (pl *Puller) save(p *pull) {
 	img, _ := p.snapshot()
-	sum := sha256.Sum256([]byte(imageKey(img.Namespace, img.Ref)))
-	path := filepath.Join(pl.recordDir, hex.EncodeToString(sum[:])+".json")
+	path := pl.recordPath(img.Namespace, img.Ref)
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if pl.pulls[imageKey(img.Namespace, img.Ref)] != p {
+		return // removed meanwhile
+	}
 	if err := writeFileAtomic(path, func(w io.Writer) error { return json.NewEncoder(w).Encode(img) }); err != nil {
 		log.G(pl.ctx).WithError(err).WithField("ref", img.Ref).Warn("saving image record")
 	}
+}
+
+// findImage returns the image a container's rootfs was made from: the
+// image named ref in namespace when ref is given (the label ctr-starlight
+// create sets), else the image whose layers (base first) are exactly
+// layers, the most recently pulled if several are.
+func (pl *Puller) findImage(namespace, ref string, layers []digest.Digest) (client.Image, bool) {
+	var (
+		best  client.Image
+		found bool
+	)
+	for _, img := range pl.Images() {
+		if namespace != "" && img.Namespace != namespace || img.Digest == "" || len(img.Layers) == 0 {
+			continue
+		}
+		if ref != "" {
+			if img.Ref == ref {
+				return img, true
+			}
+			continue
+		}
+		if len(img.Layers) != len(layers) {
+			continue
+		}
+		same := true
+		for i, l := range img.Layers {
+			same = same && l == layers[i].String()
+		}
+		if same && (!found || img.Started.After(best.Started)) {
+			best, found = img, true
+		}
+	}
+	return best, found
+}
+
+// usedLayers returns the layers that image records name.
+func (pl *Puller) usedLayers() map[digest.Digest]bool {
+	used := make(map[digest.Digest]bool)
+	for _, img := range pl.Images() {
+		for _, l := range img.Layers {
+			used[digest.Digest(l)] = true
+		}
+	}
+	return used
+}
+
+// ErrImageNotFound is returned by Remove for an image the worker and
+// containerd do not know.
+var ErrImageNotFound = errors.New("image not found")
+
+// Remove removes the image ref of namespace: its record, and the image in
+// containerd (waiting for containerd's garbage collector, so that the
+// snapshots only it used are gone when Remove returns).
+func (pl *Puller) Remove(ctx context.Context, ref, namespace string) error {
+	if namespace == "" {
+		namespace = namespaces.Default
+	}
+	if err := identifiers.Validate(namespace); err != nil {
+		return fmt.Errorf("invalid namespace: %w", err)
+	}
+	key := imageKey(namespace, ref)
+	pl.mu.Lock()
+	p, known := pl.pulls[key]
+	if known {
+		p.mu.Lock()
+		active := p.active
+		p.mu.Unlock()
+		if active {
+			pl.mu.Unlock()
+			return fmt.Errorf("%s is being pulled; wait for the pull to end", ref)
+		}
+	}
+	pl.mu.Unlock()
+
+	inContainerd := false
+	c, err := pl.ctrd.get(ctx)
+	if err != nil {
+		return err
+	}
+	nsctx := namespaces.WithNamespace(ctx, namespace)
+	if err := c.ImageService().Delete(nsctx, ref, images.SynchronousDelete()); err == nil {
+		inContainerd = true
+	} else if !errdefs.IsNotFound(err) {
+		return fmt.Errorf("removing %s from containerd: %w", ref, err)
+	}
+	if !known && !inContainerd {
+		return fmt.Errorf("%w: %s (namespace %s)", ErrImageNotFound, ref, namespace)
+	}
+	if known {
+		pl.mu.Lock()
+		if pl.pulls[key] == p {
+			delete(pl.pulls, key)
+		}
+		pl.mu.Unlock()
+		if err := os.Remove(pl.recordPath(namespace, ref)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("removing the record of %s: %w", ref, err)
+		}
+	}
+	return nil
 }

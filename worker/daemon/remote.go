@@ -69,17 +69,56 @@ func (r *Remote) Delta(ctx context.Context, reg config.Registry, repository stri
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	u := reg.BaseURL() + deltaPath
-	scope := "repository:" + repository + ":pull"
-	tokenKey := reg.Host + " " + scope
+	resp, err := r.post(ctx, reg, deltaPath, "repository:"+repository+":pull", body, api.MediaTypeBundle)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer cancel()
+		return nil, readRegistryError(resp)
+	}
+	return newIdleReader(resp.Body, cancel, r.IdleTimeout), nil
+}
 
+// tracesPath is the registry route that takes startup traces.
+const tracesPath = "/starlight/v1/traces"
+
+// PostTrace uploads one trace report. The registry wants push access to
+// the repository when authentication is on.
+func (r *Remote) PostTrace(ctx context.Context, reg config.Registry, report *api.TraceReport) (*api.TraceResult, error) {
+	body, err := json.Marshal(report)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := r.post(ctx, reg, tracesPath, "repository:"+report.Repository+":pull,push", body, "application/json")
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, readRegistryError(resp)
+	}
+	defer resp.Body.Close()
+	var res api.TraceResult
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&res); err != nil {
+		return nil, fmt.Errorf("POST %s: decoding the answer: %w", reg.BaseURL()+tracesPath, err)
+	}
+	return &res, nil
+}
+
+// post sends body to path on the registry, answering one authentication
+// challenge (Basic with the configured credentials, or a token for scope
+// from the registry's token service). The caller owns the response.
+func (r *Remote) post(ctx context.Context, reg config.Registry, path, scope string, body []byte, accept string) (*http.Response, error) {
+	u := reg.BaseURL() + path
+	tokenKey := reg.Host + " " + scope
 	send := func(auth string) (*http.Response, error) {
 		hr, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
 		if err != nil {
 			return nil, err
 		}
 		hr.Header.Set("Content-Type", "application/json")
-		hr.Header.Set("Accept", api.MediaTypeBundle)
+		hr.Header.Set("Accept", accept)
 		if auth != "" {
 			hr.Header.Set("Authorization", auth)
 		}
@@ -93,8 +132,6 @@ func (r *Remote) Delta(ctx context.Context, reg config.Registry, repository stri
 	auth := r.cachedAuth(reg, tokenKey)
 	resp, err := send(auth)
 	if err == nil && resp.StatusCode == http.StatusUnauthorized {
-		// Answer the challenge once: Basic with the configured
-		// credentials, or a token from the registry's token service.
 		challenge := resp.Header.Get("WWW-Authenticate")
 		drain(resp)
 		var next string
@@ -108,15 +145,7 @@ func (r *Remote) Delta(ctx context.Context, reg config.Registry, repository stri
 			resp, err = send(next)
 		}
 	}
-	if err != nil {
-		cancel()
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		defer cancel()
-		return nil, readRegistryError(resp)
-	}
-	return newIdleReader(resp.Body, cancel, r.IdleTimeout), nil
+	return resp, err
 }
 
 // cachedAuth is the Authorization sent on the first attempt: a token

@@ -47,6 +47,16 @@ type Options struct {
 	// OnOpen, if not nil, is called the first time each file is opened
 	// (hook for access traces).
 	OnOpen func(layer digest.Digest, name string)
+	// OnRead, if not nil, is called with every read this process serves:
+	// the file (by its name in the tree), offset and length asked. Reads
+	// that the kernel serves from its page cache or through passthrough
+	// never get here; set NoPassthrough to see every first read. It runs
+	// on the read path and must be cheap.
+	OnRead func(layer digest.Digest, name string, off, size int64)
+	// NoPassthrough serves every read through this process, even of a
+	// complete content (from the complete file, without copying through
+	// user space where the kernel can splice). A traced view uses it.
+	NoPassthrough bool
 	// Debug logs every FUSE request.
 	Debug bool
 }
@@ -76,7 +86,8 @@ func Mount(mountpoint string, tree api.LayerTree, opts Options) (*MountedLayer, 
 		return nil, fmt.Errorf("mounting layer %s: no content store", layer)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &layerFS{layer: layer, store: opts.Store, onOpen: opts.OnOpen, ctx: ctx}
+	l := &layerFS{layer: layer, store: opts.Store, onOpen: opts.OnOpen, onRead: opts.OnRead,
+		passthrough: !opts.NoPassthrough, ctx: ctx}
 	timeout := cacheTimeout
 	fsopts := &gofs.Options{
 		MountOptions: fuse.MountOptions{
@@ -157,7 +168,10 @@ type layerFS struct {
 	layer  digest.Digest
 	store  *store.Store
 	onOpen func(layer digest.Digest, name string)
-	ctx    context.Context // done when the layer is unmounted
+	onRead func(layer digest.Digest, name string, off, size int64)
+	// passthrough hands complete contents to the kernel.
+	passthrough bool
+	ctx         context.Context // done when the layer is unmounted
 }
 
 // node is a file of the view. One node per inode: hard links add the same
@@ -276,7 +290,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32,
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if n.cachedOpens == 0 && n.l.store.Has(n.m.digest) {
+	if n.l.passthrough && n.cachedOpens == 0 && n.l.store.Has(n.m.digest) {
 		if f, err := n.l.store.Open(n.m.digest); err == nil {
 			// go-fuse registers f as the backing file (passthrough)
 			// and drops KEEP_CACHE; if the kernel refuses, reads
@@ -326,6 +340,9 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 		return fuse.ReadResultData(nil), 0
 	}
 	dest = dest[:min(int64(len(dest)), m.size-off)]
+	if h.n.l.onRead != nil {
+		h.n.l.onRead(h.n.l.layer, m.name, off, int64(len(dest)))
+	}
 	if f := h.complete(); f != nil {
 		return fuse.ReadResultFd(f.Fd(), off, len(dest)), 0
 	}

@@ -112,16 +112,63 @@ func (o *snapshotter) parentChain(ctx context.Context, parent string) ([]lower, 
 	return chain, nil
 }
 
+// traced identifies a traced active snapshot for resolveLowers.
+type traced struct {
+	key    string
+	labels map[string]string
+}
+
+// traceOf returns the trace of the snapshot key, nil if it is not traced.
+func (o *snapshotter) traceOf(key string, info snapshots.Info) *traced {
+	if o.tracer == nil || info.Labels[LabelTraced] == "" {
+		return nil
+	}
+	return &traced{key: key, labels: info.Labels}
+}
+
+// remoteLayers returns the remote layers of a chain, in chain order.
+func remoteLayers(chain []lower) []digest.Digest {
+	var out []digest.Digest
+	for _, l := range chain {
+		if l.layer != "" {
+			out = append(out, l.layer)
+		}
+	}
+	return out
+}
+
 // resolveLowers returns the directories of a parent chain, nearest first.
-// It calls Layers.Dir, so it must not run inside a metadata transaction.
-func (o *snapshotter) resolveLowers(ctx context.Context, chain []lower) ([]string, error) {
+// The remote layers of a traced snapshot (tr not nil) are its private
+// views. It calls Layers.Dir, so it must not run inside a metadata
+// transaction.
+func (o *snapshotter) resolveLowers(ctx context.Context, chain []lower, tr *traced) ([]string, error) {
 	dirs := make([]string, len(chain))
+	var private []string
+	if tr != nil {
+		remote := remoteLayers(chain)
+		var err error
+		if private, err = o.tracer.TracedDirs(ctx, tr.key, tr.labels, remote); err != nil {
+			return nil, fmt.Errorf("traced views of %s: %w", tr.key, err)
+		}
+		if len(private) != len(remote) {
+			return nil, fmt.Errorf("traced views of %s: %d directories for %d layers", tr.key, len(private), len(remote))
+		}
+	}
 	for i, l := range chain {
 		if l.layer == "" {
 			dirs[i] = o.upperPath(l.id)
 			continue
 		}
-		dir, err := o.layerDir(ctx, l.layer)
+		var (
+			dir string
+			err error
+		)
+		if tr != nil {
+			dir, private = private[0], private[1:]
+			err = checkLowerDir(l.layer, dir)
+		} else {
+			dir, err = o.layerDir(ctx, l.layer)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -143,12 +190,16 @@ func (o *snapshotter) layerDir(ctx context.Context, d digest.Digest) (string, er
 	if err != nil {
 		return "", fmt.Errorf("layer %s: %w", d, err)
 	}
-	// The directory goes into a comma- and colon-separated overlay option
-	// list, which has no escaping.
+	return dir, checkLowerDir(d, dir)
+}
+
+// checkLowerDir checks a layer directory before it goes into a comma- and
+// colon-separated overlay option list, which has no escaping.
+func checkLowerDir(d digest.Digest, dir string) error {
 	if !filepath.IsAbs(dir) || strings.ContainsAny(dir, ",:") {
-		return "", fmt.Errorf("layer %s: directory %q is not usable as an overlay lower dir", d, dir)
+		return fmt.Errorf("layer %s: directory %q is not usable as an overlay lower dir", d, dir)
 	}
-	return dir, nil
+	return nil
 }
 
 // releaseIfUnused calls Layers.Release when no snapshot refers to d any more.

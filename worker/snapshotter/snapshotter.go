@@ -67,9 +67,36 @@ type LayerUsager interface {
 	Usage(ctx context.Context, layer digest.Digest) (snapshots.Usage, error)
 }
 
+// LabelTraced marks an active snapshot whose remote lowers are the private,
+// traced views a Tracer gives it. Like LabelLayerDigest it is set only by
+// the snapshotter.
+const LabelTraced = "starlight.io/traced"
+
+// Tracer is optionally given to New (WithTracer) to trace containers: a
+// traced container's rootfs stacks private views of its remote layers,
+// whose accesses are that container's alone, instead of the views shared
+// by every container. The snapshotter calls it outside metadata
+// transactions, except Trace, which must be quick and must not call the
+// snapshotter.
+type Tracer interface {
+	// Trace decides whether the active snapshot key, being prepared with
+	// labels on a parent chain holding the remote layers (nearest parent
+	// first), is traced.
+	Trace(ctx context.Context, key string, labels map[string]string, layers []digest.Digest) bool
+	// TracedDirs returns the private directories of layers for the traced
+	// snapshot key, in the same order, mounting them if needed. It is
+	// called when the snapshot is prepared and whenever its mounts are
+	// asked for (the container is about to start).
+	TracedDirs(ctx context.Context, key string, labels map[string]string, layers []digest.Digest) ([]string, error)
+	// Untrace tells that the traced snapshot key is gone (removed, or
+	// committed): its trace is over and its private views may go.
+	Untrace(ctx context.Context, key string)
+}
+
 type config struct {
 	asyncRemove  bool
 	mountOptions []string
+	tracer       Tracer
 }
 
 // Opt configures the snapshotter.
@@ -80,6 +107,14 @@ type Opt func(*config) error
 func AsynchronousRemove(c *config) error {
 	c.asyncRemove = true
 	return nil
+}
+
+// WithTracer traces the containers t chooses.
+func WithTracer(t Tracer) Opt {
+	return func(c *config) error {
+		c.tracer = t
+		return nil
+	}
 }
 
 // WithMountOptions adds options to every overlay mount (not to bind mounts).
@@ -96,6 +131,7 @@ type snapshotter struct {
 	layers      Layers
 	asyncRemove bool
 	options     []string
+	tracer      Tracer
 	// layerLocks serialises Layers.Dir against Layers.Release per digest.
 	layerLocks keyedMutex
 }
@@ -157,6 +193,7 @@ func New(root string, layers Layers, opts ...Opt) (snapshots.Snapshotter, error)
 		layers:      layers,
 		asyncRemove: c.asyncRemove,
 		options:     options,
+		tracer:      c.tracer,
 	}, nil
 }
 
@@ -184,8 +221,9 @@ func (o *snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info
 	return info, err
 }
 
-// Update updates the labels of a snapshot. LabelLayerDigest cannot be set,
-// changed or removed: it decides how the snapshot is mounted, and containerd's
+// Update updates the labels of a snapshot. LabelLayerDigest and LabelTraced
+// cannot be set, changed or removed: they decide how the snapshot is
+// mounted, and containerd's
 // metadata layer replaces all labels of a backend snapshot on every update
 // with only those it forwards.
 func (o *snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (newInfo snapshots.Info, err error) {
@@ -196,7 +234,7 @@ func (o *snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 		}
 		paths := make([]string, 0, len(fieldpaths))
 		for _, p := range fieldpaths {
-			if p != "labels."+LabelLayerDigest {
+			if !internalLabels[strings.TrimPrefix(p, "labels.")] || !strings.HasPrefix(p, "labels.") {
 				paths = append(paths, p)
 			}
 		}
@@ -208,10 +246,12 @@ func (o *snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 		for k, v := range info.Labels {
 			labels[k] = v
 		}
-		if d, ok := cur.Labels[LabelLayerDigest]; ok {
-			labels[LabelLayerDigest] = d
-		} else {
-			delete(labels, LabelLayerDigest)
+		for k := range internalLabels {
+			if v, ok := cur.Labels[k]; ok {
+				labels[k] = v
+			} else {
+				delete(labels, k)
+			}
 		}
 		info.Labels = labels
 		newInfo, err = storage.UpdateInfo(ctx, info, paths...)
@@ -272,6 +312,7 @@ func (o *snapshotter) View(ctx context.Context, key, parent string, opts ...snap
 func (o *snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
 	var (
 		s     storage.Snapshot
+		info  snapshots.Info
 		chain []lower
 	)
 	if err := o.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
@@ -280,7 +321,7 @@ func (o *snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 		if err != nil {
 			return fmt.Errorf("failed to get active mount: %w", err)
 		}
-		_, info, _, err := storage.GetInfo(ctx, key)
+		_, info, _, err = storage.GetInfo(ctx, key)
 		if err != nil {
 			return err
 		}
@@ -289,7 +330,7 @@ func (o *snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	}); err != nil {
 		return nil, err
 	}
-	lowers, err := o.resolveLowers(ctx, chain)
+	lowers, err := o.resolveLowers(ctx, chain, o.traceOf(key, info))
 	if err != nil {
 		return nil, err
 	}
@@ -315,18 +356,26 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return fmt.Errorf("disk usage of snapshot %q: %w", key, err)
 	}
-	return o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+	var traced bool
+	err = o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		// The key may have been removed and reused while we were scanning.
 		if id2, _, _, err := storage.GetInfo(ctx, key); err != nil {
 			return err
 		} else if id2 != id {
 			return fmt.Errorf("snapshot %q changed during commit: %w", key, errdefs.ErrFailedPrecondition)
 		}
-		if _, err := storage.CommitActive(ctx, key, name, snapshots.Usage(usage), withLabels(stripLayerDigest(base.Labels))); err != nil {
+		if _, info, _, err := storage.GetInfo(ctx, key); err == nil {
+			traced = info.Labels[LabelTraced] != ""
+		}
+		if _, err := storage.CommitActive(ctx, key, name, snapshots.Usage(usage), withLabels(stripInternal(base.Labels))); err != nil {
 			return fmt.Errorf("failed to commit snapshot %s: %w", key, err)
 		}
 		return nil
 	})
+	if err == nil && traced && o.tracer != nil {
+		o.tracer.Untrace(ctx, key)
+	}
+	return err
 }
 
 // Remove abandons the snapshot identified by key. If it was the last snapshot
@@ -335,6 +384,7 @@ func (o *snapshotter) Remove(ctx context.Context, key string) (err error) {
 	var (
 		removals []string
 		layer    digest.Digest
+		traced   bool
 	)
 	if err := o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		_, info, _, err := storage.GetInfo(ctx, key)
@@ -344,6 +394,7 @@ func (o *snapshotter) Remove(ctx context.Context, key string) (err error) {
 		if layer, err = layerDigest(info); err != nil {
 			return err
 		}
+		traced = info.Labels[LabelTraced] != ""
 		if _, _, err := storage.Remove(ctx, key); err != nil {
 			return fmt.Errorf("failed to remove snapshot %s: %w", key, err)
 		}
@@ -362,6 +413,9 @@ func (o *snapshotter) Remove(ctx context.Context, key string) (err error) {
 		if err := os.RemoveAll(dir); err != nil {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("failed to remove directory")
 		}
+	}
+	if traced && o.tracer != nil {
+		o.tracer.Untrace(ctx, key)
 	}
 	if layer != "" {
 		o.releaseIfUnused(ctx, layer)
@@ -423,6 +477,7 @@ func (o *snapshotter) getCleanupDirectories(ctx context.Context) ([]string, erro
 func (o *snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, labels map[string]string) (_ []mount.Mount, err error) {
 	var (
 		s        storage.Snapshot
+		info     snapshots.Info
 		chain    []lower
 		td, path string
 	)
@@ -440,10 +495,21 @@ func (o *snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		if err != nil {
 			return fmt.Errorf("failed to create prepare snapshot dir: %w", err)
 		}
-		s, err = storage.CreateSnapshot(ctx, kind, key, parent, withLabels(stripLayerDigest(labels)))
+		labels := stripInternal(labels)
+		if kind == snapshots.KindActive && o.tracer != nil && parent != "" {
+			// Decided once, at creation, and recorded: the snapshot's
+			// mounts must stay the same for its whole life.
+			if chain, err := o.parentChain(ctx, parent); err == nil {
+				if remote := remoteLayers(chain); len(remote) > 0 && o.tracer.Trace(ctx, key, labels, remote) {
+					labels = withLabel(labels, LabelTraced, "true")
+				}
+			}
+		}
+		s, err = storage.CreateSnapshot(ctx, kind, key, parent, withLabels(labels))
 		if err != nil {
 			return fmt.Errorf("failed to create snapshot: %w", err)
 		}
+		info = snapshots.Info{Name: key, Labels: labels}
 		if chain, err = o.parentChain(ctx, parent); err != nil {
 			return err
 		}
@@ -470,7 +536,7 @@ func (o *snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		return nil, err
 	}
 
-	lowers, err := o.resolveLowers(ctx, chain)
+	lowers, err := o.resolveLowers(ctx, chain, o.traceOf(key, info))
 	if err == nil && len(chain) > 0 && chain[0].layer != "" {
 		err = copyOwner(o.upperPath(s.ID), lowers[0])
 	}
@@ -540,17 +606,36 @@ func withLabels(labels map[string]string) snapshots.Opt {
 	}
 }
 
-// stripLayerDigest returns labels without LabelLayerDigest: only the remote
-// path may mark a snapshot as remote.
-func stripLayerDigest(labels map[string]string) map[string]string {
-	if _, ok := labels[LabelLayerDigest]; !ok {
+// internalLabels are set by the snapshotter only.
+var internalLabels = map[string]bool{LabelLayerDigest: true, LabelTraced: true}
+
+// stripInternal returns labels without the internal labels: only the
+// remote path may mark a snapshot as remote, only the Tracer as traced.
+func stripInternal(labels map[string]string) map[string]string {
+	found := false
+	for k := range internalLabels {
+		if _, ok := labels[k]; ok {
+			found = true
+		}
+	}
+	if !found {
 		return labels
 	}
 	out := make(map[string]string, len(labels))
 	for k, v := range labels {
-		if k != LabelLayerDigest {
+		if !internalLabels[k] {
 			out[k] = v
 		}
 	}
+	return out
+}
+
+// withLabel returns a copy of labels with k set to v.
+func withLabel(labels map[string]string, k, v string) map[string]string {
+	out := make(map[string]string, len(labels)+1)
+	for k2, v2 := range labels {
+		out[k2] = v2
+	}
+	out[k] = v
 	return out
 }

@@ -1,0 +1,368 @@
+package delta
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"path"
+	"slices"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/starlight-project/starlight/api"
+)
+
+// Traced is the Priority that orders a bundle by the merged startup
+// traces the registry keeps in the index (tables trace_priority and
+// trace_manifests; the merge and the policy are in docs/TRACES.md):
+//
+//  1. the chunks the manifest's own merged priority names, in its order;
+//     a manifest without traces of its own uses the priority of the most
+//     recently pushed traced manifest of the same repository and platform,
+//     matched by path (then by content digest);
+//  2. contents that are not in that priority but that other traced
+//     manifests (any repository) name, by how early those needed them;
+//  3. the untraced chunks of contents traced chunk by chunk, in the order
+//     of their contents' first traced chunk;
+//  4. everything else, in layer and TOC order.
+//
+// A content traced by a run that only recorded whole-file opens travels
+// whole at its position. Traced reads the index with a handful of indexed
+// queries per request; a registry without any traces costs one.
+type Traced struct {
+	db     *sql.DB
+	rebind func(string) string
+}
+
+// NewTraced returns the trace-based Priority over the index db. rebind is
+// as for New.
+func NewTraced(db *sql.DB, rebind func(string) string) *Traced {
+	if rebind == nil {
+		rebind = func(q string) string { return q }
+	}
+	return &Traced{db: db, rebind: rebind}
+}
+
+// tracedItem is one row of a merged priority.
+type tracedItem struct {
+	name   string
+	digest string
+	offset int64
+	whole  bool
+}
+
+// Rank implements Priority.
+func (t *Traced) Rank(ctx context.Context, repository string, manifest digest.Digest, layers []api.LayerTree, cands []Candidate) error {
+	if len(cands) == 0 {
+		return nil
+	}
+	var one int
+	err := t.db.QueryRowContext(ctx, t.rebind(`SELECT 1 FROM trace_manifests WHERE items > 0 LIMIT 1`)).Scan(&one)
+	switch {
+	case err == sql.ErrNoRows:
+		return nil // no traces at all: keep the default order
+	case err != nil:
+		return fmt.Errorf("looking up traces: %w", err)
+	}
+
+	r := newRanker(cands)
+	items, err := t.items(ctx, repository, manifest.String())
+	if err != nil {
+		return err
+	}
+	if len(items) > 0 {
+		for _, it := range items {
+			r.add(it.digest, it.offset, it.whole)
+		}
+	} else {
+		prev, err := t.previousVersion(ctx, repository, manifest.String())
+		if err != nil {
+			return err
+		}
+		if prev != "" {
+			if items, err = t.items(ctx, repository, prev); err != nil {
+				return err
+			}
+			paths := visiblePaths(layers)
+			for _, it := range items {
+				d, ok := paths[it.name]
+				if !ok {
+					d = it.digest // renamed or moved: the same content may still be there
+				}
+				r.add(d, it.offset, it.whole)
+			}
+		}
+	}
+	if err := t.shared(ctx, r); err != nil {
+		return err
+	}
+	r.apply()
+	return nil
+}
+
+// items reads the merged priority of a manifest, first item first.
+func (t *Traced) items(ctx context.Context, repository, manifest string) ([]tracedItem, error) {
+	rows, err := t.db.QueryContext(ctx, t.rebind(`SELECT name, digest, chunk_offset, whole FROM trace_priority
+		WHERE repository = ? AND manifest_digest = ? ORDER BY position`), repository, manifest)
+	if err != nil {
+		return nil, fmt.Errorf("reading trace priority of %s: %w", manifest, err)
+	}
+	defer rows.Close()
+	var out []tracedItem
+	for rows.Next() {
+		var it tracedItem
+		var whole int
+		if err := rows.Scan(&it.name, &it.digest, &it.offset, &whole); err != nil {
+			return nil, fmt.Errorf("reading trace priority of %s: %w", manifest, err)
+		}
+		it.whole = whole != 0
+		out = append(out, it)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("reading trace priority of %s: %w", manifest, err)
+	}
+	return out, nil
+}
+
+// previousVersion returns the traced manifest of repository with the
+// platform of manifest whose image was pushed last (ties: traced last),
+// or "" when there is none.
+func (t *Traced) previousVersion(ctx context.Context, repository, manifest string) (string, error) {
+	var prev string
+	err := t.db.QueryRowContext(ctx, t.rebind(`SELECT tm.manifest_digest FROM trace_manifests tm
+		WHERE tm.repository = ? AND tm.manifest_digest <> ? AND tm.items > 0
+		  AND tm.platform IN (SELECT platform FROM image_manifests WHERE repository = ? AND manifest_digest = ?)
+		ORDER BY tm.pushed_at DESC, tm.updated_at DESC, tm.manifest_digest LIMIT 1`),
+		repository, manifest, repository, manifest).Scan(&prev)
+	switch {
+	case err == sql.ErrNoRows:
+		return "", nil
+	case err != nil:
+		return "", fmt.Errorf("looking up the previous traced version of %s: %w", manifest, err)
+	}
+	return prev, nil
+}
+
+// sharedItem is a content chunk traced by another manifest, at position
+// pos of that manifest's n items.
+type sharedItem struct {
+	digest string
+	offset int64
+	pos, n int64
+	whole  bool
+}
+
+// shared ranks, after everything ranked so far, the candidate contents
+// that other traced manifests name: each chunk by the earliest relative
+// position (pos/n) at which any traced manifest needs it.
+func (t *Traced) shared(ctx context.Context, r *ranker) error {
+	var need []string
+	for d := range r.chunks {
+		if _, ok := r.first[d]; !ok {
+			need = append(need, d)
+		}
+	}
+	if len(need) == 0 {
+		return nil
+	}
+	slices.Sort(need)
+	best := map[[2]string]*sharedItem{} // (digest, offset) as strings keeps the key simple
+	for start := 0; start < len(need); start += maxParams {
+		batch := need[start:min(start+maxParams, len(need))]
+		args := make([]any, len(batch))
+		for i, d := range batch {
+			args[i] = d
+		}
+		rows, err := t.db.QueryContext(ctx, t.rebind(`SELECT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
+			FROM trace_priority tp JOIN trace_manifests tm
+			  ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest
+			WHERE tp.digest IN (?`+strings.Repeat(",?", len(batch)-1)+`)`), args...)
+		if err != nil {
+			return fmt.Errorf("reading traces of shared contents: %w", err)
+		}
+		for rows.Next() {
+			var it sharedItem
+			var whole int
+			if err := rows.Scan(&it.digest, &it.offset, &whole, &it.pos, &it.n); err != nil {
+				rows.Close()
+				return fmt.Errorf("reading traces of shared contents: %w", err)
+			}
+			it.whole = whole != 0
+			if it.n <= 0 || it.pos < 0 || it.pos >= it.n {
+				continue // a row written while its manifest's count was updated; ignore it
+			}
+			k := [2]string{it.digest, fmt.Sprint(it.offset)}
+			if b := best[k]; b == nil {
+				best[k] = &it
+			} else {
+				if it.pos*b.n < b.pos*it.n {
+					b.pos, b.n = it.pos, it.n
+				}
+				b.whole = b.whole || it.whole
+			}
+		}
+		err = rows.Err()
+		rows.Close()
+		if err != nil {
+			return fmt.Errorf("reading traces of shared contents: %w", err)
+		}
+	}
+	items := make([]*sharedItem, 0, len(best))
+	for _, it := range best {
+		items = append(items, it)
+	}
+	slices.SortFunc(items, func(a, b *sharedItem) int {
+		// a.pos/a.n against b.pos/b.n without fractions.
+		if x, y := a.pos*b.n, b.pos*a.n; x != y {
+			if x < y {
+				return -1
+			}
+			return 1
+		}
+		if c := strings.Compare(a.digest, b.digest); c != 0 {
+			return c
+		}
+		switch {
+		case a.offset < b.offset:
+			return -1
+		case a.offset > b.offset:
+			return 1
+		}
+		return 0
+	})
+	for _, it := range items {
+		r.add(it.digest, it.offset, it.whole)
+	}
+	return nil
+}
+
+// visiblePaths maps every path of the merged image to the content a
+// container sees there ("" for a path without content): the topmost entry
+// of that name, through hard links, unless a whiteout above removed it.
+func visiblePaths(layers []api.LayerTree) map[string]string {
+	paths := map[string]string{}
+	for li := len(layers) - 1; li >= 0; li-- {
+		entries := layers[li].Entries
+		local := make(map[string]string, len(entries))
+		var hidden []string
+		for i := range entries {
+			e := &entries[i]
+			dir, base := path.Split(e.Name)
+			if strings.HasPrefix(base, api.WhiteoutPrefix) {
+				if base != api.WhiteoutOpaque {
+					hidden = append(hidden, dir+strings.TrimPrefix(base, api.WhiteoutPrefix))
+				}
+				continue
+			}
+			d := e.Digest
+			if e.Type == api.TypeHardlink {
+				d = local[e.LinkName]
+			}
+			local[e.Name] = d
+			if _, above := paths[e.Name]; !above {
+				paths[e.Name] = d
+			}
+		}
+		// A whiteout hides the layers below it, not its own.
+		for _, p := range hidden {
+			if _, above := paths[p]; !above {
+				paths[p] = ""
+			}
+		}
+	}
+	return paths
+}
+
+// ranker assigns positions to candidate chunks as traced items are added,
+// then turns them into ranks.
+type ranker struct {
+	cands  []Candidate
+	chunks map[string][]int // content → candidate indices, ascending offset
+	pos    []int            // per candidate: position of its first traced item, or -1
+	first  map[string]int   // content → position of its first traced item
+	whole  map[string]bool  // content traced by a whole-file run
+	n      int              // positions handed out
+}
+
+func newRanker(cands []Candidate) *ranker {
+	r := &ranker{
+		cands:  cands,
+		chunks: make(map[string][]int),
+		pos:    make([]int, len(cands)),
+		first:  make(map[string]int),
+		whole:  make(map[string]bool),
+	}
+	for i := range cands {
+		r.pos[i] = -1
+		d := cands[i].Frame.Digest
+		r.chunks[d] = append(r.chunks[d], i)
+	}
+	for _, idx := range r.chunks {
+		slices.SortFunc(idx, func(a, b int) int {
+			return int(min(max(cands[a].Frame.Offset-cands[b].Frame.Offset, -1), 1))
+		})
+	}
+	return r
+}
+
+// add gives the next position to the candidate chunk of content d that
+// holds offset off (chunk boundaries may differ between layers holding the
+// same content). Items matching no candidate (contents the worker holds)
+// still take a position; positions only need to be ordered.
+func (r *ranker) add(d string, off int64, whole bool) {
+	p := r.n
+	r.n++
+	idx := r.chunks[d]
+	j, _ := slices.BinarySearchFunc(idx, off, func(i int, off int64) int {
+		f := &r.cands[i].Frame
+		switch {
+		case f.Offset+f.Size <= off:
+			return -1
+		case f.Offset > off:
+			return 1
+		}
+		return 0
+	})
+	if j == len(idx) {
+		return
+	}
+	if f := &r.cands[idx[j]].Frame; off < f.Offset || off >= f.Offset+f.Size {
+		return
+	}
+	if r.pos[idx[j]] < 0 {
+		r.pos[idx[j]] = p
+	}
+	if _, ok := r.first[d]; !ok {
+		r.first[d] = p
+	}
+	if whole {
+		r.whole[d] = true
+	}
+}
+
+// apply sets the ranks. With P positions handed out: a traced chunk at
+// position p gets 2p+1; the other chunks of a content traced whole get
+// 2f+2 (f: the content's first position), right after it; the other
+// chunks of a content traced chunk by chunk get 2P+1+f, after every traced
+// chunk; untraced contents get 3P+1 and keep layer and TOC order.
+func (r *ranker) apply() {
+	if len(r.first) == 0 {
+		return
+	}
+	p := int64(r.n)
+	for i := range r.cands {
+		c := &r.cands[i]
+		f, traced := r.first[c.Frame.Digest]
+		switch {
+		case r.pos[i] >= 0:
+			c.Rank = 2*int64(r.pos[i]) + 1
+		case traced && r.whole[c.Frame.Digest]:
+			c.Rank = 2*int64(f) + 2
+		case traced:
+			c.Rank = 2*p + 1 + int64(f)
+		default:
+			c.Rank = 3*p + 1
+		}
+	}
+}

@@ -1,0 +1,336 @@
+package registryext
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+
+	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/schema"
+)
+
+// Bounds on POST /starlight/v1/traces.
+const (
+	// maxTraceBody bounds the request body. An access takes about 250
+	// bytes of JSON, so a full report of MaxTraceAccesses fits.
+	maxTraceBody = 64 << 20
+	// MaxTraceAccesses bounds the accesses of one report; it equals the
+	// worker recorder's own bound, so a worker never records more than
+	// the registry accepts.
+	MaxTraceAccesses = 1 << 18
+	// maxTraceLabel bounds the free-form worker and container names.
+	maxTraceLabel = 256
+	// maxTraceTime bounds TimeNS (about 11 days), which keeps the merge's
+	// integer arithmetic far from overflow.
+	maxTraceTime = int64(1) << 50
+	// maxOffenders is how many invalid accesses a 400 answer lists.
+	maxOffenders = 5
+	// traceIngestions bounds concurrent ingestions: each holds a decoded
+	// report and a merge in memory.
+	traceIngestions = 2
+)
+
+var (
+	traceSlots = make(chan struct{}, traceIngestions)
+
+	traceReports = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "starlight", Subsystem: "registry", Name: "trace_reports_total",
+		Help: "Trace reports received, by result: accepted (stored), existing (duplicate upload), rejected.",
+	}, []string{"result"})
+)
+
+func init() {
+	prometheus.MustRegister(traceReports)
+}
+
+// traces serves POST /starlight/v1/traces: it validates a worker's trace
+// report against the index, stores it and recomputes the merged priority
+// of its manifest. It needs push access to the report's repository.
+func (h *handler) traces(w http.ResponseWriter, r *http.Request, x *Extension) (err error) {
+	defer func() {
+		if err != nil {
+			traceReports.WithLabelValues("rejected").Inc()
+		}
+	}()
+	ctx := r.Context()
+	// Authenticate before reading a large body; the scope needs the
+	// repository named in it and is checked once it is decoded.
+	if err := h.authorize(r); err != nil {
+		return err
+	}
+	rep, err := decodeTraceReport(w, r)
+	if err != nil {
+		return err
+	}
+	named, err := parseRepository(rep.Repository)
+	if err != nil {
+		return err
+	}
+	if err := h.authorize(r, repositoryAccess(named.Name(), "push")); err != nil {
+		return err
+	}
+	select {
+	case traceSlots <- struct{}{}:
+		defer func() { <-traceSlots }()
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	res, err := x.ingestTrace(ctx, rep)
+	if err != nil {
+		return err
+	}
+	status := http.StatusCreated
+	if res.Existing {
+		status = http.StatusOK
+		traceReports.WithLabelValues("existing").Inc()
+	} else {
+		traceReports.WithLabelValues("accepted").Inc()
+	}
+	log.G(ctx).WithFields(log.Fields{"repository": rep.Repository, "manifest": rep.ManifestDigest,
+		"trace": res.ID, "accesses": res.Accepted, "existing": res.Existing, "worker": rep.Worker}).
+		Info("starlight: trace report")
+	writeJSON(w, status, res)
+	return nil
+}
+
+// decodeTraceReport reads, checks and canonicalises the body.
+func decodeTraceReport(w http.ResponseWriter, r *http.Request) (*api.TraceReport, error) {
+	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+		return nil, errorf(http.StatusUnsupportedMediaType, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxTraceBody))
+	dec.DisallowUnknownFields()
+	var rep api.TraceReport
+	if err := dec.Decode(&rep); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return nil, errorf(http.StatusRequestEntityTooLarge, "BAD_REQUEST", "trace report larger than %d bytes", maxTraceBody)
+		}
+		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid trace report: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid trace report: trailing data after the JSON object")
+	}
+	if err := canonicalizeReport(&rep); err != nil {
+		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid trace report: %v", err)
+	}
+	return &rep, nil
+}
+
+// canonicalizeReport validates the parts of a report that need no index
+// and normalises it, so that equal runs hash equal: UTC start time,
+// accesses in order of time (stable), each (layer, name, chunk) once.
+func canonicalizeReport(rep *api.TraceReport) error {
+	d, err := api.ParseDigest(rep.ManifestDigest)
+	if err != nil {
+		return fmt.Errorf("manifestDigest: %w", err)
+	}
+	rep.ManifestDigest = d.String()
+	if len(rep.Worker) > maxTraceLabel || len(rep.Container) > maxTraceLabel {
+		return fmt.Errorf("worker and container are limited to %d bytes", maxTraceLabel)
+	}
+	if n := len(rep.Accesses); n == 0 {
+		return errors.New("no accesses")
+	} else if n > MaxTraceAccesses {
+		return fmt.Errorf("%d accesses, at most %d are accepted", n, MaxTraceAccesses)
+	}
+	rep.StartedAt = rep.StartedAt.UTC()
+	for i := range rep.Accesses {
+		a := &rep.Accesses[i]
+		l, err := api.ParseDigest(a.Layer)
+		if err != nil {
+			return fmt.Errorf("access %d: layer: %w", i, err)
+		}
+		a.Layer = l.String()
+		if err := api.ValidateName(a.Name); err != nil {
+			return fmt.Errorf("access %d: %w", i, err)
+		}
+		if a.Digest != "" {
+			c, err := api.ParseDigest(a.Digest)
+			if err != nil {
+				return fmt.Errorf("access %d (%s): digest: %w", i, a.Name, err)
+			}
+			a.Digest = c.String()
+		}
+		if a.ChunkOffset < 0 || a.TimeNS < 0 || a.TimeNS > maxTraceTime {
+			return fmt.Errorf("access %d (%s): chunkOffset and timeNs must be non-negative (and timeNs below %d)", i, a.Name, maxTraceTime)
+		}
+	}
+	slices.SortStableFunc(rep.Accesses, func(a, b api.TraceAccess) int {
+		switch {
+		case a.TimeNS < b.TimeNS:
+			return -1
+		case a.TimeNS > b.TimeNS:
+			return 1
+		}
+		return 0
+	})
+	seen := make(map[traceKey]struct{}, len(rep.Accesses))
+	out := rep.Accesses[:0]
+	for _, a := range rep.Accesses {
+		k := traceKey{a.Layer, a.Name, a.ChunkOffset}
+		if _, dup := seen[k]; dup {
+			continue
+		}
+		seen[k] = struct{}{}
+		out = append(out, a)
+	}
+	rep.Accesses = out
+	return nil
+}
+
+// traceID is the identity of a canonical report: the sha256 of its JSON.
+func traceID(rep *api.TraceReport) (string, error) {
+	b, err := json.Marshal(rep)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(b)
+	return "sha256:" + hex.EncodeToString(sum[:]), nil
+}
+
+// ingestTrace validates a canonical report against the index and stores
+// it with the recomputed priority of its manifest.
+func (x *Extension) ingestTrace(ctx context.Context, rep *api.TraceReport) (*api.TraceResult, error) {
+	id, err := traceID(rep)
+	if err != nil {
+		return nil, fmt.Errorf("hashing trace report: %w", err)
+	}
+	if _, _, err := x.db.TraceTarget(ctx, rep.Repository, rep.ManifestDigest); errors.Is(err, schema.ErrNotFound) {
+		return nil, errorf(http.StatusNotFound, "NOT_FOUND", "%s@%s is not a converted platform manifest of a ready image",
+			rep.Repository, rep.ManifestDigest)
+	} else if err != nil {
+		return nil, err
+	}
+	if ok, err := x.db.TraceExists(ctx, id); err != nil {
+		return nil, err
+	} else if ok {
+		return &api.TraceResult{ID: id, Accepted: 0, Existing: true}, nil
+	}
+	layers, err := x.db.ManifestLayers(ctx, rep.ManifestDigest)
+	if err != nil {
+		return nil, err
+	}
+	entries, err := x.resolveAccesses(ctx, layers, rep.Accesses)
+	if err != nil {
+		return nil, err
+	}
+	t := &schema.Trace{ID: id, Repository: rep.Repository, ManifestDigest: rep.ManifestDigest,
+		Worker: rep.Worker, Container: rep.Container, StartedAt: rep.StartedAt, Entries: entries}
+	existing, err := x.db.AddTrace(ctx, t, func(runs []schema.TraceRun) []schema.PriorityItem {
+		return mergeTraces(layers, runs)
+	})
+	if err != nil {
+		return nil, err
+	}
+	res := &api.TraceResult{ID: id, Existing: existing}
+	if !existing {
+		res.Accepted = len(entries)
+	}
+	return res, nil
+}
+
+// traceFile is what validation needs of an indexed entry.
+type traceFile struct {
+	digest string  // content, through a hard link
+	chunks []int64 // chunk offsets
+}
+
+// resolveAccesses checks every access against the index of its layer and
+// returns the entries to store, with the content digest from the index.
+// Unknown layers or files, wrong digests and offsets that are not chunk
+// boundaries are refused with the first few offenders listed.
+func (x *Extension) resolveAccesses(ctx context.Context, layers []string, accesses []api.TraceAccess) ([]schema.TraceEntry, error) {
+	inManifest := make(map[string]bool, len(layers))
+	for _, l := range layers {
+		inManifest[l] = true
+	}
+	trees := map[string]map[string]traceFile{}
+	var offenders []string
+	bad := 0
+	offend := func(i int, a *api.TraceAccess, format string, args ...any) {
+		bad++
+		if len(offenders) < maxOffenders {
+			offenders = append(offenders, fmt.Sprintf("access %d %s %q: ", i, shortDigest(a.Layer), a.Name)+fmt.Sprintf(format, args...))
+		}
+	}
+	out := make([]schema.TraceEntry, 0, len(accesses))
+	for i := range accesses {
+		a := &accesses[i]
+		if !inManifest[a.Layer] {
+			offend(i, a, "layer is not in the manifest")
+			continue
+		}
+		files, ok := trees[a.Layer]
+		if !ok {
+			l, err := x.db.GetLayer(ctx, a.Layer)
+			if err != nil {
+				return nil, fmt.Errorf("loading index of layer %s: %w", a.Layer, err)
+			}
+			files = layerTraceFiles(l.Entries)
+			trees[a.Layer] = files
+		}
+		f, ok := files[a.Name]
+		switch {
+		case !ok:
+			offend(i, a, "no such file in the layer")
+			continue
+		case a.Digest != "" && a.Digest != f.digest:
+			offend(i, a, "digest %s does not match the indexed content", shortDigest(a.Digest))
+			continue
+		case a.ChunkOffset != 0 && !slices.Contains(f.chunks, a.ChunkOffset):
+			offend(i, a, "chunkOffset %d is not a chunk boundary of the file", a.ChunkOffset)
+			continue
+		}
+		out = append(out, schema.TraceEntry{Layer: a.Layer, Name: a.Name, Digest: f.digest,
+			ChunkOffset: a.ChunkOffset, TimeNS: a.TimeNS})
+	}
+	if bad > 0 {
+		more := ""
+		if bad > len(offenders) {
+			more = fmt.Sprintf(" (and %d more)", bad-len(offenders))
+		}
+		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "%d of %d accesses do not match the image: %s%s",
+			bad, len(accesses), strings.Join(offenders, "; "), more)
+	}
+	return out, nil
+}
+
+// layerTraceFiles indexes a layer's entries by name. A hard link takes
+// the content of its target.
+func layerTraceFiles(entries []api.Entry) map[string]traceFile {
+	files := make(map[string]traceFile, len(entries))
+	for i := range entries {
+		e := &entries[i]
+		f := traceFile{digest: e.Digest}
+		if e.Type == api.TypeHardlink {
+			f = files[e.LinkName]
+		}
+		if len(e.Chunks) > 0 {
+			f.chunks = make([]int64, len(e.Chunks))
+			for j, c := range e.Chunks {
+				f.chunks[j] = c.Offset
+			}
+		}
+		files[e.Name] = f
+	}
+	return files
+}
+
+// shortDigest abbreviates a digest for error messages.
+func shortDigest(d string) string {
+	if len(d) > 19 {
+		return d[:19]
+	}
+	return d
+}

@@ -1,0 +1,287 @@
+package schema
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Trace is one accepted startup trace: the first accesses of one container
+// run of a converted platform manifest, validated against the index.
+type Trace struct {
+	ID             string // sha256 of the canonical report
+	Repository     string
+	ManifestDigest string
+	Worker         string
+	Container      string
+	StartedAt      time.Time
+	// Entries are in order of first access (seq order).
+	Entries []TraceEntry
+}
+
+// TraceEntry is one first access of a trace.
+type TraceEntry struct {
+	Layer       string // converted layer digest
+	Name        string // entry name in that layer
+	Digest      string // content digest from the index; "" for an entry without content
+	ChunkOffset int64
+	TimeNS      int64
+}
+
+// TraceRun is a stored trace as the merge reads it.
+type TraceRun struct {
+	ID        string
+	Worker    string
+	Container string
+	StartedAt time.Time
+	CreatedAt time.Time
+	Entries   []TraceEntry // seq order
+}
+
+// PriorityItem is one item of a manifest's merged priority.
+type PriorityItem struct {
+	Layer       string
+	Name        string
+	ChunkOffset int64
+	Digest      string
+	// Whole is set when a run that recorded whole files (only opens, no
+	// chunk offsets) saw the item: the rest of the file should follow it.
+	Whole bool
+	Runs  int // runs that accessed the item
+}
+
+// MergeFunc computes the merged priority of a manifest from its runs,
+// most recently stored first. It must be deterministic.
+type MergeFunc func(runs []TraceRun) []PriorityItem
+
+// Merge bounds: only the most recent runs of a manifest, and the first
+// accesses of each, take part in a merge, so one ingestion costs at most
+// MaxMergeRuns × MaxMergeEntries rows however many traces accumulate.
+const (
+	MaxMergeRuns    = 32
+	MaxMergeEntries = 1 << 18
+)
+
+// Rows per multi-row INSERT of trace rows.
+const (
+	traceEntryBatch = 200 // 7 columns
+	priorityBatch   = 150 // 9 columns
+)
+
+// TraceTarget returns the platform of the converted platform manifest
+// manifestDigest of repository and when its image was pushed, or
+// ErrNotFound when the repository has no such converted manifest.
+func (d *DB) TraceTarget(ctx context.Context, repository, manifestDigest string) (platform string, pushedAt time.Time, err error) {
+	platform, ms, err := d.traceTarget(ctx, d.db, repository, manifestDigest)
+	return platform, fromMillis(ms), err
+}
+
+func (d *DB) traceTarget(ctx context.Context, e execer, repository, manifestDigest string) (string, int64, error) {
+	var platform string
+	var pushed int64
+	err := d.queryRow(ctx, e, `SELECT im.platform, COALESCE(MAX(i.created_at), 0)
+		FROM image_manifests im JOIN images i ON i.repository = im.repository AND i.digest = im.image_digest
+		WHERE im.repository = ? AND im.manifest_digest = ? AND i.state = 'ready'
+		GROUP BY im.platform ORDER BY im.platform LIMIT 1`, repository, manifestDigest).Scan(&platform, &pushed)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", 0, ErrNotFound
+	}
+	if err != nil {
+		return "", 0, fmt.Errorf("look up converted manifest %s@%s: %w", repository, manifestDigest, err)
+	}
+	return platform, pushed, nil
+}
+
+// TraceExists reports whether the trace id is stored.
+func (d *DB) TraceExists(ctx context.Context, id string) (bool, error) {
+	var n int
+	if err := d.queryRow(ctx, d.db, `SELECT COUNT(*) FROM traces WHERE id = ?`, id).Scan(&n); err != nil {
+		return false, fmt.Errorf("look up trace %s: %w", id, err)
+	}
+	return n > 0, nil
+}
+
+// AddTrace stores t and, unless it was stored already (existing), replaces
+// the merged priority of its manifest by merge's result over the most
+// recent runs, all in one transaction. Concurrent AddTrace calls for the
+// same manifest serialise on its trace_manifests row, so the last merge to
+// commit has seen every trace committed before it.
+func (d *DB) AddTrace(ctx context.Context, t *Trace, merge MergeFunc) (existing bool, err error) {
+	err = d.inTx(ctx, func(tx *sql.Tx) error {
+		platform, pushed, err := d.traceTarget(ctx, tx, t.Repository, t.ManifestDigest)
+		if err != nil {
+			return err
+		}
+		now := d.nowMillis()
+		// Lock (create) the manifest's row before reading its traces.
+		if _, err := d.exec(ctx, tx, `INSERT INTO trace_manifests
+			(repository, manifest_digest, platform, pushed_at, traces, items, updated_at)
+			VALUES (?, ?, ?, ?, 0, 0, ?)
+			ON CONFLICT (repository, manifest_digest) DO UPDATE SET
+				platform = excluded.platform, pushed_at = excluded.pushed_at`,
+			t.Repository, t.ManifestDigest, platform, pushed, now); err != nil {
+			return err
+		}
+		var started int64
+		if !t.StartedAt.IsZero() {
+			started = t.StartedAt.UnixMilli()
+		}
+		res, err := d.exec(ctx, tx, `INSERT INTO traces
+			(id, repository, manifest_digest, worker, created_at, container, started_at, accesses)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
+			t.ID, t.Repository, t.ManifestDigest, t.Worker, now, t.Container, started, len(t.Entries))
+		if err != nil {
+			return err
+		}
+		if n, err := res.RowsAffected(); err != nil {
+			return err
+		} else if n == 0 {
+			existing = true
+			return nil
+		}
+		if err := d.insertTraceEntries(ctx, tx, t); err != nil {
+			return err
+		}
+		runs, err := d.traceRuns(ctx, tx, t.Repository, t.ManifestDigest)
+		if err != nil {
+			return err
+		}
+		items := merge(runs)
+		if err := d.replacePriority(ctx, tx, t.Repository, t.ManifestDigest, items); err != nil {
+			return err
+		}
+		_, err = d.exec(ctx, tx, `UPDATE trace_manifests SET
+			traces = (SELECT COUNT(*) FROM traces WHERE repository = ? AND manifest_digest = ?),
+			items = ?, updated_at = ?
+			WHERE repository = ? AND manifest_digest = ?`,
+			t.Repository, t.ManifestDigest, len(items), now, t.Repository, t.ManifestDigest)
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("store trace of %s@%s: %w", t.Repository, t.ManifestDigest, err)
+	}
+	return existing, nil
+}
+
+func (d *DB) insertTraceEntries(ctx context.Context, tx *sql.Tx, t *Trace) error {
+	b := newBatcher(d, tx, `INSERT INTO trace_entries
+		(trace_id, seq, layer_digest, name, digest, chunk_offset, time_ns) VALUES `, 7, traceEntryBatch)
+	defer b.close()
+	for i, e := range t.Entries {
+		if err := b.add(ctx, t.ID, i, e.Layer, e.Name, e.Digest, e.ChunkOffset, e.TimeNS); err != nil {
+			return err
+		}
+	}
+	return b.flush(ctx)
+}
+
+// traceRuns loads the MaxMergeRuns most recent runs of a manifest, each
+// cut to its first MaxMergeEntries accesses.
+func (d *DB) traceRuns(ctx context.Context, e execer, repository, manifestDigest string) ([]TraceRun, error) {
+	rows, err := d.query(ctx, e, `SELECT id, worker, container, started_at, created_at FROM traces
+		WHERE repository = ? AND manifest_digest = ? ORDER BY created_at DESC, id DESC LIMIT ?`,
+		repository, manifestDigest, MaxMergeRuns)
+	if err != nil {
+		return nil, err
+	}
+	var runs []TraceRun
+	byID := map[string]int{}
+	for rows.Next() {
+		var r TraceRun
+		var started, created int64
+		if err := rows.Scan(&r.ID, &r.Worker, &r.Container, &started, &created); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		r.StartedAt, r.CreatedAt = fromMillis(started), fromMillis(created)
+		byID[r.ID] = len(runs)
+		runs = append(runs, r)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil || len(runs) == 0 {
+		return runs, err
+	}
+	args := make([]any, 0, len(runs)+1)
+	for _, r := range runs {
+		args = append(args, r.ID)
+	}
+	args = append(args, MaxMergeEntries)
+	erows, err := d.query(ctx, e, `SELECT trace_id, layer_digest, name, digest, chunk_offset, time_ns
+		FROM trace_entries WHERE trace_id IN (?`+strings.Repeat(",?", len(runs)-1)+`) AND seq < ?
+		ORDER BY trace_id, seq`, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer erows.Close()
+	for erows.Next() {
+		var id string
+		var te TraceEntry
+		if err := erows.Scan(&id, &te.Layer, &te.Name, &te.Digest, &te.ChunkOffset, &te.TimeNS); err != nil {
+			return nil, err
+		}
+		i, ok := byID[id]
+		if !ok {
+			return nil, fmt.Errorf("entry of unexpected trace %s", id)
+		}
+		runs[i].Entries = append(runs[i].Entries, te)
+	}
+	return runs, erows.Err()
+}
+
+func (d *DB) replacePriority(ctx context.Context, tx *sql.Tx, repository, manifestDigest string, items []PriorityItem) error {
+	if _, err := d.exec(ctx, tx, `DELETE FROM trace_priority WHERE repository = ? AND manifest_digest = ?`,
+		repository, manifestDigest); err != nil {
+		return err
+	}
+	b := newBatcher(d, tx, `INSERT INTO trace_priority
+		(repository, manifest_digest, position, layer_digest, name, chunk_offset, digest, whole, runs) VALUES `,
+		9, priorityBatch)
+	defer b.close()
+	for i, it := range items {
+		whole := 0
+		if it.Whole {
+			whole = 1
+		}
+		if err := b.add(ctx, repository, manifestDigest, i, it.Layer, it.Name, it.ChunkOffset, it.Digest, whole, it.Runs); err != nil {
+			return err
+		}
+	}
+	return b.flush(ctx)
+}
+
+// TracePriority returns the merged priority of a manifest, first item
+// first; empty when it has no traces.
+func (d *DB) TracePriority(ctx context.Context, repository, manifestDigest string) ([]PriorityItem, error) {
+	rows, err := d.query(ctx, d.db, `SELECT layer_digest, name, chunk_offset, digest, whole, runs
+		FROM trace_priority WHERE repository = ? AND manifest_digest = ? ORDER BY position`,
+		repository, manifestDigest)
+	if err != nil {
+		return nil, fmt.Errorf("priority of %s@%s: %w", repository, manifestDigest, err)
+	}
+	defer rows.Close()
+	var out []PriorityItem
+	for rows.Next() {
+		var it PriorityItem
+		var whole int
+		if err := rows.Scan(&it.Layer, &it.Name, &it.ChunkOffset, &it.Digest, &whole, &it.Runs); err != nil {
+			return nil, err
+		}
+		it.Whole = whole != 0
+		out = append(out, it)
+	}
+	return out, rows.Err()
+}
+
+// TraceCount returns how many traces of a manifest are stored.
+func (d *DB) TraceCount(ctx context.Context, repository, manifestDigest string) (int, error) {
+	var n int
+	err := d.queryRow(ctx, d.db, `SELECT COUNT(*) FROM traces WHERE repository = ? AND manifest_digest = ?`,
+		repository, manifestDigest).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("count traces of %s@%s: %w", repository, manifestDigest, err)
+	}
+	return n, nil
+}
