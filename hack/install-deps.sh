@@ -3,7 +3,7 @@
 # Idempotent: packages already present are not reinstalled.
 set -euo pipefail
 
-pkgs=(containerd runc docker.io skopeo fuse3 busybox-static sqlite3 apache2-utils iproute2 gcc make git ca-certificates)
+pkgs=(containerd runc docker.io skopeo fuse3 busybox-static sqlite3 apache2-utils iproute2 gcc make git ca-certificates curl bc)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
