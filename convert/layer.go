@@ -13,6 +13,7 @@ import (
 	"path"
 	"runtime"
 	"strconv"
+	"sync"
 	"strings"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
@@ -350,8 +351,43 @@ func newCompression(level int) *compression {
 	}
 }
 
+// Writer returns a gzip writer for one eStargz member. estargz opens a new
+// member for every file and chunk, and a deflate compressor allocates about
+// a megabyte, so writers are pooled per level: without the pool, allocation
+// and zeroing take a third of a conversion's CPU time on layers of small
+// files.
 func (c *compression) Writer(w io.Writer) (estargz.WriteFlushCloser, error) {
-	return kgzip.NewWriterLevel(w, c.level)
+	pool := gzipPool(c.level)
+	if zw, ok := pool.Get().(*kgzip.Writer); ok {
+		zw.Reset(w)
+		return &pooledGzip{Writer: zw, pool: pool}, nil
+	}
+	zw, err := kgzip.NewWriterLevel(w, c.level)
+	if err != nil {
+		return nil, err
+	}
+	return &pooledGzip{Writer: zw, pool: pool}, nil
+}
+
+var gzipPools sync.Map // level -> *sync.Pool of *kgzip.Writer
+
+func gzipPool(level int) *sync.Pool {
+	p, _ := gzipPools.LoadOrStore(level, &sync.Pool{})
+	return p.(*sync.Pool)
+}
+
+// pooledGzip returns its writer to the pool when the member is closed;
+// estargz never touches a member after closing it.
+type pooledGzip struct {
+	*kgzip.Writer
+	pool *sync.Pool
+}
+
+func (p *pooledGzip) Close() error {
+	err := p.Writer.Close()
+	p.pool.Put(p.Writer)
+	p.Writer = nil
+	return err
 }
 
 func (c *compression) Reader(r io.Reader) (io.ReadCloser, error) {

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# make bench: provisions realistic Debian images (redis, nginx, python3,
+# nodejs, a JRE; built once with debootstrap and apt-get, cached under
+# integration/bench/cache/) through emulated LAN/WAN/edge links with plain
+# containerd and with Starlight, and writes the median time to ready, the
+# physical limit, a markdown/CSV table and a plot to
+# integration/bench/results/<date>/. Run as root.
+#
+# Flags go to starlight-bench, e.g.
+#   hack/bench.sh -images redis,jre -profiles WAN,edge -runs 5
+#   make bench BENCH_FLAGS="-images redis -profiles WAN -runs 1"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $EUID -ne 0 ]]; then
+	echo "bench: must run as root (debootstrap, containerd, runc, overlayfs, FUSE)" >&2
+	exit 2
+fi
+if ! command -v debootstrap >/dev/null 2>&1; then
+	echo "installing debootstrap"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+fi
+
+export STARLIGHT_BIN="${STARLIGHT_BIN:-$PWD/bin}"
+export OTEL_TRACES_EXPORTER=none
+if [[ ! -x "$STARLIGHT_BIN/starlight-registry" ]]; then
+	make build
+fi
+
+tmp="$(mktemp -d /tmp/starlight-bench.XXXXXX)"
+bench_pid=
+cleanup() {
+	# The benchmark stops its daemons on SIGINT/SIGTERM; wait for it.
+	if [[ -n "$bench_pid" ]] && kill -0 "$bench_pid" 2>/dev/null; then
+		kill -TERM "$bench_pid" 2>/dev/null || true
+		wait "$bench_pid" 2>/dev/null || true
+	fi
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+go build -o "$tmp/starlight-bench" ./integration/bench/cmd/starlight-bench
+"$tmp/starlight-bench" "$@" &
+bench_pid=$!
+wait "$bench_pid"
