@@ -32,8 +32,10 @@ unit:
 demo: deps build
 	./hack/demo.sh
 
+# The benchmark (see integration/bench): BENCH_FLAGS="-images redis,jre
+# -profiles WAN -runs 3" narrows it.
 bench: deps build
-	STARLIGHT_BIN=$(BIN) ./hack/bench.sh
+	STARLIGHT_BIN=$(BIN) ./hack/bench.sh $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(BIN) test.log

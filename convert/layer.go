@@ -13,8 +13,8 @@ import (
 	"path"
 	"runtime"
 	"strconv"
-	"sync"
 	"strings"
+	"sync"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	kgzip "github.com/klauspost/compress/gzip"

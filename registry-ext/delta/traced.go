@@ -7,6 +7,7 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/opencontainers/go-digest"
 
@@ -33,6 +34,10 @@ import (
 type Traced struct {
 	db     *sql.DB
 	rebind func(string) string
+
+	mu       sync.Mutex
+	cache    map[string][]sharedItem // see sharedItems
+	cacheGen generation
 }
 
 // NewTraced returns the trace-based Priority over the index db. rebind is
@@ -57,13 +62,13 @@ func (t *Traced) Rank(ctx context.Context, repository string, manifest digest.Di
 	if len(cands) == 0 {
 		return nil
 	}
-	var one int
-	err := t.db.QueryRowContext(ctx, t.rebind(`SELECT 1 FROM trace_manifests WHERE items > 0 LIMIT 1`)).Scan(&one)
-	switch {
-	case err == sql.ErrNoRows:
-		return nil // no traces at all: keep the default order
-	case err != nil:
+	var gen generation
+	if err := t.db.QueryRowContext(ctx, t.rebind(`SELECT COUNT(*), COALESCE(SUM(traces), 0), COALESCE(SUM(items), 0)
+		FROM trace_manifests`)).Scan(&gen.manifests, &gen.traces, &gen.items); err != nil {
 		return fmt.Errorf("looking up traces: %w", err)
+	}
+	if gen.items == 0 {
+		return nil // no traces at all: keep the default order
 	}
 
 	r := newRanker(cands)
@@ -94,7 +99,7 @@ func (t *Traced) Rank(ctx context.Context, repository string, manifest digest.Di
 			}
 		}
 	}
-	if err := t.shared(ctx, r); err != nil {
+	if err := t.shared(ctx, gen, manifest.String(), r); err != nil {
 		return err
 	}
 	r.apply()
@@ -156,63 +161,112 @@ type sharedItem struct {
 // shared ranks, after everything ranked so far, the candidate contents
 // that other traced manifests name: each chunk by the earliest relative
 // position (pos/n) at which any traced manifest needs it.
-func (t *Traced) shared(ctx context.Context, r *ranker) error {
-	var need []string
+func (t *Traced) shared(ctx context.Context, gen generation, manifest string, r *ranker) error {
+	need := 0
 	for d := range r.chunks {
 		if _, ok := r.first[d]; !ok {
-			need = append(need, d)
+			need++
 		}
 	}
-	if len(need) == 0 {
+	if need == 0 {
 		return nil
 	}
-	slices.Sort(need)
-	best := map[[2]string]*sharedItem{} // (digest, offset) as strings keeps the key simple
-	for start := 0; start < len(need); start += maxParams {
-		batch := need[start:min(start+maxParams, len(need))]
-		args := make([]any, len(batch))
-		for i, d := range batch {
-			args[i] = d
-		}
-		rows, err := t.db.QueryContext(ctx, t.rebind(`SELECT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
-			FROM trace_priority tp JOIN trace_manifests tm
-			  ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest
-			WHERE tp.digest IN (?`+strings.Repeat(",?", len(batch)-1)+`)`), args...)
-		if err != nil {
-			return fmt.Errorf("reading traces of shared contents: %w", err)
-		}
-		for rows.Next() {
-			var it sharedItem
-			var whole int
-			if err := rows.Scan(&it.digest, &it.offset, &whole, &it.pos, &it.n); err != nil {
-				rows.Close()
-				return fmt.Errorf("reading traces of shared contents: %w", err)
-			}
-			it.whole = whole != 0
-			if it.n <= 0 || it.pos < 0 || it.pos >= it.n {
-				continue // a row written while its manifest's count was updated; ignore it
-			}
-			k := [2]string{it.digest, fmt.Sprint(it.offset)}
-			if b := best[k]; b == nil {
-				best[k] = &it
-			} else {
-				if it.pos*b.n < b.pos*it.n {
-					b.pos, b.n = it.pos, it.n
-				}
-				b.whole = b.whole || it.whole
-			}
-		}
-		err = rows.Err()
-		rows.Close()
-		if err != nil {
-			return fmt.Errorf("reading traces of shared contents: %w", err)
+	byDigest, err := t.sharedItems(ctx, gen, manifest)
+	if err != nil {
+		return err
+	}
+	var items []sharedItem
+	for d := range r.chunks {
+		if _, ranked := r.first[d]; !ranked {
+			items = append(items, byDigest[d]...)
 		}
 	}
-	items := make([]*sharedItem, 0, len(best))
-	for _, it := range best {
-		items = append(items, it)
+	sortShared(items)
+	for _, it := range items {
+		r.add(it.digest, it.offset, it.whole)
 	}
-	slices.SortFunc(items, func(a, b *sharedItem) int {
+	return nil
+}
+
+// generation identifies a state of the merged priorities: traces are
+// only ever added, so the number of traced manifests and of traces
+// changes with every merge.
+type generation struct {
+	manifests, traces, items int64
+}
+
+// sharedItems returns, by content digest, the best position of every
+// traced chunk of any manifest. It is kept in memory between requests
+// while the generation stays the same, unless the priorities are too
+// large to keep (maxSharedCache rows): then only the contents of manifest
+// are read, with a join.
+func (t *Traced) sharedItems(ctx context.Context, gen generation, manifest string) (map[string][]sharedItem, error) {
+	if gen.items > maxSharedCache {
+		return t.loadShared(ctx, `SELECT DISTINCT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
+			FROM manifest_layers ml
+			JOIN files f ON f.layer_digest = ml.layer_digest
+			JOIN trace_priority tp ON tp.digest = f.digest
+			JOIN trace_manifests tm ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest
+			WHERE ml.manifest_digest = ? AND f.digest <> ''`, manifest)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.cache != nil && t.cacheGen == gen {
+		return t.cache, nil
+	}
+	m, err := t.loadShared(ctx, `SELECT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
+		FROM trace_priority tp JOIN trace_manifests tm
+		  ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest`)
+	if err != nil {
+		return nil, err
+	}
+	t.cache, t.cacheGen = m, gen
+	return m, nil
+}
+
+// maxSharedCache bounds the merged priority rows Traced keeps in memory
+// (about 100 bytes each).
+const maxSharedCache = 500_000
+
+func (t *Traced) loadShared(ctx context.Context, query string, args ...any) (map[string][]sharedItem, error) {
+	rows, err := t.db.QueryContext(ctx, t.rebind(query), args...)
+	if err != nil {
+		return nil, fmt.Errorf("reading traces of shared contents: %w", err)
+	}
+	defer rows.Close()
+	out := map[string][]sharedItem{}
+	for rows.Next() {
+		var it sharedItem
+		var whole int
+		if err := rows.Scan(&it.digest, &it.offset, &whole, &it.pos, &it.n); err != nil {
+			return nil, fmt.Errorf("reading traces of shared contents: %w", err)
+		}
+		if it.n <= 0 || it.pos < 0 || it.pos >= it.n {
+			continue // inconsistent row; never trust it for arithmetic
+		}
+		it.whole = whole != 0
+		list := out[it.digest]
+		i := slices.IndexFunc(list, func(b sharedItem) bool { return b.offset == it.offset })
+		if i < 0 {
+			out[it.digest] = append(list, it)
+			continue
+		}
+		b := &list[i]
+		if it.pos*b.n < b.pos*it.n {
+			b.pos, b.n = it.pos, it.n
+		}
+		b.whole = b.whole || it.whole
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("reading traces of shared contents: %w", err)
+	}
+	return out, nil
+}
+
+// sortShared orders shared items by relative position, then content and
+// offset, a total order.
+func sortShared(items []sharedItem) {
+	slices.SortFunc(items, func(a, b sharedItem) int {
 		// a.pos/a.n against b.pos/b.n without fractions.
 		if x, y := a.pos*b.n, b.pos*a.n; x != y {
 			if x < y {
@@ -231,10 +285,6 @@ func (t *Traced) shared(ctx context.Context, r *ranker) error {
 		}
 		return 0
 	})
-	for _, it := range items {
-		r.add(it.digest, it.offset, it.whole)
-	}
-	return nil
 }
 
 // visiblePaths maps every path of the merged image to the content a

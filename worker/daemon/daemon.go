@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/containerd/contrib/snapshotservice"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
@@ -35,12 +36,14 @@ type Daemon struct {
 	Snapshotter snapshots.Snapshotter
 	Puller      *Puller
 	Metrics     *Metrics
+	Tracing     *Tracing
+	Collector   *Collector
 }
 
 // New opens the worker's state under cfg.Root: the content store
-// (store/), the layer registry (layers/), the snapshotter (snapshots/) and
-// the image records (images/). It remounts the known layers, so that
-// snapshots made before a restart work again.
+// (store/), the layer registry (layers/), the snapshotter (snapshots/),
+// the image records (images/) and the traces (traces/). It remounts the
+// known layers, so that snapshots made before a restart work again.
 func New(ctx context.Context, cfg *config.Config) (*Daemon, error) {
 	if err := os.MkdirAll(cfg.Root, 0o711); err != nil {
 		return nil, fmt.Errorf("creating root: %w", err)
@@ -53,18 +56,27 @@ func New(ctx context.Context, cfg *config.Config) (*Daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	sn, err := snapshotter.New(filepath.Join(cfg.Root, "snapshots"), layers)
+	remote := NewRemote()
+	tracing, err := NewTracing(filepath.Join(cfg.Root, "traces"), cfg, layers, st, remote)
+	if err != nil {
+		return nil, err
+	}
+	sn, err := snapshotter.New(filepath.Join(cfg.Root, "snapshots"), layers, snapshotter.WithTracer(tracing))
 	if err != nil {
 		return nil, fmt.Errorf("opening snapshotter: %w", err)
 	}
 	metrics := NewMetrics(func() float64 { return float64(st.Pending()) })
-	puller, err := NewPuller(cfg, st, layers, NewRemote(), metrics, filepath.Join(cfg.Root, "images"))
+	puller, err := NewPuller(cfg, st, layers, remote, metrics, filepath.Join(cfg.Root, "images"))
 	if err != nil {
 		sn.Close()
 		return nil, err
 	}
+	tracing.images = puller
+	collector := NewCollector(layers, st, sn, puller)
+	layers.OnRelease = func(digest.Digest) { collector.Trigger() }
 	layers.MountAll(ctx)
-	return &Daemon{cfg: cfg, Store: st, Layers: layers, Snapshotter: sn, Puller: puller, Metrics: metrics}, nil
+	return &Daemon{cfg: cfg, Store: st, Layers: layers, Snapshotter: sn, Puller: puller, Metrics: metrics,
+		Tracing: tracing, Collector: collector}, nil
 }
 
 // listenUnix listens on a unix socket, replacing a stale socket file.
@@ -126,7 +138,10 @@ func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 		return fmt.Errorf("API socket: %w", err)
 	}
 	defer os.Remove(d.cfg.API)
-	apiSrv := &http.Server{Handler: APIHandler(d.Puller), ReadHeaderTimeout: 10 * time.Second}
+	apiSrv := &http.Server{Handler: d.APIHandler(), ReadHeaderTimeout: 10 * time.Second}
+	wg.Add(2)
+	go func() { defer wg.Done(); d.Tracing.Run(ctx) }()
+	go func() { defer wg.Done(); d.Collector.Run(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); fail("API", apiSrv.Serve(apil)) }()
 
@@ -176,6 +191,7 @@ func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 // close releases what New opened, unmounting every layer view.
 func (d *Daemon) close(ctx context.Context) {
 	d.Puller.Close()
+	d.Tracing.Close(ctx)
 	if err := d.Snapshotter.Close(); err != nil {
 		log.G(ctx).WithError(err).Warn("closing snapshotter")
 	}

@@ -160,10 +160,42 @@ type fakeRegistry struct {
 	// and half of the next one; with alwaysBreak every response.
 	breakAfter  int
 	alwaysBreak bool
+
+	// traces are the reports POSTed to /starlight/v1/traces;
+	// traceFailure, if set, is answered (500) instead.
+	traces       []api.TraceReport
+	traceFailure string
+}
+
+func (f *fakeRegistry) serveTrace(w http.ResponseWriter, r *http.Request) {
+	var rep api.TraceReport
+	dec := json.NewDecoder(r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&rep); err != nil {
+		w.WriteHeader(http.StatusBadRequest)
+		json.NewEncoder(w).Encode(api.Error{Code: "BAD_REQUEST", Message: err.Error()})
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.traceFailure != "" {
+		w.WriteHeader(http.StatusInternalServerError)
+		json.NewEncoder(w).Encode(api.Error{Code: "INTERNAL", Message: f.traceFailure})
+		return
+	}
+	f.traces = append(f.traces, rep)
+	b, _ := json.Marshal(rep)
+	json.NewEncoder(w).Encode(api.TraceResult{ID: digest.FromBytes(b).String(), Accepted: len(rep.Accesses)})
+}
+
+func (f *fakeRegistry) Traces() []api.TraceReport {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]api.TraceReport(nil), f.traces...)
 }
 
 func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost || r.URL.Path != "/starlight/delta" {
+	if r.Method != http.MethodPost || r.URL.Path != "/starlight/delta" && r.URL.Path != "/starlight/v1/traces" {
 		http.Error(w, `{"code":"NOT_FOUND","message":"no such route"}`, http.StatusNotFound)
 		return
 	}
@@ -171,6 +203,10 @@ func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
 		w.WriteHeader(http.StatusUnauthorized)
 		json.NewEncoder(w).Encode(api.Error{Code: "UNAUTHORIZED", Message: "authentication required"})
+		return
+	}
+	if r.URL.Path == "/starlight/v1/traces" {
+		f.serveTrace(w, r)
 		return
 	}
 	var req api.DeltaRequest

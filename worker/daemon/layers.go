@@ -44,6 +44,9 @@ type Layers struct {
 	mount  Mounter
 	mu     sync.Mutex
 	layers map[digest.Digest]*layer
+	// OnRelease, if set, is called after a layer was released (no
+	// snapshot uses it any more): the garbage collector's cue.
+	OnRelease func(digest.Digest)
 }
 
 type layer struct {
@@ -221,6 +224,9 @@ func (l *Layers) Release(ctx context.Context, d digest.Digest) {
 	if !ok {
 		return
 	}
+	if l.OnRelease != nil {
+		defer l.OnRelease(d)
+	}
 	ly.mu.Lock()
 	defer ly.mu.Unlock()
 	if ly.mnt == nil {
@@ -231,6 +237,31 @@ func (l *Layers) Release(ctx context.Context, d digest.Digest) {
 		return
 	}
 	ly.mnt = nil
+}
+
+// Remove forgets a layer: it is unmounted and its tree deleted. The
+// caller (the garbage collector) makes sure nothing uses it.
+func (l *Layers) Remove(ctx context.Context, d digest.Digest) error {
+	ly, ok := l.get(d)
+	if !ok {
+		return nil
+	}
+	ly.mu.Lock()
+	defer ly.mu.Unlock()
+	if ly.mnt != nil {
+		if err := ly.mnt.Close(); err != nil {
+			return fmt.Errorf("removing layer %s: %w", d, err)
+		}
+		ly.mnt = nil
+	}
+	l.mu.Lock()
+	delete(l.layers, d)
+	l.mu.Unlock()
+	if err := os.RemoveAll(l.path(d)); err != nil {
+		return fmt.Errorf("removing layer %s: %w", d, err)
+	}
+	log.G(ctx).WithField("layer", d).Debug("removed layer")
+	return nil
 }
 
 // Usage implements snapshotter.LayerUsager from the recorded tree.

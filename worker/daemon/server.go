@@ -16,7 +16,8 @@ import (
 const progressInterval = 250 * time.Millisecond
 
 // APIHandler serves the worker API (see package client for the routes).
-func APIHandler(pl *Puller) http.Handler {
+func (d *Daemon) APIHandler() http.Handler {
+	pl := d.Puller
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/pull", func(w http.ResponseWriter, r *http.Request) { servePull(pl, w, r) })
 	mux.HandleFunc("GET /v1/images", func(w http.ResponseWriter, r *http.Request) {
@@ -31,7 +32,69 @@ func APIHandler(pl *Puller) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, img)
 	})
+	mux.HandleFunc("DELETE /v1/images/{ref...}", func(w http.ResponseWriter, r *http.Request) {
+		ref := r.PathValue("ref")
+		if err := pl.Remove(r.Context(), ref, r.URL.Query().Get("namespace")); err != nil {
+			status := http.StatusInternalServerError
+			if errors.Is(err, ErrImageNotFound) {
+				status = http.StatusNotFound
+			}
+			writeError(w, status, err.Error())
+			return
+		}
+		res, err := d.Collector.Collect(r.Context())
+		if err != nil {
+			writeError(w, http.StatusInternalServerError, "image removed; garbage collection: "+err.Error())
+			return
+		}
+		writeJSON(w, http.StatusOK, client.RemoveResult{Ref: ref, Layers: res.Layers, Contents: res.Contents, Bytes: res.Bytes})
+	})
+	mux.HandleFunc("GET /v1/optimize", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, client.OptimizeState{On: d.Tracing.Optimize()})
+	})
+	mux.HandleFunc("PUT /v1/optimize", func(w http.ResponseWriter, r *http.Request) {
+		var st client.OptimizeState
+		if !decodeRequest(w, r, &st) {
+			return
+		}
+		if err := d.Tracing.SetOptimize(st.On); err != nil {
+			writeError(w, http.StatusInternalServerError, err.Error())
+			return
+		}
+		writeJSON(w, http.StatusOK, st)
+	})
+	mux.HandleFunc("GET /v1/traces", func(w http.ResponseWriter, r *http.Request) {
+		traces, err := d.Tracing.List(r.Context())
+		if err != nil {
+			writeError(w, http.StatusInternalServerError, err.Error())
+			return
+		}
+		writeJSON(w, http.StatusOK, traces)
+	})
+	mux.HandleFunc("POST /v1/traces/report", func(w http.ResponseWriter, r *http.Request) {
+		var req client.ReportRequest
+		if !decodeRequest(w, r, &req) {
+			return
+		}
+		res, err := d.Tracing.Report(r.Context(), req.Server)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+	})
 	return mux
+}
+
+// decodeRequest decodes a small JSON request body, answering 400 on error.
+func decodeRequest(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeError(w, http.StatusBadRequest, "invalid request: "+err.Error())
+		return false
+	}
+	return true
 }
 
 func servePull(pl *Puller, w http.ResponseWriter, r *http.Request) {

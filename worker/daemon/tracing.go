@@ -77,10 +77,10 @@ type session struct {
 	// it stacks the shared views.
 	untraced bool
 
-	mu      sync.Mutex // serialises mounts and saves
-	calls   int
-	mounts  map[digest.Digest]*fs.MountedLayer
-	saved   uint64 // recorder version last written
+	mu     sync.Mutex // serialises mounts and saves
+	calls  int
+	mounts map[digest.Digest]*fs.MountedLayer
+	saved  uint64 // recorder version last written
 	// reported is set when a report sealed and wrote this trace: the
 	// container's later accesses are past its startup.
 	reported bool
@@ -292,8 +292,9 @@ func (t *Tracing) Untrace(ctx context.Context, key string) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.untraced && !s.reported {
-		if err := t.save(s, s.rec.Seal(), false); err != nil {
+	if snap := s.rec.Seal(); !s.untraced && !s.reported && len(snap.Accesses) > 0 {
+		// A container that never ran read nothing: no trace.
+		if err := t.save(s, snap, false); err != nil {
 			log.G(ctx).WithError(err).WithField("trace", s.t.ID).Error("saving trace")
 		} else {
 			log.G(ctx).WithField("container", s.t.Report.Container).WithField("trace", s.t.ID).Info("trace recorded")
@@ -362,7 +363,11 @@ func (t *Tracing) Checkpoint(ctx context.Context) {
 // more, and unmounts the private views (their containers cannot outlive
 // the worker that serves them).
 func (t *Tracing) Run(ctx context.Context) {
-	tick := time.NewTicker(t.CheckpointInterval)
+	interval := t.CheckpointInterval
+	if interval <= 0 {
+		interval = DefaultCheckpointInterval
+	}
+	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
 		select {
@@ -418,8 +423,7 @@ func (t *Tracing) List(ctx context.Context) ([]client.Trace, error) {
 	}
 	for _, s := range t.live() {
 		s.mu.Lock()
-		if !s.reported {
-			snap := s.rec.Snapshot()
+		if snap := s.rec.Snapshot(); !s.reported && len(snap.Accesses) > 0 {
 			tr := s.t
 			tr.Report.Accesses, tr.Report.StartedAt = snap.Accesses, snap.Start.UTC()
 			tr.Partial = true
@@ -465,7 +469,9 @@ func (t *Tracing) Report(ctx context.Context, server string) (*client.ReportResu
 	defer t.reportMu.Unlock()
 	for _, s := range t.live() {
 		s.mu.Lock()
-		if !s.reported {
+		// A container that has not started yet keeps recording: its
+		// startup is still to come.
+		if !s.reported && len(s.rec.Snapshot().Accesses) > 0 {
 			if err := t.save(s, s.rec.Seal(), true); err != nil {
 				log.G(ctx).WithError(err).WithField("trace", s.t.ID).Error("saving trace for the report")
 			} else {

@@ -61,9 +61,20 @@
 // for Resolve to see it. [LabelLayerDigest] reaches Resolve only when the
 // snapshotter is called directly.
 //
-// Callers may not set, change or remove [LabelLayerDigest] themselves (it is
-// stripped from ordinary Prepare, View and Commit labels and preserved across
-// Update), because it decides how a snapshot is mounted.
+// Callers may not set, change or remove [LabelLayerDigest] or [LabelTraced]
+// themselves (they are stripped from ordinary Prepare, View and Commit labels
+// and preserved across Update), because they decide how a snapshot is
+// mounted.
+//
+// # Traced containers
+//
+// With a [Tracer] (WithTracer), every active snapshot whose parent chain holds
+// remote layers is offered to Tracer.Trace when it is prepared. A snapshot the
+// tracer takes is labelled [LabelTraced], and its remote lowers are the
+// directories Tracer.TracedDirs returns for it (the worker's private, traced
+// FUSE views, one set per container) instead of Layers.Dir, at Prepare and at
+// every Mounts. Tracer.Untrace is called when the snapshot is removed or
+// committed. Views and untraced snapshots are not affected.
 //
 // A remote snapshot's usage is recorded once, at commit, from the optional
 // [LayerUsager] (zero without it): walking a FUSE view to measure it would

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/opencontainers/go-digest"
 )
@@ -74,7 +75,7 @@ func TestTracedSnapshotsGetPrivateViews(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { sn.Close() })
-	e := &remoteEnv{ctx: newRemoteEnv(t).ctx, sn: sn, layers: layers, root: root}
+	e := &remoteEnv{ctx: namespaces.WithNamespace(context.Background(), "test"), sn: sn, layers: layers, root: root}
 	d1 := e.addLayer(t, "l1", file("a", "1"))
 	d2 := e.addLayer(t, "l2", file("b", "2"))
 	e.prepareRemote(t, "chain1", "", d1)

@@ -39,7 +39,7 @@ func init() {
 
 func printImages(out io.Writer, imgs []client.Image) error {
 	tw := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "REF\tDIGEST\tSIZE\tRECEIVED\tSTATE")
+	fmt.Fprintln(tw, "REF\tDIGEST\tSIZE\tDEDUP\tSENT\tRECEIVED\tSTATE")
 	for _, img := range imgs {
 		dgst := img.Digest
 		if len(dgst) > 19 {
@@ -53,14 +53,19 @@ func printImages(out io.Writer, imgs []client.Image) error {
 		if img.Error != "" {
 			state += ": " + img.Error
 		}
-		// SIZE is the compressed size of every content of the image;
-		// RECEIVED counts what this worker's bundle carried, the rest
-		// being contents it already held.
+		// SIZE is the compressed size of every content of the image,
+		// DEDUP what the registry left out because this worker held
+		// it, SENT what the bundle carried (the registry's counters);
+		// RECEIVED is how much of SENT has arrived.
 		size := img.ImageBytes
 		if size == 0 {
 			size = img.BytesTotal
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", img.Ref, dgst, humanBytes(size), received, state)
+		dedup, sent := "-", "-"
+		if img.ImageBytes > 0 || img.SendBytes > 0 || img.DedupBytes > 0 {
+			dedup, sent = humanBytes(img.DedupBytes), humanBytes(img.SendBytes)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", img.Ref, dgst, humanBytes(size), dedup, sent, received, state)
 	}
 	return tw.Flush()
 }

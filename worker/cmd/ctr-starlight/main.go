@@ -14,6 +14,7 @@ import (
 type globalOptions struct {
 	worker    string // the worker's API socket
 	namespace string // containerd namespace
+	address   string // containerd's socket, for create
 }
 
 var global globalOptions
@@ -28,6 +29,7 @@ var rootCmd = &cobra.Command{
 func init() {
 	rootCmd.PersistentFlags().StringVar(&global.worker, "worker", "/run/starlight/api.sock", "the starlight-worker API socket")
 	rootCmd.PersistentFlags().StringVarP(&global.namespace, "namespace", "n", "default", "containerd namespace")
+	rootCmd.PersistentFlags().StringVarP(&global.address, "address", "a", "/run/containerd/containerd.sock", "containerd's socket (for create)")
 }
 
 func main() {
