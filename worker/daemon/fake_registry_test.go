@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -28,6 +29,9 @@ type testImage struct {
 	layers           []api.LayerTree
 	members          map[string][]byte // content digest @ offset → gzip member
 	chunkData        map[string][]byte // same key → uncompressed chunk
+	// others are layers of other images the registry knows: a worker
+	// that holds them is not sent the contents they list.
+	others []api.LayerTree
 }
 
 // testFile describes a file of a test layer.
@@ -105,7 +109,7 @@ func buildImage(t *testing.T, chunkSize int64, layers ...[]testFile) *testImage 
 // every content of the image it lacks, once, in layer order.
 func (img *testImage) header(have []string) *api.BundleHeader {
 	held := map[string]bool{}
-	for _, l := range img.layers {
+	for _, l := range slices.Concat(img.layers, img.others) {
 		for _, h := range have {
 			if h == l.Digest {
 				for _, e := range l.Entries {
@@ -156,6 +160,9 @@ type fakeRegistry struct {
 	requests []api.DeltaRequest
 	// gate, if set, is waited for after the header of the first request.
 	gate chan struct{}
+	// headerGate, if set, is waited for before the header of the first
+	// request: the registry is still planning.
+	headerGate chan struct{}
 	// breakAfter, if > 0, ends the first response after that many frames
 	// and half of the next one; with alwaysBreak every response.
 	breakAfter  int
@@ -222,6 +229,13 @@ func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNotFound)
 		json.NewEncoder(w).Encode(api.Error{Code: "NOT_FOUND", Message: "image " + req.Reference + " not found"})
 		return
+	}
+	if first && f.headerGate != nil {
+		select {
+		case <-f.headerGate:
+		case <-r.Context().Done():
+			return
+		}
 	}
 	h := f.img.header(req.Have)
 	h.Resume = req.Resume

@@ -1,0 +1,167 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/containerd/containerd/snapshots"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/worker/snapshotter"
+	"github.com/starlight-project/starlight/worker/store"
+)
+
+// Collector is the worker's garbage collector. A layer is garbage when no
+// image record names it and no snapshot is made of it; a content is
+// garbage when it belonged to a garbage layer and no remaining layer's
+// tree lists it. Contents are shared by digest across layers and images,
+// so the count is taken over every remaining persisted tree: removing an
+// image never removes a content another image still uses.
+//
+// A collection runs alone (mu) and holds the pullers' gcLock, so that a
+// pull is never between announcing the layers it holds and recording the
+// layers it receives: contents a running pull expects, or relies on
+// because it told the registry it had them, belong to layers an image
+// record names, and stay.
+type Collector struct {
+	layers *Layers
+	store  *store.Store
+	sn     snapshots.Snapshotter
+	puller *Puller
+
+	mu      sync.Mutex
+	trigger chan struct{}
+}
+
+// GCResult is what a collection removed.
+type GCResult struct {
+	Layers   int
+	Contents int
+	Bytes    int64
+}
+
+// NewCollector returns the collector of a worker's state.
+func NewCollector(layers *Layers, st *store.Store, sn snapshots.Snapshotter, puller *Puller) *Collector {
+	return &Collector{layers: layers, store: st, sn: sn, puller: puller, trigger: make(chan struct{}, 1)}
+}
+
+// Trigger asks for a collection soon (from Run); triggers coalesce.
+func (c *Collector) Trigger() {
+	select {
+	case c.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// Run collects whenever triggered, until ctx is done.
+func (c *Collector) Run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.trigger:
+			if _, err := c.Collect(ctx); err != nil && ctx.Err() == nil {
+				log.G(ctx).WithError(err).Warn("garbage collection")
+			}
+		}
+	}
+}
+
+// Collect removes the garbage layers and contents.
+func (c *Collector) Collect(ctx context.Context) (GCResult, error) {
+	var res GCResult
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.puller.gcLock.Lock()
+	defer c.puller.gcLock.Unlock()
+
+	used := c.puller.usedLayers()
+	if err := c.sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		if v := info.Labels[snapshotter.LabelLayerDigest]; v != "" {
+			used[digest.Digest(v)] = true
+		}
+		return nil
+	}); err != nil {
+		return res, fmt.Errorf("listing snapshots: %w", err)
+	}
+	var garbage, kept []digest.Digest
+	for _, d := range c.layers.digests(false) {
+		if used[d] {
+			kept = append(kept, d)
+		} else {
+			garbage = append(garbage, d)
+		}
+	}
+	if len(garbage) == 0 {
+		return res, nil
+	}
+
+	// Every content a kept layer lists stays.
+	keep := make(map[string]bool)
+	for _, d := range kept {
+		tree, err := c.layers.readTree(d)
+		if err != nil {
+			// Without its tree we cannot tell what it shares: keep
+			// everything rather than guess.
+			return res, fmt.Errorf("layer %s: %w", d, err)
+		}
+		for _, dg := range treeContents(tree) {
+			keep[dg] = true
+		}
+	}
+	var errs []error
+	for _, d := range garbage {
+		tree, err := c.layers.readTree(d)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("layer %s: %w", d, err))
+			continue
+		}
+		if err := c.layers.Remove(ctx, d); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		res.Layers++
+		if tree == nil {
+			continue
+		}
+		for _, dg := range treeContents(tree) {
+			if keep[dg] {
+				continue
+			}
+			keep[dg] = true // once
+			size := int64(0)
+			if p, err := c.store.Path(digest.Digest(dg)); err == nil {
+				if fi, err := os.Stat(p); err == nil {
+					size = fi.Size()
+				}
+			}
+			if err := c.store.Remove(digest.Digest(dg)); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if size > 0 {
+				res.Contents++
+				res.Bytes += size
+			}
+		}
+	}
+	log.G(ctx).WithFields(log.Fields{"layers": res.Layers, "contents": res.Contents, "bytes": res.Bytes}).Info("garbage collected")
+	return res, errors.Join(errs...)
+}
+
+// treeContents lists the contents of a tree's regular files.
+func treeContents(t *api.LayerTree) []string {
+	var out []string
+	for i := range t.Entries {
+		e := &t.Entries[i]
+		if e.Type == api.TypeReg && e.Size > 0 && e.Digest != "" {
+			out = append(out, e.Digest)
+		}
+	}
+	return out
+}
