@@ -24,7 +24,7 @@ build:
 # Unit and end-to-end tests in one run; end-to-end tests use the binaries
 # built here (STARLIGHT_BIN) and start private daemons.
 test: deps build
-	STARLIGHT_BIN=$(BIN) $(GO) test -count=1 -timeout 75m ./... 2>&1 | tee test.log; exit $${PIPESTATUS[0]}
+	STARLIGHT_BIN=$(BIN) ./hack/test.sh
 
 unit:
 	$(GO) test -count=1 -short ./...

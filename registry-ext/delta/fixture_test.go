@@ -33,12 +33,12 @@ const testChunkSize = 4096
 // fixture is an index database plus a blob store, filled the way the
 // registry fills them on conversion, without the registry.
 type fixture struct {
-	t     *testing.T
+	t     testing.TB
 	db    *sql.DB
 	blobs *testBlobs
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t testing.TB) *fixture {
 	t.Helper()
 	db, err := sql.Open("sqlite3", filepath.Join(t.TempDir(), "index.db")+"?_journal_mode=WAL&_busy_timeout=5000")
 	if err != nil {
@@ -140,7 +140,7 @@ func (f *fixture) layer(files ...tfile) *tlayer {
 
 // tocEntries reads an eStargz TOC into entries with chunk locations: a
 // chunk's gzip member ends where the next member (or the TOC) starts.
-func tocEntries(t *testing.T, blob []byte) []api.Entry {
+func tocEntries(t testing.TB, blob []byte) []api.Entry {
 	t.Helper()
 	tocOff, _, err := estargz.OpenFooter(io.NewSectionReader(bytes.NewReader(blob), 0, int64(len(blob))))
 	if err != nil {
@@ -277,7 +277,7 @@ type testBlobs struct {
 	gated map[digest.Digest]bool
 }
 
-func (b *testBlobs) put(t *testing.T, blob []byte) digest.Digest {
+func (b *testBlobs) put(t testing.TB, blob []byte) digest.Digest {
 	t.Helper()
 	d := digest.FromBytes(blob)
 	if err := os.WriteFile(filepath.Join(b.dir, d.Encoded()), blob, 0o644); err != nil {

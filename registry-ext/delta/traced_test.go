@@ -3,7 +3,6 @@ package delta
 import (
 	"context"
 	"fmt"
-	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -250,10 +249,10 @@ func TestVisiblePaths(t *testing.T) {
 // all in the registry, with a trace of 2,000 of the files, and inherited
 // from a previous version (matched by path). It only runs when
 // STARLIGHT_BENCH is set, and asserts nothing.
-func TestTracedOverhead(t *testing.T) {
-	if os.Getenv("STARLIGHT_BENCH") == "" {
-		t.Skip("set STARLIGHT_BENCH=1 to measure")
-	}
+// BenchmarkTracedOverhead measures what ranking by traces adds to planning
+// an image of 10k files: go test -run ^$ -bench TracedOverhead ./registry-ext/delta
+func BenchmarkTracedOverhead(b *testing.B) {
+	var t testing.TB = b
 	const files, traced = 10_000, 2_000
 	f := newFixture(t)
 	mk := func(name string, salt int) (*tlayer, digest.Digest) {
@@ -292,7 +291,7 @@ func TestTracedOverhead(t *testing.T) {
 		if pr != nil {
 			p = p.WithPriority(pr)
 		}
-		res := testing.Benchmark(func(b *testing.B) {
+		b.Run(name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				if _, _, err := p.Plan(ctx, "bench", m, api.DeltaRequest{}); err != nil {
@@ -300,7 +299,6 @@ func TestTracedOverhead(t *testing.T) {
 				}
 			}
 		})
-		t.Logf("%-30s %8.2f ms/plan %6d KiB/plan", name, float64(res.NsPerOp())/1e6, res.AllocedBytesPerOp()>>10)
 		if pr == nil {
 			return
 		}
@@ -312,7 +310,7 @@ func TestTracedOverhead(t *testing.T) {
 		var st api.BundleStats
 		base := candidates(h.Layers, nil, &st)
 		cands := make([]Candidate, len(base))
-		res = testing.Benchmark(func(b *testing.B) {
+		b.Run(name+"/rank-only", func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				copy(cands, base)
@@ -321,16 +319,15 @@ func TestTracedOverhead(t *testing.T) {
 				}
 			}
 		})
-		t.Logf("%-30s %8.2f ms/rank %6d KiB/rank", "  of which Rank", float64(res.NsPerOp())/1e6, res.AllocedBytesPerOp()>>10)
 	}
-	measure("plan, default order", m1, nil)
-	measure("plan, no traces in registry", m1, NewTraced(f.db, nil))
+	measure("default-order", m1, nil)
+	measure("no-traces-in-registry", m1, NewTraced(f.db, nil))
 	var items []titem
 	for i := files - 1; len(items) < traced; i -= files / traced {
 		items = append(items, titem{l1, l1.entries[i].Name, 0, false})
 	}
 	f.trace("bench", m1, 1, items...)
-	measure("plan, own trace (2k items)", m1, NewTraced(f.db, nil))
+	measure("own-trace-2k-items", m1, NewTraced(f.db, nil))
 	_, m2 := mk("v2", 2)
-	measure("plan, inherited trace", m2, NewTraced(f.db, nil))
+	measure("inherited-trace", m2, NewTraced(f.db, nil))
 }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every test (unit and end-to-end) once through gotestsum (pinned in
+# go.mod as a tool): go test's line per package, then every skipped test
+# with its reason and every failure with its output, then the totals. The full
+# go test -json stream is kept in test.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+exec go tool gotestsum \
+	--format standard-quiet \
+	--jsonfile test.json \
+	-- -count=1 -timeout 75m "$@" ./...
