@@ -192,6 +192,7 @@ func (f *fakeRegistry) serveTrace(w http.ResponseWriter, r *http.Request) {
 	}
 	f.traces = append(f.traces, rep)
 	b, _ := json.Marshal(rep)
+	w.WriteHeader(http.StatusCreated) // as the registry answers a new trace
 	json.NewEncoder(w).Encode(api.TraceResult{ID: digest.FromBytes(b).String(), Accepted: len(rep.Accesses)})
 }
 

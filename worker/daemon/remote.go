@@ -95,7 +95,8 @@ func (r *Remote) PostTrace(ctx context.Context, reg config.Registry, report *api
 	if err != nil {
 		return nil, err
 	}
-	if resp.StatusCode != http.StatusOK {
+	// 201 for a new trace, 200 for one the registry already had.
+	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK {
 		return nil, readRegistryError(resp)
 	}
 	defer resp.Body.Close()

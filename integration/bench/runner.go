@@ -1,0 +1,293 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/integration/harness"
+	"github.com/starlight-project/starlight/integration/linkem"
+	"github.com/starlight-project/starlight/worker/client"
+)
+
+// namespace is the containerd namespace of every measurement.
+const namespace = "bench"
+
+// endpoint is the registry as seen through one profile's link.
+type endpoint struct {
+	profile Profile
+	link    *linkem.Link
+	host    string // 127.0.0.1:PORT of the link's proxy
+}
+
+func (e *endpoint) url() string { return "http://" + e.host }
+
+type runner struct {
+	opts    Options
+	res     *Result
+	reg     *harness.Registry
+	eps     []*endpoint
+	capture *traceCapture
+	traced  map[string]*api.TraceReport
+	seq     atomic.Int64
+}
+
+func repoOf(w Workload) string { return "bench/" + w.Name }
+
+func (r *runner) logf(format string, args ...any) { r.opts.Logf(format, args...) }
+
+func (r *runner) run(ctx context.Context) error {
+	env := harness.NewEnv()
+	env.Log = func(string, ...any) {} // daemon start-up chatter
+	defer env.Close()
+	return env.Run(func() { r.phases(ctx, env) })
+}
+
+func (r *runner) phases(ctx context.Context, env *harness.Env) {
+	r.logf("starting starlight-registry and dockerd")
+	r.reg = harness.StartRegistry(env, harness.RegistryOptions{LogLevel: "warn"})
+	docker := harness.StartDockerd(env)
+	for _, p := range r.opts.Profiles {
+		link := linkem.New(p.Profile)
+		env.Cleanup(link.Stop)
+		addr, err := link.Proxy("127.0.0.1:0", r.reg.Addr)
+		if err != nil {
+			env.Fatalf("link %s: %v", p.Name, err)
+		}
+		r.eps = append(r.eps, &endpoint{profile: p, link: link, host: addr.String()})
+	}
+	var err error
+	if r.capture, err = startCapture(env, r.reg.URL); err != nil {
+		env.Fatalf("%v", err)
+	}
+
+	push := func(img *BuiltImage, repo, tag string) {
+		start := time.Now()
+		docker.Push(env, &harness.Image{Name: img.Name, Archive: img.Archive}, r.reg.Addr+"/"+repo+":"+tag)
+		st := r.reg.WaitReady(env, repo, tag)
+		r.logf("pushed and converted %s:%s in %s (%d layers, %d files)", repo, tag, time.Since(start).Round(time.Second), st.Layers, st.Files)
+	}
+	for _, w := range r.opts.Workloads {
+		push(w.V1, repoOf(w), "v1")
+	}
+
+	// Phase 1: cold starts without traces. Runs are the outer loop so
+	// that slow drift of the machine spreads over every cell.
+	for run := 1; run <= r.opts.Runs; run++ {
+		for _, ep := range r.eps {
+			for _, w := range r.opts.Workloads {
+				if ctx.Err() != nil {
+					return
+				}
+				r.add(r.plainCold(w, ep, run))
+				r.add(r.starlight(w, ep, run, SysStarlight))
+			}
+		}
+	}
+
+	// Phase 2: one traced run per image, reported to the registry.
+	r.traced = map[string]*api.TraceReport{}
+	for _, w := range r.opts.Workloads {
+		if ctx.Err() != nil {
+			return
+		}
+		rep, err := r.trace(w)
+		if err != nil {
+			r.res.note("%s: no trace (%v); the %s row and the limit are left out", w.Name, firstLine(err), SysStarlightTrace)
+			r.logf("trace of %s failed: %v", w.Name, err)
+			continue
+		}
+		r.traced[w.Name] = rep
+	}
+	// v2 is pushed after v1 was traced, as a release is after the
+	// previous one ran in production; the registry gives it v1's
+	// priorities by path.
+	for _, w := range r.opts.Workloads {
+		if w.V2 != nil {
+			push(w.V2, repoOf(w), "v2")
+		}
+	}
+
+	// Phase 3: cold starts with traces, and updates.
+	for run := 1; run <= r.opts.Runs; run++ {
+		for _, ep := range r.eps {
+			for _, w := range r.opts.Workloads {
+				if ctx.Err() != nil {
+					return
+				}
+				if r.traced[w.Name] != nil {
+					r.add(r.starlight(w, ep, run, SysStarlightTrace))
+				}
+				if w.V2 != nil {
+					r.add(r.plainUpdate(w, ep, run))
+					r.add(r.starlightUpdate(w, ep, run))
+				}
+			}
+		}
+	}
+
+	// Phase 4: the physical limits.
+	for _, w := range r.opts.Workloads {
+		lim, err := r.limit(w, r.traced[w.Name])
+		if err != nil {
+			r.res.note("%s: no limit: %v", w.Name, firstLine(err))
+			continue
+		}
+		r.res.Limits[w.Name] = lim
+	}
+}
+
+func (r *runner) add(s Sample) {
+	if s.Err != "" {
+		r.logf("  %-8s %-5s %-18s run %d: FAILED: %s", s.Image, s.Profile, s.System, s.Run, firstLine(errString(s.Err)))
+	} else {
+		r.logf("  %-8s %-5s %-18s run %d: %6.2fs (pull %.2fs, start %.2fs, %s over the link)",
+			s.Image, s.Profile, s.System, s.Run, s.Seconds, s.Pull, s.Start, mib(s.LinkBytes))
+	}
+	r.res.Samples = append(r.res.Samples, s)
+}
+
+type errString string
+
+func (e errString) Error() string { return string(e) }
+
+func firstLine(err error) string {
+	s := err.Error()
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	return s
+}
+
+func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
+
+// measure runs fn with a private Env for its daemons, turning a failure
+// into the sample's Err, and stops them afterwards.
+func (r *runner) measure(s Sample, fn func(env *harness.Env, s *Sample)) Sample {
+	env := harness.NewEnv()
+	env.Log = func(string, ...any) {}
+	err := env.Run(func() { fn(env, &s) })
+	env.Close()
+	if err != nil {
+		s.Err = err.Error()
+		s.Seconds = 0
+	}
+	return s
+}
+
+func (r *runner) ref(host string, w Workload, tag string) string {
+	return host + "/" + repoOf(w) + ":" + tag
+}
+
+func (r *runner) containerID() string { return fmt.Sprintf("bench-%d", r.seq.Add(1)) }
+
+// ctrRun runs the readiness check in a new container of ref and returns
+// how long it took; extra are ctr run flags (the snapshotter).
+func ctrRun(env *harness.Env, c *harness.Containerd, ref, id string, check []string, extra ...string) time.Duration {
+	args := append([]string{"run", "--rm"}, extra...)
+	args = append(append(args, ref, id), check...)
+	start := time.Now()
+	if out, err := c.CtrNSE(namespace, args...); err != nil {
+		env.Fatalf("readiness check of %s: %v\n%s", ref, err, out)
+	}
+	return time.Since(start)
+}
+
+// plainCold: fresh containerd, ctr pull of v1 through the link, ctr run.
+func (r *runner) plainCold(w Workload, ep *endpoint, run int) Sample {
+	return r.measure(Sample{Image: w.Name, Profile: ep.profile.Name, System: SysContainerd, Run: run}, func(env *harness.Env, s *Sample) {
+		c := harness.StartContainerd(env, harness.ContainerdOptions{Namespace: namespace})
+		ref := r.ref(ep.host, w, "v1")
+		before := ep.link.Stats().BytesDown
+		start := time.Now()
+		c.CtrNS(env, namespace, "images", "pull", "--plain-http", ref)
+		s.Pull = time.Since(start).Seconds()
+		s.Start = ctrRun(env, c, ref, r.containerID(), w.Check).Seconds()
+		s.Seconds = time.Since(start).Seconds()
+		s.LinkBytes = ep.link.Stats().BytesDown - before
+		// The limit's third term: the check once more, now that the
+		// image is complete on the local disk (untimed above).
+		s.Local = ctrRun(env, c, ref, r.containerID(), w.Check).Seconds()
+	})
+}
+
+// plainUpdate: fresh containerd holding v1 (pulled beside the link, it
+// shares no layer with v2 anyway), then ctr pull of v2 through the link
+// and ctr run.
+func (r *runner) plainUpdate(w Workload, ep *endpoint, run int) Sample {
+	return r.measure(Sample{Image: w.Name, Profile: ep.profile.Name, System: SysContainerdUpdate, Run: run}, func(env *harness.Env, s *Sample) {
+		c := harness.StartContainerd(env, harness.ContainerdOptions{Namespace: namespace})
+		c.CtrNS(env, namespace, "images", "pull", "--plain-http", r.ref(r.reg.Addr, w, "v1"))
+		ref := r.ref(ep.host, w, "v2")
+		before := ep.link.Stats().BytesDown
+		start := time.Now()
+		c.CtrNS(env, namespace, "images", "pull", "--plain-http", ref)
+		s.Pull = time.Since(start).Seconds()
+		s.Start = ctrRun(env, c, ref, r.containerID(), w.Check).Seconds()
+		s.Seconds = time.Since(start).Seconds()
+		s.LinkBytes = ep.link.Stats().BytesDown - before
+	})
+}
+
+// startNode is harness.StartNode with a quieter worker that knows both
+// the link's endpoint and the registry itself.
+func startNode(env *harness.Env, registries ...string) *harness.Node {
+	dir := harness.ShortTempDir(env, "bnode-")
+	sock := filepath.Join(dir, "sn.sock")
+	c := harness.StartContainerd(env, harness.ContainerdOptions{StarlightSocket: sock, Namespace: namespace})
+	w := harness.StartWorker(env, harness.WorkerOptions{Registries: registries, Containerd: c, Address: sock, LogLevel: "info"})
+	return &harness.Node{Containerd: c, Worker: w}
+}
+
+// starlight: fresh worker, ctr-starlight pull of v1 through the link,
+// ctr run --snapshotter starlight.
+func (r *runner) starlight(w Workload, ep *endpoint, run int, system string) Sample {
+	return r.measure(Sample{Image: w.Name, Profile: ep.profile.Name, System: system, Run: run}, func(env *harness.Env, s *Sample) {
+		node := startNode(env, ep.url(), r.reg.URL)
+		r.timeStarlight(env, node, ep, w, "v1", s)
+	})
+}
+
+// starlightUpdate: fresh worker holding v1 complete, then v2 through the
+// link.
+func (r *runner) starlightUpdate(w Workload, ep *endpoint, run int) Sample {
+	return r.measure(Sample{Image: w.Name, Profile: ep.profile.Name, System: SysStarlightUpdate, Run: run}, func(env *harness.Env, s *Sample) {
+		node := startNode(env, ep.url(), r.reg.URL)
+		node.Worker.CLI(env, namespace, "pull", "--plain-http", "--wait", r.ref(r.reg.Addr, w, "v1"))
+		r.timeStarlight(env, node, ep, w, "v2", s)
+	})
+}
+
+func (r *runner) timeStarlight(env *harness.Env, node *harness.Node, ep *endpoint, w Workload, tag string, s *Sample) {
+	ref := r.ref(ep.host, w, tag)
+	before := ep.link.Stats().BytesDown
+	start := time.Now()
+	node.Worker.CLI(env, namespace, "pull", "--plain-http", ref)
+	s.Pull = time.Since(start).Seconds()
+	s.Start = ctrRun(env, node.Containerd, ref, r.containerID(), w.Check, "--snapshotter", "starlight").Seconds()
+	s.Seconds = time.Since(start).Seconds()
+	s.LinkBytes = ep.link.Stats().BytesDown - before
+	if img, ok := workerImage(node.Worker, ref); ok {
+		s.SendBytes, s.DedupBytes, s.ReceivedAtReady = img.SendBytes, img.DedupBytes, img.BytesReceived
+		if img.Ready != nil {
+			s.WorkerReady = img.Ready.Sub(img.Started).Seconds()
+		}
+	}
+}
+
+func workerImage(w *harness.Worker, ref string) (client.Image, bool) {
+	imgs, err := w.Images()
+	if err != nil {
+		return client.Image{}, false
+	}
+	for _, im := range imgs {
+		if im.Ref == ref && im.Namespace == namespace {
+			return im, true
+		}
+	}
+	return client.Image{}, false
+}
