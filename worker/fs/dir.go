@@ -10,9 +10,23 @@ import (
 )
 
 var (
-	_ gofs.NodeReaddirer = (*node)(nil)
-	_ gofs.NodeStatfser  = (*node)(nil)
+	_ gofs.NodeReaddirer      = (*node)(nil)
+	_ gofs.NodeOpendirHandler = (*node)(nil)
+	_ gofs.NodeStatfser       = (*node)(nil)
 )
+
+// OpendirHandle lets the kernel cache directory listings (FOPEN_CACHE_DIR)
+// and keep them across opens (FOPEN_KEEP_CACHE): a layer never changes, and
+// overlayfs reads every lower directory of a merged one on each readdir, so
+// without the cache a metadata walk (`find /`) crosses into this process
+// once per directory and layer, every time.
+func (n *node) OpendirHandle(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	ds, errno := n.Readdir(ctx)
+	if errno != 0 {
+		return nil, 0, errno
+	}
+	return ds, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
+}
 
 // Readdir lists "." and ".." and then the children in name order. go-fuse
 // lists only the children of an in-memory tree, and overlayfs passes a
