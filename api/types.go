@@ -152,10 +152,17 @@ type BundleHeader struct {
 
 // LayerTree is the complete file tree of one converted layer.
 type LayerTree struct {
-	Digest  string  `json:"digest"` // converted (eStargz) blob digest
-	DiffID  string  `json:"diffID"`
-	Size    int64   `json:"size"`
-	Entries []Entry `json:"entries"`
+	Digest string `json:"digest"` // converted (eStargz) blob digest
+	DiffID string `json:"diffID"`
+	Size   int64  `json:"size"`
+	// OriginalDigest is the layer of the image as pushed (normally gzip)
+	// that this converted layer replaces, at the same position of the
+	// pushed platform manifest. It lets a worker answer a pull that names
+	// the original layers (a Kubernetes/CRI pull) with converted ones.
+	// Empty when the pushed layer was already the converted one, or when
+	// the registry cannot tell.
+	OriginalDigest string  `json:"originalDigest,omitempty"`
+	Entries        []Entry `json:"entries"`
 }
 
 // Frame is one content chunk in the bundle stream: CompressedSize raw bytes

@@ -19,3 +19,10 @@ if ! command -v go >/dev/null 2>&1; then
 	exit 1
 fi
 go mod download
+# crictl drives containerd's CRI plugin in integration/cri_test.go. It is
+# installed as a binary rather than a go.mod tool: its Kubernetes
+# dependencies would otherwise enter this module's graph.
+if ! command -v crictl >/dev/null 2>&1; then
+	echo "installing crictl"
+	GOBIN=/usr/local/bin go install sigs.k8s.io/cri-tools/cmd/crictl@v1.34.0
+fi

@@ -463,6 +463,13 @@ func TestConvertOnPush(t *testing.T) {
 	}
 	if h := br.Header(); h.ManifestDigest != st.ConvertedDigest || len(h.Layers) != 2 {
 		t.Errorf("bundle header: %s, %d layers; want %s", h.ManifestDigest, len(h.Layers), st.ConvertedDigest)
+	} else {
+		// Each converted layer names the pushed layer it replaces.
+		for i, l := range h.Layers {
+			if want := digest.FromBytes(im.layers[i]).String(); l.OriginalDigest != want || l.Digest == want {
+				t.Errorf("layer %d: %s replaces %q, want %s", i, l.Digest, l.OriginalDigest, want)
+			}
+		}
 	}
 }
 
@@ -486,8 +493,10 @@ func TestMultiPlatformIndex(t *testing.T) {
 	r := newTestRegistry(t, registryConfig{options: map[string]any{"digestdelay": "1h"}})
 	ctx := context.Background()
 	idx := ocispec.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageIndex}
+	var ims []*testImage
 	for _, arch := range []string{"amd64", "arm64"} {
 		im := twoLayerImage(t, arch)
+		ims = append(ims, im)
 		d := r.push("multi", digest.FromBytes(im.manifest).String(), im)
 		idx.Manifests = append(idx.Manifests, ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest,
 			Digest: d, Size: int64(len(im.manifest)), Platform: &ocispec.Platform{OS: "linux", Architecture: arch}})
@@ -551,6 +560,13 @@ func TestMultiPlatformIndex(t *testing.T) {
 			t.Errorf("delta of platform manifest %d: %s %.200s", i, resp.Status, raw)
 		} else if br, err := bundle.NewReader(bytes.NewReader(raw)); err != nil || br.Header().ManifestDigest != conv.Manifests[i].Digest.String() {
 			t.Errorf("delta of platform manifest %d: wrong bundle (%v)", i, err)
+		} else {
+			// As a CRI pull names it: the layers map to the pushed ones.
+			for j, l := range br.Header().Layers {
+				if want := digest.FromBytes(ims[i].layers[j]).String(); l.OriginalDigest != want {
+					t.Errorf("platform manifest %d, layer %d replaces %q, want %s", i, j, l.OriginalDigest, want)
+				}
+			}
 		}
 	}
 

@@ -161,6 +161,11 @@ func ValidateHeader(h *api.BundleHeader) error {
 		if _, err := api.ParseDigest(l.Digest); err != nil {
 			return corrupt("layer %d: %v", i, err)
 		}
+		if l.OriginalDigest != "" {
+			if _, err := api.ParseDigest(l.OriginalDigest); err != nil {
+				return corrupt("layer %d: original: %v", i, err)
+			}
+		}
 		for j := range l.Entries {
 			if err := l.Entries[j].Validate(); err != nil {
 				return corrupt("layer %s: %v", l.Digest, err)

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
@@ -55,6 +56,15 @@ func (p *Planner) Plan(ctx context.Context, repository string, manifestDigest di
 		}
 		h.Layers[i] = api.LayerTree{Digest: l.digest, DiffID: l.diffID, Size: l.size, Entries: entries}
 		h.Stats.Files += len(entries)
+	}
+	originals, err := p.originalLayers(ctx, repository, manifestDigest, len(layers))
+	if err != nil {
+		return nil, nil, err
+	}
+	for i, o := range originals {
+		if o != h.Layers[i].Digest {
+			h.Layers[i].OriginalDigest = o
+		}
 	}
 
 	held, err := p.heldContents(ctx, have, imageContents(h.Layers))
@@ -164,6 +174,92 @@ func (p *Planner) manifestLayers(ctx context.Context, manifestDigest digest.Dige
 		return nil, fmt.Errorf("looking up manifest %s: %w", manifestDigest, err)
 	}
 	return nil, nil
+}
+
+// maxOriginals bounds how many pushed manifests originalLayers reads for
+// one converted manifest (normally one; several only when different pushes
+// convert to the same image).
+const maxOriginals = 8
+
+// originalLayers returns, for each layer of the converted manifest, the
+// layer of the pushed platform manifest it replaces, by position ("" where
+// it is the layer itself or unknown). Several pushed manifests may convert
+// to the same one (the same layers compressed differently): a position is
+// filled only where all of them agree, so the header never names a wrong
+// original. A pushed manifest that is the converted one (pushed already
+// as eStargz) adds nothing: its layers are their own originals.
+func (p *Planner) originalLayers(ctx context.Context, repository string, manifestDigest digest.Digest, n int) ([]string, error) {
+	rows, err := p.db.QueryContext(ctx, p.rebind(`
+		SELECT DISTINCT original_digest FROM image_manifests
+		WHERE repository = ? AND manifest_digest = ? AND original_digest <> manifest_digest
+		ORDER BY original_digest`),
+		repository, manifestDigest.String())
+	if err != nil {
+		return nil, fmt.Errorf("querying originals of %s: %w", manifestDigest, err)
+	}
+	var originals []digest.Digest
+	for rows.Next() {
+		var s string
+		if err := rows.Scan(&s); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("querying originals of %s: %w", manifestDigest, err)
+		}
+		if d, err := api.ParseDigest(s); err == nil && len(originals) < maxOriginals {
+			originals = append(originals, d)
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("querying originals of %s: %w", manifestDigest, err)
+	}
+	out := make([]string, n)
+	for k, o := range originals {
+		layers, err := p.manifestLayerDigests(ctx, repository, o)
+		if err != nil {
+			// The mapping only spares the worker a download: an original
+			// manifest that cannot be read leaves it out, it does not
+			// fail the bundle.
+			log.G(ctx).WithError(err).WithField("original", o).Warn("cannot map converted layers to the pushed ones")
+			return make([]string, n), nil
+		}
+		if len(layers) != n {
+			return make([]string, n), nil
+		}
+		for i, l := range layers {
+			switch {
+			case k == 0:
+				out[i] = l
+			case out[i] != l:
+				out[i] = ""
+			}
+		}
+	}
+	return out, nil
+}
+
+// manifestLayerDigests reads a stored platform manifest's layer digests.
+func (p *Planner) manifestLayerDigests(ctx context.Context, repository string, dgst digest.Digest) ([]string, error) {
+	raw, err := p.readBlob(ctx, repository, dgst, maxManifestSize)
+	if err != nil {
+		return nil, err
+	}
+	var m struct {
+		Layers []struct {
+			Digest string `json:"digest"`
+		} `json:"layers"`
+	}
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", dgst, err)
+	}
+	out := make([]string, len(m.Layers))
+	for i, l := range m.Layers {
+		d, err := api.ParseDigest(l.Digest)
+		if err != nil {
+			return nil, fmt.Errorf("manifest %s: layer %d: %w", dgst, i, err)
+		}
+		out[i] = d.String()
+	}
+	return out, nil
 }
 
 type manifest struct {

@@ -74,6 +74,8 @@ func New(ctx context.Context, cfg *config.Config) (*Daemon, error) {
 	tracing.images = puller
 	collector := NewCollector(layers, st, sn, puller)
 	layers.OnRelease = func(digest.Digest) { collector.Trigger() }
+	// A CRI pull of an image the worker does not know yet fetches it.
+	layers.Fetcher = puller
 	layers.MountAll(ctx)
 	return &Daemon{cfg: cfg, Store: st, Layers: layers, Snapshotter: sn, Puller: puller, Metrics: metrics,
 		Tracing: tracing, Collector: collector}, nil

@@ -172,6 +172,9 @@ type fakeRegistry struct {
 	// traceFailure, if set, is answered (500) instead.
 	traces       []api.TraceReport
 	traceFailure string
+	// refs are further references answered with the image (besides
+	// app:v1), e.g. "app@<pushed manifest digest>".
+	refs []string
 }
 
 func (f *fakeRegistry) serveTrace(w http.ResponseWriter, r *http.Request) {
@@ -226,7 +229,7 @@ func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.requests = append(f.requests, req)
 	first := len(f.requests) == 1
 	f.mu.Unlock()
-	if req.Reference != "app:v1" && req.Reference != "broken:v1" {
+	if req.Reference != "app:v1" && req.Reference != "broken:v1" && !slices.Contains(f.refs, req.Reference) {
 		w.WriteHeader(http.StatusNotFound)
 		json.NewEncoder(w).Encode(api.Error{Code: "NOT_FOUND", Message: "image " + req.Reference + " not found"})
 		return

@@ -27,7 +27,10 @@ import (
 // pull is never between announcing the layers it holds and recording the
 // layers it receives: contents a running pull expects, or relies on
 // because it told the registry it had them, belong to layers an image
-// record names, and stay.
+// record names, and stay. A layer the snapshotter resolved (a Prepare, e.g.
+// of a CRI pull, about to commit a snapshot of it) is pinned until its
+// snapshot exists, and one resolved after the collection listed the
+// snapshots is spared too (Layers.removeIdle).
 type Collector struct {
 	layers *Layers
 	store  *store.Store
@@ -80,6 +83,9 @@ func (c *Collector) Collect(ctx context.Context) (GCResult, error) {
 	c.puller.gcLock.Lock()
 	defer c.puller.gcLock.Unlock()
 
+	// Layers resolved for a snapshot from now on are spared (removeIdle):
+	// the listing below may miss their snapshots.
+	epoch := c.layers.Epoch()
 	used := c.puller.usedLayers()
 	if err := c.sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 		if v := info.Labels[snapshotter.LabelLayerDigest]; v != "" {
@@ -89,11 +95,9 @@ func (c *Collector) Collect(ctx context.Context) (GCResult, error) {
 	}); err != nil {
 		return res, fmt.Errorf("listing snapshots: %w", err)
 	}
-	var garbage, kept []digest.Digest
+	var garbage []digest.Digest
 	for _, d := range c.layers.digests(false) {
-		if used[d] {
-			kept = append(kept, d)
-		} else {
+		if !used[d] {
 			garbage = append(garbage, d)
 		}
 	}
@@ -101,34 +105,45 @@ func (c *Collector) Collect(ctx context.Context) (GCResult, error) {
 		return res, nil
 	}
 
-	// Every content a kept layer lists stays.
-	keep := make(map[string]bool)
-	for _, d := range kept {
-		tree, err := c.layers.readTree(d)
-		if err != nil {
-			// Without its tree we cannot tell what it shares: keep
-			// everything rather than guess.
-			return res, fmt.Errorf("layer %s: %w", d, err)
-		}
-		for _, dg := range treeContents(tree) {
-			keep[dg] = true
-		}
-	}
-	var errs []error
+	// Remove the garbage layers first; a layer that turns out to be in use
+	// (resolved meanwhile) stays, and so do its contents.
+	var (
+		errs    []error
+		removed []*api.LayerTree
+	)
 	for _, d := range garbage {
 		tree, err := c.layers.readTree(d)
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("layer %s: %w", d, err))
 			continue
 		}
-		if err := c.layers.Remove(ctx, d); err != nil {
+		ok, err := c.layers.removeIdle(ctx, d, epoch)
+		if err != nil {
 			errs = append(errs, err)
+		}
+		if !ok {
 			continue
 		}
 		res.Layers++
-		if tree == nil {
-			continue
+		if tree != nil {
+			removed = append(removed, tree)
 		}
+	}
+
+	// Every content a remaining layer lists stays.
+	keep := make(map[string]bool)
+	for _, d := range c.layers.digests(false) {
+		tree, err := c.layers.readTree(d)
+		if err != nil {
+			// Without its tree we cannot tell what it shares: keep
+			// everything rather than guess.
+			return res, errors.Join(append(errs, fmt.Errorf("layer %s: %w", d, err))...)
+		}
+		for _, dg := range treeContents(tree) {
+			keep[dg] = true
+		}
+	}
+	for _, tree := range removed {
 		for _, dg := range treeContents(tree) {
 			if keep[dg] {
 				continue

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/containerd/containerd/snapshots"
@@ -31,9 +32,12 @@ type ContentChecker interface {
 // Layers is the worker's registry of converted layers. For every layer a
 // bundle header described it keeps, under root/<hex>/:
 //
-//	tree.json  the layer's file tree (api.LayerTree), written once
-//	complete   a marker: every content of the tree is in the store
-//	mnt/       the mount point of the layer's view, mounted on demand
+//	tree.json        the layer's file tree (api.LayerTree), written once
+//	complete         a marker: every content of the tree is in the store
+//	original-<hex>   a marker: this layer replaces the pushed (gzip) layer
+//	                 sha256:<hex>, as a bundle header said (a CRI pull
+//	                 names layers by their pushed digests)
+//	mnt/             the mount point of the layer's view, mounted on demand
 //
 // It implements snapshotter.Layers: the snapshotter resolves a Prepare to a
 // known layer and asks for its directory when it mounts a rootfs. The
@@ -44,9 +48,25 @@ type Layers struct {
 	mount  Mounter
 	mu     sync.Mutex
 	layers map[digest.Digest]*layer
+	// originals maps a pushed layer digest to the converted layer that
+	// replaces it.
+	originals map[digest.Digest]digest.Digest
+	// epoch counts Resolve and Unpin calls; see removeIdle.
+	epoch uint64
 	// OnRelease, if set, is called after a layer was released (no
 	// snapshot uses it any more): the garbage collector's cue.
 	OnRelease func(digest.Digest)
+	// Fetcher, if set, is asked for the layers of an image a CRI pull is
+	// unpacking when its layer is not known yet.
+	Fetcher CRIFetcher
+}
+
+// CRIFetcher fetches the bundle header of the image a Kubernetes (CRI)
+// pull is unpacking, so that its layers and their pushed digests become
+// known. FetchCRI returns once they are recorded (the contents keep
+// streaming in the background), or with the reason it cannot provide them.
+type CRIFetcher interface {
+	FetchCRI(ctx context.Context, imageRef string, manifest digest.Digest) error
 }
 
 type layer struct {
@@ -55,10 +75,17 @@ type layer struct {
 	usage    snapshots.Usage
 	complete bool
 	mnt      io.Closer
+	// pins counts Resolves whose snapshot is not committed yet; epoch is
+	// the Layers epoch of the last Resolve or Unpin; removing is set
+	// while the collector removes the layer. All three under Layers.mu.
+	pins     int
+	epoch    uint64
+	removing bool
 }
 
 var _ snapshotter.Layers = (*Layers)(nil)
 var _ snapshotter.LayerUsager = (*Layers)(nil)
+var _ snapshotter.LayerUnpinner = (*Layers)(nil)
 
 // OpenLayers loads the layer registry at root. Trees that do not parse are
 // reported and ignored (they are written atomically, so that only happens
@@ -67,7 +94,8 @@ func OpenLayers(ctx context.Context, root string, store ContentChecker, mount Mo
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("opening layer registry: %w", err)
 	}
-	l := &Layers{root: root, store: store, mount: mount, layers: make(map[digest.Digest]*layer)}
+	l := &Layers{root: root, store: store, mount: mount, layers: make(map[digest.Digest]*layer),
+		originals: make(map[digest.Digest]digest.Digest)}
 	dirs, err := os.ReadDir(root)
 	if err != nil {
 		return nil, fmt.Errorf("opening layer registry: %w", err)
@@ -87,9 +115,20 @@ func OpenLayers(ctx context.Context, root string, store ContentChecker, mount Mo
 		}
 		_, cerr := os.Stat(l.path(d, "complete"))
 		l.layers[d] = &layer{usage: treeUsage(tree), complete: cerr == nil}
+		markers, _ := filepath.Glob(l.path(d, originalMarker+"*"))
+		for _, m := range markers {
+			o := digest.NewDigestFromEncoded(digest.SHA256, strings.TrimPrefix(filepath.Base(m), originalMarker))
+			if o.Validate() == nil {
+				l.originals[o] = d
+			}
+		}
 	}
 	return l, nil
 }
+
+// originalMarker prefixes the marker files naming the pushed layers a
+// layer replaces.
+const originalMarker = "original-"
 
 func (l *Layers) path(d digest.Digest, elem ...string) string {
 	// d is always a validated sha256 digest here: its hex is a safe name.
@@ -131,23 +170,38 @@ func (l *Layers) Add(t *api.LayerTree) error {
 	if err != nil {
 		return fmt.Errorf("adding layer: %w", err)
 	}
+	var original digest.Digest
+	if t.OriginalDigest != "" {
+		if original, err = api.ParseDigest(t.OriginalDigest); err != nil {
+			return fmt.Errorf("adding layer %s: original: %w", d, err)
+		}
+	}
 	l.mu.Lock()
 	_, known := l.layers[d]
 	l.mu.Unlock()
-	if known {
-		return nil
+	if !known {
+		if err := os.MkdirAll(l.path(d), 0o700); err != nil {
+			return fmt.Errorf("adding layer %s: %w", d, err)
+		}
+		if err := writeFileAtomic(l.path(d, "tree.json"), func(w io.Writer) error {
+			return json.NewEncoder(w).Encode(t)
+		}); err != nil {
+			return fmt.Errorf("adding layer %s: %w", d, err)
+		}
 	}
-	if err := os.MkdirAll(l.path(d), 0o700); err != nil {
-		return fmt.Errorf("adding layer %s: %w", d, err)
-	}
-	if err := writeFileAtomic(l.path(d, "tree.json"), func(w io.Writer) error {
-		return json.NewEncoder(w).Encode(t)
-	}); err != nil {
-		return fmt.Errorf("adding layer %s: %w", d, err)
+	// A known layer may replace one more pushed layer (the same tar
+	// compressed differently converts to the same layer).
+	if original != "" && original != d {
+		if err := os.WriteFile(l.path(d, originalMarker+original.Encoded()), nil, 0o600); err != nil {
+			return fmt.Errorf("adding layer %s: recording original %s: %w", d, original, err)
+		}
 	}
 	l.mu.Lock()
 	if _, ok := l.layers[d]; !ok {
 		l.layers[d] = &layer{usage: treeUsage(t)}
+	}
+	if original != "" && original != d {
+		l.originals[original] = d
 	}
 	l.mu.Unlock()
 	return nil
@@ -170,10 +224,20 @@ func (l *Layers) get(d digest.Digest) (*layer, bool) {
 
 // Resolve implements snapshotter.Layers: the Prepare labels name a layer
 // whose tree is known. Through containerd only "containerd.io/snapshot/"
-// labels arrive, hence the inherited form; CRI's layer digest is accepted
-// too, when an earlier pull recorded that layer.
+// labels arrive, hence the inherited form.
+//
+// A Kubernetes (CRI) pull names the layer by its pushed digest
+// (cri.layer-digest), with the image being unpacked (cri.image-ref,
+// cri.manifest-digest). A pushed digest a bundle header mapped to a
+// converted layer resolves to that layer. Otherwise the Fetcher fetches the
+// image's header from its Starlight registry (the first layer of an image
+// waits for it, the others find their mapping), and when it cannot,
+// Resolve declines and containerd downloads and unpacks the layer itself.
+//
+// A resolved layer is pinned until Unpin, so that the garbage collector
+// does not remove it before its snapshot exists.
 func (l *Layers) Resolve(ctx context.Context, labels map[string]string) (digest.Digest, bool) {
-	for _, key := range []string{snapshotter.LabelLayerDigest, snapshotter.LabelInheritedLayerDigest, snapshotter.LabelCRILayerDigest} {
+	for _, key := range []string{snapshotter.LabelLayerDigest, snapshotter.LabelInheritedLayerDigest} {
 		v, ok := labels[key]
 		if !ok {
 			continue
@@ -183,9 +247,91 @@ func (l *Layers) Resolve(ctx context.Context, labels map[string]string) (digest.
 			log.G(ctx).WithError(err).WithField("label", key).Debug("ignoring invalid layer label")
 			return "", false
 		}
-		return d, l.Known(d)
+		return l.pin(d, false)
 	}
+	v, ok := labels[snapshotter.LabelCRILayerDigest]
+	if !ok {
+		return "", false
+	}
+	d, err := api.ParseDigest(v)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("label", snapshotter.LabelCRILayerDigest).Debug("ignoring invalid layer label")
+		return "", false
+	}
+	if c, ok := l.pin(d, true); ok {
+		return c, true
+	}
+	ref, manifest := labels[snapshotter.LabelCRIImageRef], labels[snapshotter.LabelCRIManifestDigest]
+	logger := log.G(ctx).WithFields(log.Fields{"layer": d, "image": ref, "manifest": manifest})
+	if l.Fetcher == nil || ref == "" || manifest == "" {
+		logger.Debug("CRI layer unknown, containerd unpacks it")
+		return "", false
+	}
+	md, err := api.ParseDigest(manifest)
+	if err != nil {
+		logger.WithError(err).Info("invalid CRI manifest digest, containerd unpacks the layer")
+		return "", false
+	}
+	if err := l.Fetcher.FetchCRI(ctx, ref, md); err != nil {
+		logger.WithError(err).Info("Starlight cannot provide the layer, containerd downloads and unpacks it")
+		return "", false
+	}
+	if c, ok := l.pin(d, true); ok {
+		logger.WithField("converted", c).Debug("CRI layer resolved")
+		return c, true
+	}
+	logger.Info("the Starlight image does not name this pushed layer (registry without originalDigest?), containerd downloads and unpacks it")
 	return "", false
+}
+
+// pin returns the known layer d designates (d itself, or with original
+// the converted layer replacing the pushed layer d) and pins it.
+func (l *Layers) pin(d digest.Digest, original bool) (digest.Digest, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ly, ok := l.layers[d]
+	if !ok && original {
+		if c, mapped := l.originals[d]; mapped {
+			d = c
+			ly, ok = l.layers[c]
+		}
+	}
+	if !ok || ly.removing {
+		return "", false
+	}
+	ly.pins++
+	l.epoch++
+	ly.epoch = l.epoch
+	return d, true
+}
+
+// Unpin implements snapshotter.LayerUnpinner: the snapshot of a resolved
+// layer is committed (or failed to be).
+func (l *Layers) Unpin(ctx context.Context, d digest.Digest) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if ly, ok := l.layers[d]; ok && ly.pins > 0 {
+		ly.pins--
+		l.epoch++
+		ly.epoch = l.epoch
+	}
+}
+
+// Original returns the converted layer that replaces the pushed layer d.
+func (l *Layers) Original(d digest.Digest) (digest.Digest, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	c, ok := l.originals[d]
+	return c, ok
+}
+
+// Epoch returns the current resolve epoch. A collection takes it before it
+// lists the snapshots; removeIdle then spares every layer resolved since,
+// whose snapshot the listing may have missed.
+func (l *Layers) Epoch() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.epoch
 }
 
 // Dir implements snapshotter.Layers: it mounts the layer's view if it is
@@ -242,26 +388,50 @@ func (l *Layers) Release(ctx context.Context, d digest.Digest) {
 // Remove forgets a layer: it is unmounted and its tree deleted. The
 // caller (the garbage collector) makes sure nothing uses it.
 func (l *Layers) Remove(ctx context.Context, d digest.Digest) error {
+	_, err := l.removeIdle(ctx, d, ^uint64(0))
+	return err
+}
+
+// removeIdle removes the layer like Remove unless it is pinned or was
+// resolved or unpinned after epoch (a snapshot of it may exist that the
+// caller did not see), and reports whether it did.
+func (l *Layers) removeIdle(ctx context.Context, d digest.Digest, epoch uint64) (bool, error) {
 	ly, ok := l.get(d)
 	if !ok {
-		return nil
+		return false, nil
 	}
 	ly.mu.Lock()
 	defer ly.mu.Unlock()
+	l.mu.Lock()
+	if ly.pins > 0 || ly.epoch > epoch {
+		l.mu.Unlock()
+		return false, nil
+	}
+	// From here on Resolve does not hand the layer out.
+	ly.removing = true
+	l.mu.Unlock()
 	if ly.mnt != nil {
 		if err := ly.mnt.Close(); err != nil {
-			return fmt.Errorf("removing layer %s: %w", d, err)
+			l.mu.Lock()
+			ly.removing = false
+			l.mu.Unlock()
+			return false, fmt.Errorf("removing layer %s: %w", d, err)
 		}
 		ly.mnt = nil
 	}
 	l.mu.Lock()
 	delete(l.layers, d)
+	for o, c := range l.originals {
+		if c == d {
+			delete(l.originals, o)
+		}
+	}
 	l.mu.Unlock()
 	if err := os.RemoveAll(l.path(d)); err != nil {
-		return fmt.Errorf("removing layer %s: %w", d, err)
+		return true, fmt.Errorf("removing layer %s: %w", d, err)
 	}
 	log.G(ctx).WithField("layer", d).Debug("removed layer")
-	return nil
+	return true, nil
 }
 
 // Usage implements snapshotter.LayerUsager from the recorded tree.

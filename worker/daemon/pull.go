@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/containerd"
 	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/identifiers"
 	"github.com/containerd/containerd/images"
@@ -56,6 +57,9 @@ type Puller struct {
 
 	mu    sync.Mutex
 	pulls map[string]*pull
+	// cri holds the CRI fetches by manifest digest, so that the Prepares
+	// of every layer of an image share one pull.
+	cri map[digest.Digest]*criFetch
 
 	// gcLock keeps the garbage collector away from the moment a pull
 	// sends the layers it holds (Have) until the layers it receives are
@@ -72,6 +76,11 @@ type pull struct {
 	img     client.Image
 	changed chan struct{}
 	active  bool
+	// cri marks a pull started by a CRI Prepare: containerd is unpacking
+	// the image itself, so the pull leaves containerd alone and only
+	// signals header once the layers are recorded.
+	cri    bool
+	header func(error)
 }
 
 func (p *pull) snapshot() (client.Image, <-chan struct{}) {
@@ -107,6 +116,7 @@ func NewPuller(cfg *config.Config, st *store.Store, layers *Layers, remote *Remo
 		sem:       make(chan struct{}, cfg.MaxConcurrentPulls),
 		ctx:       ctx, cancel: cancel,
 		pulls: make(map[string]*pull),
+		cri:   make(map[digest.Digest]*criFetch),
 	}
 	files, err := filepath.Glob(filepath.Join(recordDir, "*.json"))
 	if err != nil {
@@ -227,6 +237,9 @@ func (pl *Puller) run(p *pull, ref Ref, ep Endpoint) {
 	start := time.Now()
 
 	err := pl.pull(ctx, p, ref, ep, start)
+	if p.header != nil {
+		p.header(err) // no-op once the header was signalled
+	}
 	p.update(func(img *client.Image) {
 		p.active = false
 		if err != nil {
@@ -251,9 +264,12 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	pl.metrics.ActivePulls.Inc()
 	defer pl.metrics.ActivePulls.Dec()
 
-	c, err := pl.ctrd.get(ctx)
-	if err != nil {
-		return err
+	var c *containerd.Client
+	if !p.cri {
+		var err error
+		if c, err = pl.ctrd.get(ctx); err != nil {
+			return err
+		}
 	}
 	if !ep.Starlight {
 		log.G(ctx).WithField("registry", ep.Registry.String()).Info("host is not a Starlight registry, falling back to a standard pull")
@@ -330,7 +346,11 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	// The image record names the layers now: they and their contents
 	// are safe from the collector.
 	unlockGC()
-	if err := importImage(ctx, c, ref.Name, plan); err != nil {
+	if p.cri {
+		// containerd is unpacking the image: the Prepare that waits
+		// can now resolve its layer, and the others find theirs.
+		p.header(nil)
+	} else if err := importImage(ctx, c, ref.Name, plan); err != nil {
 		err = fmt.Errorf("%s: %w", ref.Name, err)
 		pl.failFrames(h.Frames, err)
 		return err

@@ -49,6 +49,10 @@
 //     snapshot, and answers with an error satisfying errdefs.IsAlreadyExists.
 //     It gives the same answer when target already exists. The caller then
 //     skips fetching and unpacking the layer and moves on to the next one.
+//     A Layers that pins what Resolve returns ([LayerUnpinner]) is told
+//     when the snapshot is committed. Resolve may take as long as fetching
+//     an image's header: for a CRI layer it does not know yet, the worker
+//     fetches the image from its Starlight registry first.
 //  3. If Resolve declines, Prepare behaves exactly like the overlayfs
 //     snapshotter's: the caller gets mounts for an empty active snapshot,
 //     unpacks the layer into it and commits it. Starlight and plain layers can

@@ -67,6 +67,15 @@ type LayerUsager interface {
 	Usage(ctx context.Context, layer digest.Digest) (snapshots.Usage, error)
 }
 
+// LayerUnpinner is optionally implemented by a Layers whose Resolve pins
+// the layer it returns (so that the worker's garbage collector leaves it
+// alone while nothing refers to it yet). The snapshotter calls Unpin once
+// the remote snapshot of that layer is committed, or failed to be: from
+// then on the snapshot itself keeps the layer.
+type LayerUnpinner interface {
+	Unpin(ctx context.Context, layer digest.Digest)
+}
+
 // LabelTraced marks an active snapshot whose remote lowers are the private,
 // traced views a Tracer gives it. Like LabelLayerDigest it is set only by
 // the snapshotter.
@@ -293,7 +302,11 @@ func (o *snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	}
 	if target := base.Labels[LabelSnapshotRef]; target != "" && o.layers != nil {
 		if d, ok := o.layers.Resolve(ctx, base.Labels); ok {
-			return nil, o.commitRemote(ctx, key, parent, target, d, base.Labels)
+			err := o.commitRemote(ctx, key, parent, target, d, base.Labels)
+			if u, ok := o.layers.(LayerUnpinner); ok {
+				u.Unpin(ctx, d)
+			}
+			return nil, err
 		}
 	}
 	return o.createSnapshot(ctx, snapshots.KindActive, key, parent, base.Labels)

@@ -1,0 +1,212 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/errdefs"
+	"github.com/containerd/containerd/namespaces"
+	"github.com/containerd/containerd/snapshots"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/worker/client"
+	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/snapshotter"
+)
+
+// criImage is a converted test image whose layers replace pushed (gzip)
+// layers of a pushed manifest, as the registry's bundle header says.
+func criImage(t *testing.T) (img *testImage, pushedManifest digest.Digest, pushedLayers []digest.Digest) {
+	img = buildImage(t, 256<<10,
+		[]testFile{
+			{name: "etc", typ: api.TypeDir, mode: 0o755},
+			{name: "etc/hello.txt", typ: api.TypeReg, mode: 0o644, data: []byte("hello from the base\n")},
+		},
+		[]testFile{{name: "app.txt", typ: api.TypeReg, mode: 0o644, data: []byte("the app\n")}},
+	)
+	for i := range img.layers {
+		o := digest.FromString(fmt.Sprintf("pushed gzip layer %d of %s", i, t.Name()))
+		img.layers[i].OriginalDigest = o.String()
+		pushedLayers = append(pushedLayers, o)
+	}
+	return img, digest.FromString("pushed manifest of " + t.Name()), pushedLayers
+}
+
+// criLabels are the labels containerd's CRI plugin puts on the Prepare of
+// a layer (through the unpacker: the chain ID as the snapshot ref).
+func criLabels(ref string, manifest, layer digest.Digest, target string) map[string]string {
+	return map[string]string{
+		snapshotter.LabelSnapshotRef:       target,
+		snapshotter.LabelCRIImageRef:       ref,
+		snapshotter.LabelCRIManifestDigest: manifest.String(),
+		snapshotter.LabelCRILayerDigest:    layer.String(),
+	}
+}
+
+// TestCRIPrepareFetchesImage plays containerd's CRI unpacker against the
+// worker's snapshotter: the Prepare of the first layer of an unknown image
+// on a Starlight registry fetches the image's header (once, however many
+// Prepares ask at the same time), every layer is then committed remotely
+// (ErrAlreadyExists), the image shows in the worker's list and its
+// contents arrive. Images the worker cannot provide fall back to an
+// ordinary unpack.
+func TestCRIPrepareFetchesImage(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("SKIPPING: needs root (the snapshotter's overlay checks)")
+	}
+	dir, err := os.MkdirTemp("", "slc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+
+	img, pushed, pushedLayers := criImage(t)
+	reg := &fakeRegistry{img: img, refs: []string{"app@" + pushed.String()}, headerGate: make(chan struct{})}
+	host := startFakeRegistry(t, reg)
+	w := startWorker(t, dir, config.Registry{Host: host, PlainHTTP: true})
+	ref := host + "/app:v1"
+	ctx := namespaces.WithNamespace(context.Background(), "k8s.io")
+	sn := w.d.Snapshotter
+
+	// Concurrent Prepares of the same image share one fetch, held up
+	// here by the registry still planning.
+	const n = 3
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = w.d.Puller.FetchCRI(ctx, ref, pushed)
+		}()
+	}
+	for len(reg.Requests()) == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(reg.headerGate)
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("fetch %d: %v", i, err)
+		}
+	}
+	if reqs := reg.Requests(); len(reqs) != 1 || reqs[0].Reference != "app@"+pushed.String() {
+		t.Fatalf("delta requests %+v, want one for app@%s", reqs, pushed)
+	}
+
+	// The unpacker's Prepares, base first, with the pushed layer digests.
+	var parent string
+	for i, l := range pushedLayers {
+		target := fmt.Sprintf("chain-%d", i)
+		_, err := sn.Prepare(ctx, "extract-"+target, parent, snapshots.WithLabels(criLabels(ref, pushed, l, target)))
+		if !errdefs.IsAlreadyExists(err) {
+			t.Fatalf("Prepare of layer %d: %v, want already exists", i, err)
+		}
+		info, err := sn.Stat(ctx, target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := info.Labels[snapshotter.LabelLayerDigest]; got != img.layers[i].Digest {
+			t.Errorf("layer %d committed as %q, want converted %s", i, got, img.layers[i].Digest)
+		}
+		parent = target
+	}
+	if len(reg.Requests()) != 1 {
+		t.Errorf("%d delta requests, want 1", len(reg.Requests()))
+	}
+	got := waitImage(t, w.client, ref, func(i client.Image) bool { return i.State == client.StateComplete })
+	if !got.Complete || got.Namespace != "k8s.io" || got.Digest != img.manifestDigest.String() || len(got.Layers) != 2 {
+		t.Errorf("worker's record of the CRI image: %+v", got)
+	}
+
+	// Declined: an unknown host, and an image the registry cannot serve.
+	// containerd then gets an empty snapshot to unpack into.
+	for i, tc := range []struct {
+		ref      string
+		manifest digest.Digest
+	}{
+		{"unknown.example:5000/app:v1", digest.FromString("other manifest")},
+		{host + "/app:v2", digest.FromString("not converted")},
+	} {
+		key := fmt.Sprintf("fallback-%d", i)
+		mounts, err := sn.Prepare(ctx, key, "", snapshots.WithLabels(criLabels(tc.ref, tc.manifest,
+			digest.FromString("some gzip layer"), "fallback-target")))
+		if err != nil || len(mounts) == 0 {
+			t.Errorf("Prepare of an image Starlight cannot provide (%s): %v, %v; want an ordinary snapshot", tc.ref, mounts, err)
+			continue
+		}
+		if err := sn.Remove(ctx, key); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// TestLayersOriginals checks the pushed → converted layer mapping: it is
+// recorded from the tree, survives a restart, pins what it resolves, and
+// goes with the layer.
+func TestLayersOriginals(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	img, _, pushedLayers := criImage(t)
+	fm := &fakeMount{mounted: map[string]bool{}}
+	l, err := OpenLayers(ctx, root, fakeContents{}, fm.mount)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range img.layers {
+		if err := l.Add(&img.layers[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err = OpenLayers(ctx, root, fakeContents{}, fm.mount) // a restart
+	if err != nil {
+		t.Fatal(err)
+	}
+	conv := digest.Digest(img.layers[1].Digest)
+	for _, tc := range []struct {
+		label string
+		value digest.Digest
+		want  digest.Digest
+		ok    bool
+	}{
+		{snapshotter.LabelCRILayerDigest, pushedLayers[1], conv, true},
+		{snapshotter.LabelCRILayerDigest, conv, conv, true}, // an image pushed as eStargz
+		{snapshotter.LabelCRILayerDigest, digest.FromString("unknown"), "", false},
+		// Only CRI labels name pushed layers.
+		{snapshotter.LabelInheritedLayerDigest, pushedLayers[1], "", false},
+	} {
+		d, ok := l.Resolve(ctx, map[string]string{tc.label: tc.value.String()})
+		if d != tc.want || ok != tc.ok {
+			t.Errorf("Resolve(%s=%s) = %s, %v; want %s, %v", tc.label, tc.value, d, ok, tc.want, tc.ok)
+		}
+		if ok {
+			l.Unpin(ctx, d)
+		}
+	}
+
+	// A resolved layer is not collected before its snapshot exists, nor
+	// when it was resolved after the collection started.
+	epoch := l.Epoch()
+	d, _ := l.Resolve(ctx, map[string]string{snapshotter.LabelCRILayerDigest: pushedLayers[1].String()})
+	if removed, err := l.removeIdle(ctx, d, epoch); removed || err != nil {
+		t.Fatalf("pinned layer removed: %v %v", removed, err)
+	}
+	l.Unpin(ctx, d)
+	if removed, _ := l.removeIdle(ctx, d, epoch); removed {
+		t.Fatal("layer resolved during the collection removed")
+	}
+	if removed, err := l.removeIdle(ctx, d, l.Epoch()); !removed || err != nil {
+		t.Fatalf("idle layer not removed: %v %v", removed, err)
+	}
+	if _, ok := l.Original(pushedLayers[1]); ok {
+		t.Error("the mapping of a removed layer remains")
+	}
+	if _, ok := l.Resolve(ctx, map[string]string{snapshotter.LabelCRILayerDigest: pushedLayers[0].String()}); !ok {
+		t.Error("the other layer's mapping went too")
+	}
+}
