@@ -1,15 +1,11 @@
 package integration
 
 import (
-	"context"
 	"encoding/json"
-	"fmt"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -42,7 +38,7 @@ func TestCRIPullIsAccelerated(t *testing.T) {
 
 	dir := harness.ShortTempDir(t, "cri-")
 	snSock := filepath.Join(dir, "sn.sock")
-	ctd := startCRIContainerd(t, dir, snSock, reg.Addr)
+	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: snSock, Namespace: "k8s.io", CRIRegistry: reg.Addr})
 	w := harness.StartWorker(t, harness.WorkerOptions{Registries: []string{reg.URL}, Containerd: ctd, Address: snSock})
 
 	const ns = "k8s.io"
@@ -117,109 +113,4 @@ func pushedManifest(t *testing.T, base, repo, tag string) (string, []string) {
 		t.Fatalf("pushed image has %d layers; the test wants several", len(layers))
 	}
 	return resp.Header.Get("Docker-Content-Digest"), layers
-}
-
-// startCRIContainerd runs a private containerd with the CRI plugin on,
-// pulling into the starlight snapshotter with CRI's snapshot annotations,
-// and plain HTTP to the test registry. No CNI: the test stops before pod
-// sandboxes.
-func startCRIContainerd(t *testing.T, dir, snSock, registry string) *harness.Containerd {
-	t.Helper()
-	c := &harness.Containerd{
-		Dir:       dir,
-		Address:   filepath.Join(dir, "c.sock"),
-		Root:      filepath.Join(dir, "root"),
-		State:     filepath.Join(dir, "state"),
-		Namespace: "k8s.io",
-	}
-	cfg := fmt.Sprintf(`version = 2
-root = %q
-state = %q
-disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
-
-[grpc]
-  address = %q
-
-[ttrpc]
-  address = %q
-
-[debug]
-  level = "debug"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = %q
-
-[plugins."io.containerd.grpc.v1.cri"]
-  disable_tcp_service = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  sandbox_image = "%s/starlight-test/pause:none"
-
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "starlight"
-  disable_snapshot_annotations = false
-
-[plugins."io.containerd.grpc.v1.cri".cni]
-  bin_dir = %q
-  conf_dir = %q
-
-[plugins."io.containerd.grpc.v1.cri".registry.mirrors.%q]
-  endpoint = ["http://%s"]
-
-[proxy_plugins.starlight]
-  type = "snapshot"
-  address = %q
-`, c.Root, c.State, c.Address, c.Address+".ttrpc", filepath.Join(dir, "opt"), registry,
-		filepath.Join(dir, "cni-bin"), filepath.Join(dir, "cni-conf"), registry, registry, snSock)
-	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "containerd.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(harness.ContainerdBinary, "--config", cfgPath)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		logf.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			s := string(b)
-			if len(s) > 16000 {
-				s = s[len(s)-16000:]
-			}
-			t.Logf("containerd log (tail):\n%s", s)
-		}
-		for _, d := range []string{c.State, c.Root} {
-			if err := harness.UnmountUnder(d); err != nil {
-				t.Logf("containerd cleanup: %v", err)
-			}
-		}
-	})
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	for {
-		if _, err := c.CtrE("version"); err == nil {
-			return c
-		}
-		if ctx.Err() != nil {
-			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("containerd with CRI did not come up:\n%s", b)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }

@@ -31,6 +31,11 @@ type ContainerdOptions struct {
 	StarlightSocket string
 	// Namespace used by Ctr; "starlight-test" when empty.
 	Namespace string
+	// CRIRegistry, when set, turns the CRI plugin on: it pulls into the
+	// starlight snapshotter with CRI's snapshot annotations, and reaches
+	// this registry (host:port) over plain HTTP. There is no CNI: tests
+	// stop before pod sandboxes.
+	CRIRegistry string
 }
 
 // Containerd is a private containerd daemon.
@@ -60,10 +65,14 @@ func StartContainerd(t T, opts ContainerdOptions) *Containerd {
 	if c.Namespace == "" {
 		c.Namespace = "starlight-test"
 	}
+	disabled := `"io.containerd.grpc.v1.cri", `
+	if opts.CRIRegistry != "" {
+		disabled = ""
+	}
 	cfg := fmt.Sprintf(`version = 2
 root = %q
 state = %q
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+disabled_plugins = [%s"io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 
 [grpc]
   address = %q
@@ -80,7 +89,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 
 [plugins."io.containerd.internal.v1.opt"]
   path = %q
-`, c.Root, c.State, c.Address, c.Address+".ttrpc", filepath.Join(dir, "opt"))
+`, c.Root, c.State, disabled, c.Address, c.Address+".ttrpc", filepath.Join(dir, "opt"))
+	if opts.CRIRegistry != "" {
+		cfg += fmt.Sprintf(`
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  sandbox_image = "%s/starlight-test/pause:none"
+
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "starlight"
+  disable_snapshot_annotations = false
+
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = %q
+  conf_dir = %q
+
+[plugins."io.containerd.grpc.v1.cri".registry.mirrors.%q]
+  endpoint = ["http://%s"]
+`, opts.CRIRegistry, filepath.Join(dir, "cni-bin"), filepath.Join(dir, "cni-conf"), opts.CRIRegistry, opts.CRIRegistry)
+	}
 	if opts.StarlightSocket != "" {
 		cfg += fmt.Sprintf(`
 [proxy_plugins.starlight]
