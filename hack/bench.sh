@@ -40,6 +40,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# A private copy of the binaries: a `make build` elsewhere during the run
+# must not change the worker or registry in the middle of the measurements.
+mkdir "$tmp/bin"
+cp "$STARLIGHT_BIN"/starlight-registry "$STARLIGHT_BIN"/starlight-worker "$STARLIGHT_BIN"/ctr-starlight "$tmp/bin/"
+export STARLIGHT_BIN="$tmp/bin"
 go build -o "$tmp/starlight-bench" ./integration/bench/cmd/starlight-bench
 "$tmp/starlight-bench" "$@" &
 bench_pid=$!

@@ -156,6 +156,8 @@ type Result struct {
 	Limits            map[string]Limit // by workload name
 	Notes             []string
 	Machine           string
+	// FailureLogs hold the daemon logs of failed measurements.
+	FailureLogs []string
 }
 
 func (r *Result) note(format string, args ...any) {

@@ -67,6 +67,9 @@ func TestBenchSmoke(t *testing.T) {
 			t.Errorf("%s %s %s failed: %s", s.Image, s.Profile, s.System, s.Err)
 		}
 	}
+	for _, l := range res.FailureLogs {
+		t.Log(l)
+	}
 
 	for _, name := range []string{"results.md", "results.csv", "samples.csv", "plot.svg", "machine.txt"} {
 		st, err := os.Stat(filepath.Join(dir, name))

@@ -153,8 +153,8 @@ func (r *Result) hasSystem(img, sys string) bool {
 	return false
 }
 
-// WriteFiles writes results.csv, samples.csv, results.md, plot.svg and
-// machine.txt into dir.
+// WriteFiles writes results.csv, samples.csv, results.md, plot.svg,
+// machine.txt and, if a measurement failed, failures.log into dir.
 func (r *Result) WriteFiles(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -166,7 +166,14 @@ func (r *Result) WriteFiles(dir string) error {
 		"results.md":  func(w io.Writer) error { return r.writeMarkdown(w, rows) },
 		"plot.svg":    func(w io.Writer) error { return r.writeSVG(w, rows) },
 		"machine.txt": func(w io.Writer) error { _, err := io.WriteString(w, r.Machine); return err },
+		"failures.log": func(w io.Writer) error {
+			_, err := io.WriteString(w, strings.Join(r.FailureLogs, "\n"))
+			return err
+		},
 	} {
+		if name == "failures.log" && len(r.FailureLogs) == 0 {
+			continue
+		}
 		f, err := os.Create(filepath.Join(dir, name))
 		if err != nil {
 			return err

@@ -17,7 +17,7 @@ import (
 // namespace is the containerd namespace of every measurement.
 const namespace = "bench"
 
-// endpoint is the registry as seen through one profile's link.
+// endpoint is one registry as seen through one profile's link.
 type endpoint struct {
 	profile Profile
 	link    *linkem.Link
@@ -26,14 +26,28 @@ type endpoint struct {
 
 func (e *endpoint) url() string { return "http://" + e.host }
 
+// site is a profile's link with a proxy to each registry: both share
+// the link's bandwidth.
+type site struct {
+	profile Profile
+	link    *linkem.Link
+	// fresh reaches the registry that never sees a trace, traced the
+	// one that received v1's trace before v2 was pushed.
+	fresh, traced *endpoint
+}
+
 type runner struct {
-	opts    Options
-	res     *Result
-	reg     *harness.Registry
-	eps     []*endpoint
-	capture *traceCapture
-	traced  map[string]*api.TraceReport
-	seq     atomic.Int64
+	opts Options
+	res  *Result
+	// Two registries, so that every system is measured in the same
+	// interleaved loop: fresh serves the cold starts without traces and
+	// plain containerd, traced the cold starts with traces and the
+	// Starlight updates.
+	fresh, traced *harness.Registry
+	sites         []*site
+	capture       *traceCapture
+	traces        map[string]*api.TraceReport
+	seq           atomic.Int64
 }
 
 func repoOf(w Workload) string { return "bench/" + w.Name }
@@ -48,49 +62,47 @@ func (r *runner) run(ctx context.Context) error {
 }
 
 func (r *runner) phases(ctx context.Context, env *harness.Env) {
-	r.logf("starting starlight-registry and dockerd")
-	r.reg = harness.StartRegistry(env, harness.RegistryOptions{LogLevel: "warn"})
+	r.logf("starting two starlight-registries and dockerd")
+	r.fresh = harness.StartRegistry(env, harness.RegistryOptions{LogLevel: "warn"})
+	r.traced = harness.StartRegistry(env, harness.RegistryOptions{LogLevel: "warn"})
 	docker := harness.StartDockerd(env)
 	for _, p := range r.opts.Profiles {
 		link := linkem.New(p.Profile)
 		env.Cleanup(link.Stop)
-		addr, err := link.Proxy("127.0.0.1:0", r.reg.Addr)
-		if err != nil {
-			env.Fatalf("link %s: %v", p.Name, err)
+		st := &site{profile: p, link: link}
+		for _, e := range []struct {
+			reg *harness.Registry
+			ep  **endpoint
+		}{{r.fresh, &st.fresh}, {r.traced, &st.traced}} {
+			addr, err := link.Proxy("127.0.0.1:0", e.reg.Addr)
+			if err != nil {
+				env.Fatalf("link %s: %v", p.Name, err)
+			}
+			*e.ep = &endpoint{profile: p, link: link, host: addr.String()}
 		}
-		r.eps = append(r.eps, &endpoint{profile: p, link: link, host: addr.String()})
+		r.sites = append(r.sites, st)
 	}
 	var err error
-	if r.capture, err = startCapture(env, r.reg.URL); err != nil {
+	if r.capture, err = startCapture(env, r.traced.URL); err != nil {
 		env.Fatalf("%v", err)
 	}
 
-	push := func(img *BuiltImage, repo, tag string) {
+	push := func(reg *harness.Registry, img *BuiltImage, repo, tag string) {
 		start := time.Now()
-		docker.Push(env, &harness.Image{Name: img.Name, Archive: img.Archive}, r.reg.Addr+"/"+repo+":"+tag)
-		st := r.reg.WaitReady(env, repo, tag)
-		r.logf("pushed and converted %s:%s in %s (%d layers, %d files)", repo, tag, time.Since(start).Round(time.Second), st.Layers, st.Files)
+		docker.Push(env, &harness.Image{Name: img.Name, Archive: img.Archive}, reg.Addr+"/"+repo+":"+tag)
+		st := reg.WaitReady(env, repo, tag)
+		r.logf("pushed and converted %s/%s:%s in %s (%d layers, %d files)", reg.Addr, repo, tag, time.Since(start).Round(time.Second), st.Layers, st.Files)
 	}
 	for _, w := range r.opts.Workloads {
-		push(w.V1, repoOf(w), "v1")
-	}
-
-	// Phase 1: cold starts without traces. Runs are the outer loop so
-	// that slow drift of the machine spreads over every cell.
-	for run := 1; run <= r.opts.Runs; run++ {
-		for _, ep := range r.eps {
-			for _, w := range r.opts.Workloads {
-				if ctx.Err() != nil {
-					return
-				}
-				r.add(r.plainCold(w, ep, run))
-				r.add(r.starlight(w, ep, run, SysStarlight))
-			}
+		push(r.fresh, w.V1, repoOf(w), "v1")
+		if w.V2 != nil {
+			push(r.fresh, w.V2, repoOf(w), "v2")
 		}
+		push(r.traced, w.V1, repoOf(w), "v1")
 	}
 
-	// Phase 2: one traced run per image, reported to the registry.
-	r.traced = map[string]*api.TraceReport{}
+	// One traced run per image, reported to the traced registry.
+	r.traces = map[string]*api.TraceReport{}
 	for _, w := range r.opts.Workloads {
 		if ctx.Err() != nil {
 			return
@@ -101,43 +113,45 @@ func (r *runner) phases(ctx context.Context, env *harness.Env) {
 			r.logf("trace of %s failed: %v", w.Name, err)
 			continue
 		}
-		r.traced[w.Name] = rep
+		r.logf("traced %s: %d accesses", w.Name, len(rep.Accesses))
+		r.traces[w.Name] = rep
 	}
-	// v2 is pushed after v1 was traced, as a release is after the
-	// previous one ran in production; the registry gives it v1's
-	// priorities by path.
+	// v2 reaches the traced registry after v1 was traced, as a release
+	// follows the previous one running in production; the registry gives
+	// it v1's priorities by path.
 	for _, w := range r.opts.Workloads {
 		if w.V2 != nil {
-			push(w.V2, repoOf(w), "v2")
+			push(r.traced, w.V2, repoOf(w), "v2")
 		}
 	}
-
-	// Phase 3: cold starts with traces, and updates.
-	for run := 1; run <= r.opts.Runs; run++ {
-		for _, ep := range r.eps {
-			for _, w := range r.opts.Workloads {
-				if ctx.Err() != nil {
-					return
-				}
-				if r.traced[w.Name] != nil {
-					r.add(r.starlight(w, ep, run, SysStarlightTrace))
-				}
-				if w.V2 != nil {
-					r.add(r.plainUpdate(w, ep, run))
-					r.add(r.starlightUpdate(w, ep, run))
-				}
-			}
-		}
-	}
-
-	// Phase 4: the physical limits.
 	for _, w := range r.opts.Workloads {
-		lim, err := r.limit(w, r.traced[w.Name])
+		lim, err := r.limit(w, r.traces[w.Name])
 		if err != nil {
 			r.res.note("%s: no limit: %v", w.Name, firstLine(err))
 			continue
 		}
 		r.res.Limits[w.Name] = lim
+	}
+
+	// Every system in one loop; runs are the outer loop so that slow
+	// drift of the machine spreads over every cell.
+	for run := 1; run <= r.opts.Runs; run++ {
+		for _, st := range r.sites {
+			for _, w := range r.opts.Workloads {
+				if ctx.Err() != nil {
+					return
+				}
+				r.add(r.plainCold(w, st.fresh, run))
+				r.add(r.starlight(w, st.fresh, r.fresh, run, SysStarlight))
+				if r.traces[w.Name] != nil {
+					r.add(r.starlight(w, st.traced, r.traced, run, SysStarlightTrace))
+				}
+				if w.V2 != nil {
+					r.add(r.plainUpdate(w, st.fresh, run))
+					r.add(r.starlightUpdate(w, st.traced, run))
+				}
+			}
+		}
 	}
 }
 
@@ -167,14 +181,17 @@ func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
 // measure runs fn with a private Env for its daemons, turning a failure
 // into the sample's Err, and stops them afterwards.
+// The daemons' logs of a failed measurement are kept in Result.FailureLogs.
 func (r *runner) measure(s Sample, fn func(env *harness.Env, s *Sample)) Sample {
 	env := harness.NewEnv()
-	env.Log = func(string, ...any) {}
+	var logs strings.Builder
+	env.Log = func(format string, args ...any) { fmt.Fprintf(&logs, format+"\n", args...) }
 	err := env.Run(func() { fn(env, &s) })
-	env.Close()
+	env.Close() // dumps the daemons' logs into logs when err != nil
 	if err != nil {
 		s.Err = err.Error()
 		s.Seconds = 0
+		r.res.FailureLogs = append(r.res.FailureLogs, fmt.Sprintf("=== %s %s %s run %d: %s\n%s", s.Image, s.Profile, s.System, s.Run, s.Err, logs.String()))
 	}
 	return s
 }
@@ -221,7 +238,7 @@ func (r *runner) plainCold(w Workload, ep *endpoint, run int) Sample {
 func (r *runner) plainUpdate(w Workload, ep *endpoint, run int) Sample {
 	return r.measure(Sample{Image: w.Name, Profile: ep.profile.Name, System: SysContainerdUpdate, Run: run}, func(env *harness.Env, s *Sample) {
 		c := harness.StartContainerd(env, harness.ContainerdOptions{Namespace: namespace})
-		c.CtrNS(env, namespace, "images", "pull", "--plain-http", r.ref(r.reg.Addr, w, "v1"))
+		c.CtrNS(env, namespace, "images", "pull", "--plain-http", r.ref(r.fresh.Addr, w, "v1"))
 		ref := r.ref(ep.host, w, "v2")
 		before := ep.link.Stats().BytesDown
 		start := time.Now()
@@ -245,19 +262,19 @@ func startNode(env *harness.Env, registries ...string) *harness.Node {
 
 // starlight: fresh worker, ctr-starlight pull of v1 through the link,
 // ctr run --snapshotter starlight.
-func (r *runner) starlight(w Workload, ep *endpoint, run int, system string) Sample {
+func (r *runner) starlight(w Workload, ep *endpoint, reg *harness.Registry, run int, system string) Sample {
 	return r.measure(Sample{Image: w.Name, Profile: ep.profile.Name, System: system, Run: run}, func(env *harness.Env, s *Sample) {
-		node := startNode(env, ep.url(), r.reg.URL)
+		node := startNode(env, ep.url(), reg.URL)
 		r.timeStarlight(env, node, ep, w, "v1", s)
 	})
 }
 
-// starlightUpdate: fresh worker holding v1 complete, then v2 through the
-// link.
+// starlightUpdate: fresh worker holding v1 complete (pulled beside the
+// link), then v2 through the link, from the traced registry.
 func (r *runner) starlightUpdate(w Workload, ep *endpoint, run int) Sample {
 	return r.measure(Sample{Image: w.Name, Profile: ep.profile.Name, System: SysStarlightUpdate, Run: run}, func(env *harness.Env, s *Sample) {
-		node := startNode(env, ep.url(), r.reg.URL)
-		node.Worker.CLI(env, namespace, "pull", "--plain-http", "--wait", r.ref(r.reg.Addr, w, "v1"))
+		node := startNode(env, ep.url(), r.traced.URL)
+		node.Worker.CLI(env, namespace, "pull", "--plain-http", "--wait", r.ref(r.traced.Addr, w, "v1"))
 		r.timeStarlight(env, node, ep, w, "v2", s)
 	})
 }

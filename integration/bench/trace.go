@@ -120,8 +120,8 @@ func (r *runner) trace(w Workload) (*api.TraceReport, error) {
 	env.Log = func(string, ...any) {}
 	defer env.Close()
 	err := env.Run(func() {
-		node := startNode(env, r.reg.URL)
-		ref := r.ref(r.reg.Addr, w, "v1")
+		node := startNode(env, r.traced.URL)
+		ref := r.ref(r.traced.Addr, w, "v1")
 		node.Worker.CLI(env, namespace, "pull", "--plain-http", ref)
 		id := r.containerID()
 		args := append([]string{"--address", node.Containerd.Address, "create", "--optimize", ref, id, "--"}, w.Check...)
@@ -219,7 +219,7 @@ func (r *runner) report(env *harness.Env, node *harness.Node, repository string)
 // have, straight from the registry, and drops the frames.
 func (r *runner) header(repository, tag string, have []string) (*api.BundleHeader, error) {
 	body, _ := json.Marshal(api.DeltaRequest{Reference: repository + ":" + tag, Have: have})
-	req, err := http.NewRequest(http.MethodPost, r.reg.URL+"/starlight/delta", bytes.NewReader(body))
+	req, err := http.NewRequest(http.MethodPost, r.traced.URL+"/starlight/delta", bytes.NewReader(body))
 	if err != nil {
 		return nil, err
 	}
