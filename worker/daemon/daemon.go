@@ -200,4 +200,7 @@ func (d *Daemon) close(ctx context.Context) {
 	if err := d.Layers.Close(); err != nil {
 		log.G(ctx).WithError(err).Warn("unmounting layers")
 	}
+	if err := d.Store.Close(); err != nil {
+		log.G(ctx).WithError(err).Warn("closing the content store")
+	}
 }

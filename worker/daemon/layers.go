@@ -29,6 +29,12 @@ type ContentChecker interface {
 	Has(d digest.Digest) bool
 }
 
+// contentSyncer is implemented by a ContentChecker whose contents need an
+// explicit sync to be durable (the store).
+type contentSyncer interface {
+	Sync() error
+}
+
 // Layers is the worker's registry of converted layers. For every layer a
 // bundle header described it keeps, under root/<hex>/:
 //
@@ -526,6 +532,13 @@ func (l *Layers) CheckComplete(t *api.LayerTree) (bool, error) {
 		e := &t.Entries[i]
 		if e.Type == api.TypeReg && e.Size > 0 && !l.store.Has(digest.Digest(e.Digest)) {
 			return false, nil
+		}
+	}
+	// Complete layers are offered to registries as held (Have): their
+	// contents must be on disk first.
+	if cs, ok := l.store.(contentSyncer); ok {
+		if err := cs.Sync(); err != nil {
+			return false, fmt.Errorf("marking layer %s complete: %w", d, err)
 		}
 	}
 	f, err := os.Create(l.path(d, "complete"))
