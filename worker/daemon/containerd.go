@@ -225,7 +225,7 @@ func createChain(ctx context.Context, sn snapshots.Snapshotter, p *imagePlan) er
 			snapshotter.LabelSnapshotRef:          chainID.String(),
 			snapshotter.LabelInheritedLayerDigest: p.layers[i].String(),
 		}
-		_, err := sn.Prepare(ctx, key, parent, snapshots.WithLabels(labels))
+		err := prepareRetrying(ctx, sn, key, parent, labels)
 		if err == nil {
 			// The snapshotter made an empty active snapshot instead: it
 			// does not know the layer. Nothing would fill it.
@@ -265,4 +265,27 @@ func plainPull(ctx context.Context, c *containerd.Client, r Ref, reg config.Regi
 		return images.Image{}, fmt.Errorf("pulling %s: %w", r.Name, err)
 	}
 	return img.Metadata(), nil
+}
+
+// prepareRetrying calls Prepare, retrying while containerd reports the
+// starlight snapshotter unavailable. containerd dials a proxy snapshotter
+// in the background from its own start; a dial that failed (containerd
+// started before the worker, or raced the worker's bind and listen) leaves
+// the connection in gRPC's reconnect backoff, during which calls fail at
+// once with "unavailable" although the worker is serving.
+func prepareRetrying(ctx context.Context, sn snapshots.Snapshotter, key, parent string, labels map[string]string) error {
+	delay := 100 * time.Millisecond
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := sn.Prepare(ctx, key, parent, snapshots.WithLabels(labels))
+		if !errdefs.IsUnavailable(err) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 2*time.Second)
+	}
 }
