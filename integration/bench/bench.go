@@ -6,7 +6,9 @@
 //
 // Every daemon is a private one started by package harness; every
 // measurement gets a fresh containerd (and worker), so nothing is cached
-// between runs except what the measured system is supposed to hold.
+// between runs except what the measured system is supposed to hold. Two
+// registries hold the same images, one never traced and one traced, so
+// that every system is measured in one interleaved loop.
 package bench
 
 import (

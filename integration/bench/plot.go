@@ -25,14 +25,14 @@ func (r *Result) writeSVG(w io.Writer, rows []Row) error {
 	systems := append(append([]string{}, ColdSystems...), UpdateSystems...)
 	images := r.Images()
 	const (
-		barW, gap, left, top, panelH, panelGap = 11.0, 18.0, 60.0, 40.0, 220.0, 60.0
+		barW, gap, left, top, panelH, panelGap = 11.0, 18.0, 60.0, 58.0, 220.0, 60.0
 	)
 	groupW := float64(len(systems))*barW + gap
 	width := left + float64(len(images))*groupW + 20
 	if width < 640 {
 		width = 640
 	}
-	height := top + float64(len(r.Profiles))*(panelH+panelGap) + 60
+	height := top + float64(len(r.Profiles))*(panelH+panelGap) + 50
 	lo, hi := math.Inf(1), math.Inf(-1)
 	for _, row := range rows {
 		if row.Seconds > 0 && !math.IsNaN(row.Seconds) {
@@ -79,9 +79,12 @@ func (r *Result) writeSVG(w io.Writer, rows []Row) error {
 		}
 		p(`<line x1="%.0f" x2="%.0f" y1="%.0f" y2="%.0f" stroke="#333"/>`+"\n", left, width-10, y0+panelH, y0+panelH)
 	}
-	ly := height - 30
+	ly := height - 50
 	x := left
 	for _, sys := range systems {
+		if w := 13 + float64(len(sys))*6.5; x+w > width-10 {
+			x, ly = left, ly+18 // wrap the legend
+		}
 		p(`<rect x="%.0f" y="%.0f" width="10" height="10" fill="%s" stroke="#333" stroke-width="0.4"/><text x="%.0f" y="%.0f">%s</text>`+"\n",
 			x, ly, seriesColor[sys], x+13, ly+9, sys)
 		x += 13 + float64(len(sys))*6.5 + 12

@@ -413,3 +413,76 @@ func fmtCell(r Row) string {
 	}
 	return s
 }
+
+// ReadRowsCSV reads a results.csv written by WriteFiles.
+func ReadRowsCSV(rd io.Reader) ([]Row, error) {
+	recs, err := csv.NewReader(rd).ReadAll()
+	if err != nil {
+		return nil, err
+	}
+	if len(recs) == 0 || len(recs[0]) < 11 || recs[0][0] != "image" {
+		return nil, fmt.Errorf("not a results.csv")
+	}
+	num := func(s string) float64 {
+		if s == "" {
+			return math.NaN()
+		}
+		v, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			return math.NaN()
+		}
+		return v
+	}
+	var rows []Row
+	for _, rec := range recs[1:] {
+		runs, _ := strconv.Atoi(rec[4])
+		failed, _ := strconv.Atoi(rec[5])
+		rows = append(rows, Row{Image: rec[0], Profile: rec[1], System: rec[2], Seconds: num(rec[3]), Runs: runs, Failed: failed,
+			Speedup: num(rec[6]), XLimit: num(rec[7]), Pull: num(rec[8]), Start: num(rec[9])})
+	}
+	return rows, nil
+}
+
+// Replot redraws dir/plot.svg from dir/results.csv; the date is taken
+// from the name of dir (results/<date>), the number of runs from the rows.
+func Replot(dir string) error {
+	f, err := os.Open(filepath.Join(dir, "results.csv"))
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	rows, err := ReadRowsCSV(f)
+	if err != nil {
+		return fmt.Errorf("%s: %w", f.Name(), err)
+	}
+	res := &Result{}
+	seenImg, seenProf := map[string]bool{}, map[string]bool{}
+	for _, row := range rows {
+		if !seenImg[row.Image] {
+			seenImg[row.Image] = true
+			// Images() orders by samples: one per image suffices.
+			res.Samples = append(res.Samples, Sample{Image: row.Image})
+		}
+		if !seenProf[row.Profile] {
+			seenProf[row.Profile] = true
+			if p, ok := ProfileByName(row.Profile); ok {
+				res.Profiles = append(res.Profiles, p)
+			}
+		}
+		if row.Runs > res.Runs && row.System != SysLimit && row.System != SysLimitUpdate {
+			res.Runs = row.Runs
+		}
+	}
+	if t, err := time.Parse("2006-01-02", strings.SplitN(filepath.Base(dir), ".", 2)[0]); err == nil {
+		res.Started = t
+	}
+	out, err := os.Create(filepath.Join(dir, "plot.svg"))
+	if err != nil {
+		return err
+	}
+	if err := res.writeSVG(out, rows); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}

@@ -28,7 +28,14 @@ func main() {
 	cache := flag.String("cache", filepath.Join(root, "integration/bench/cache"), "image build cache")
 	out := flag.String("out", "", "results directory (default integration/bench/results/<date>)")
 	buildOnly := flag.Bool("build-only", false, "build the images into the cache and stop")
+	replot := flag.String("replot", "", "redraw DIR/plot.svg from DIR/results.csv and stop")
 	flag.Parse()
+	if *replot != "" {
+		if err := bench.Replot(*replot); err != nil {
+			fatal(err)
+		}
+		return
+	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "starlight-bench: must run as root (debootstrap, containerd, runc, overlayfs, FUSE)")
 		os.Exit(2)
@@ -59,12 +66,15 @@ func main() {
 	if *buildOnly {
 		return
 	}
+	// The machine and the Starlight commit as the run starts: the
+	// binaries are the ones built now.
+	machine := bench.Machine()
 	res, err := bench.Run(ctx, bench.Options{Workloads: workloads, Profiles: profs, Runs: *runs, Logf: logf})
 	if res != nil {
-		res.Machine = bench.Machine()
+		res.Machine = machine
 		dir := *out
 		if dir == "" {
-			dir = filepath.Join(root, "integration/bench/results", res.Started.UTC().Format("2006-01-02"))
+			dir = freeDir(filepath.Join(root, "integration/bench/results", res.Started.UTC().Format("2006-01-02")))
 		}
 		if werr := res.WriteFiles(dir); werr != nil {
 			fatal(werr)
@@ -79,6 +89,17 @@ func main() {
 	}
 	if ctx.Err() != nil {
 		fatal(fmt.Errorf("interrupted: the results are partial"))
+	}
+}
+
+// freeDir returns dir, or dir.2, dir.3, ... if it exists: a second run on
+// the same day keeps the first one's results.
+func freeDir(dir string) string {
+	for i := 2; ; i++ {
+		if _, err := os.Stat(dir); os.IsNotExist(err) {
+			return dir
+		}
+		dir = fmt.Sprintf("%s.%d", strings.TrimSuffix(dir, fmt.Sprintf(".%d", i-1)), i)
 	}
 }
 
