@@ -179,14 +179,22 @@ func firstLine(err error) string {
 
 func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
-// measure runs fn with a private Env for its daemons, turning a failure
-// into the sample's Err, and stops them afterwards.
+// scratchSize is the (sparse) size of the filesystem of one measurement:
+// room for two versions of the largest image, compressed and unpacked.
+const scratchSize = 32 << 30
+
+// measure runs fn with a private Env for its daemons, on a fresh
+// filesystem of their own, turning a failure into the sample's Err, and
+// stops them afterwards.
 // The daemons' logs of a failed measurement are kept in Result.FailureLogs.
 func (r *runner) measure(s Sample, fn func(env *harness.Env, s *Sample)) Sample {
 	env := harness.NewEnv()
 	var logs strings.Builder
 	env.Log = func(format string, args ...any) { fmt.Fprintf(&logs, format+"\n", args...) }
-	err := env.Run(func() { fn(env, &s) })
+	err := env.Run(func() {
+		env.UseScratchFilesystem(scratchSize)
+		fn(env, &s)
+	})
 	env.Close() // dumps the daemons' logs into logs when err != nil
 	if err != nil {
 		s.Err = err.Error()

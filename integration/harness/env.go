@@ -31,6 +31,7 @@ type Env struct {
 	mu       sync.Mutex
 	cleanups []func()
 	failed   bool
+	tempRoot string // see UseScratchFilesystem
 	// Log receives Logf output; nil means stderr.
 	Log func(format string, args ...any)
 }

@@ -108,12 +108,12 @@ func tailFile(path string, max int64) string {
 	return string(b)
 }
 
-// ShortTempDir makes a temporary directory directly under /tmp, removed in
-// cleanup. Unix socket paths must stay under 108 bytes, which t.TempDir()
+// ShortTempDir makes a temporary directory directly under /tmp (or the
+// root t names, see TempRooter), removed in cleanup. Unix socket paths must stay under 108 bytes, which t.TempDir()
 // paths (long test names) easily exceed.
 func ShortTempDir(t T, prefix string) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("/tmp", "sl-"+prefix)
+	dir, err := os.MkdirTemp(tempRootOf(t), "sl-"+prefix)
 	if err != nil {
 		t.Fatalf("temp dir: %v", err)
 	}

@@ -23,6 +23,7 @@ const (
 	DefaultLogLevel           = "info"
 	DefaultMaxConcurrentPulls = 4
 	DefaultPullRetries        = 5
+	DefaultDemandFetches      = 8
 )
 
 // Config is the worker configuration.
@@ -50,6 +51,10 @@ type Config struct {
 	// PullRetries bounds how often a broken bundle stream is resumed
 	// before its pending contents fail.
 	PullRetries int `toml:"pull_retries"`
+	// DemandFetches bounds the ranged blob GETs that fetch, ahead of
+	// the bundle stream, the chunks a blocked read waits for. 0 turns
+	// on-demand fetching off: reads wait for the stream.
+	DemandFetches int `toml:"demand_fetches"`
 	// Registries are the Starlight registries references may point at.
 	Registries []Registry `toml:"registry"`
 }
@@ -101,6 +106,7 @@ func Default() *Config {
 		LogLevel:           DefaultLogLevel,
 		MaxConcurrentPulls: DefaultMaxConcurrentPulls,
 		PullRetries:        DefaultPullRetries,
+		DemandFetches:      DefaultDemandFetches,
 	}
 }
 
@@ -183,6 +189,9 @@ func (c *Config) Validate() error {
 	}
 	if c.PullRetries < 0 {
 		return fmt.Errorf("config: pull_retries must not be negative")
+	}
+	if c.DemandFetches < 0 {
+		return fmt.Errorf("config: demand_fetches must not be negative")
 	}
 	seen := map[string]bool{}
 	for i := range c.Registries {

@@ -74,6 +74,7 @@ api = "/tmp/file-api.sock"
 metrics = "127.0.0.1:9100"
 log_level = "debug"
 allow_plain_fallback = true
+demand_fetches = 0
 
 [[registry]]
 host = "127.0.0.1:5000"
@@ -105,6 +106,7 @@ host = "registry.example.com"
 				c.Metrics = "127.0.0.1:9100"
 				c.LogLevel = "debug"
 				c.AllowPlainFallback = true
+				c.DemandFetches = 0
 				c.Registries = []Registry{
 					{Host: "127.0.0.1:5000", PlainHTTP: true, Username: "alice", Password: "from-file", PasswordFile: pw},
 					{Host: "registry.example.com"},
@@ -113,11 +115,12 @@ host = "registry.example.com"
 		},
 		{
 			name: "flags override the file",
-			args: []string{"--config", file, "--root", "/flag/root", "--log-level", "warn",
+			args: []string{"--config", file, "--root", "/flag/root", "--log-level", "warn", "--demand-fetches", "3",
 				"--registry", "https://bob:pw@127.0.0.1:5000", "--registry", "http://other:5001"},
 			want: func(c *Config) {
 				*c = *Default()
 				c.Root = "/flag/root"
+				c.DemandFetches = 3
 				c.API = "/tmp/file-api.sock"
 				c.Metrics = "127.0.0.1:9100"
 				c.LogLevel = "warn"
@@ -170,6 +173,7 @@ func TestLoadErrors(t *testing.T) {
 		{name: "bad log level", args: []string{"--log-level", "loud"}, wantErr: "unknown log level"},
 		{name: "bad registry flag", args: []string{"--registry", "ftp://x"}, wantErr: "--registry"},
 		{name: "bad concurrency", file: "max_concurrent_pulls = 0\n", wantErr: "max_concurrent_pulls"},
+		{name: "negative demand fetches", args: []string{"--demand-fetches", "-1"}, wantErr: "demand_fetches"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -18,6 +18,7 @@ type Flags struct {
 	metrics    string
 	logLevel   string
 	registries []string
+	demand     int
 }
 
 // AddFlags registers the worker flags on fs.
@@ -30,6 +31,7 @@ func AddFlags(fs *pflag.FlagSet) *Flags {
 	fs.StringVar(&f.containerd, "containerd", DefaultContainerd, "containerd's socket")
 	fs.StringVar(&f.metrics, "metrics", "", "listen address for Prometheus metrics, e.g. 127.0.0.1:9100 (empty: off)")
 	fs.StringVar(&f.logLevel, "log-level", DefaultLogLevel, "log level: trace, debug, info, warn, error")
+	fs.IntVar(&f.demand, "demand-fetches", DefaultDemandFetches, "concurrent ranged GETs for chunks a blocked read waits for (0: wait for the bundle stream)")
 	fs.StringArrayVar(&f.registries, "registry", nil, "Starlight registry, repeatable: http://host:port (plain HTTP), https://host, userinfo allowed")
 	return f
 }
@@ -56,6 +58,9 @@ func (f *Flags) Load() (*Config, error) {
 		if fl := f.fs.Lookup(name); fl != nil && fl.Changed {
 			*dst = fl.Value.String()
 		}
+	}
+	if fl := f.fs.Lookup("demand-fetches"); fl != nil && fl.Changed {
+		c.DemandFetches = f.demand
 	}
 	for _, s := range f.registries {
 		r, err := ParseRegistryURL(s)

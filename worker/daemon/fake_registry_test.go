@@ -175,6 +175,70 @@ type fakeRegistry struct {
 	// refs are further references answered with the image (besides
 	// app:v1), e.g. "app@<pushed manifest digest>".
 	refs []string
+
+	// blobRanges are the Range headers of the blob GETs served;
+	// corruptBlobs flips a byte of every blob served.
+	blobRanges   []string
+	corruptBlobs bool
+}
+
+// blob returns the bytes of a layer blob of the image: its gzip members in
+// compressed-offset order (the test blobs hold nothing else).
+func (img *testImage) blob(d string) ([]byte, bool) {
+	for _, l := range img.layers {
+		if l.Digest != d {
+			continue
+		}
+		var chunks []api.Chunk
+		var digests []string
+		for _, e := range l.Entries {
+			for _, c := range e.Chunks {
+				chunks = append(chunks, c)
+				digests = append(digests, e.Digest)
+			}
+		}
+		idx := make([]int, len(chunks))
+		for i := range idx {
+			idx[i] = i
+		}
+		slices.SortFunc(idx, func(a, b int) int { return int(chunks[a].CompressedOffset - chunks[b].CompressedOffset) })
+		var blob []byte
+		for _, i := range idx {
+			if chunks[i].CompressedOffset != int64(len(blob)) {
+				continue // a content repeated in the layer: stored once
+			}
+			blob = append(blob, img.members[memberKey(digests[i], chunks[i].Offset)]...)
+		}
+		return blob, true
+	}
+	return nil, false
+}
+
+// serveBlob answers GET /v2/<repo>/blobs/<digest>, with Range support.
+func (f *fakeRegistry) serveBlob(w http.ResponseWriter, r *http.Request) {
+	d := r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:]
+	blob, ok := f.img.blob(d)
+	if !ok || !strings.HasPrefix(r.URL.Path, "/v2/app/blobs/") {
+		w.WriteHeader(http.StatusNotFound)
+		json.NewEncoder(w).Encode(api.Error{Code: "BLOB_UNKNOWN", Message: "blob unknown to registry"})
+		return
+	}
+	f.mu.Lock()
+	f.blobRanges = append(f.blobRanges, r.Header.Get("Range"))
+	if f.corruptBlobs {
+		blob = slices.Clone(blob)
+		for i := range blob {
+			blob[i] ^= 0x55
+		}
+	}
+	f.mu.Unlock()
+	http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(blob))
+}
+
+func (f *fakeRegistry) BlobRanges() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.blobRanges)
 }
 
 func (f *fakeRegistry) serveTrace(w http.ResponseWriter, r *http.Request) {
@@ -206,7 +270,8 @@ func (f *fakeRegistry) Traces() []api.TraceReport {
 }
 
 func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost || r.URL.Path != "/starlight/delta" && r.URL.Path != "/starlight/v1/traces" {
+	isBlob := r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/v2/")
+	if !isBlob && (r.Method != http.MethodPost || r.URL.Path != "/starlight/delta" && r.URL.Path != "/starlight/v1/traces") {
 		http.Error(w, `{"code":"NOT_FOUND","message":"no such route"}`, http.StatusNotFound)
 		return
 	}
@@ -214,6 +279,10 @@ func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
 		w.WriteHeader(http.StatusUnauthorized)
 		json.NewEncoder(w).Encode(api.Error{Code: "UNAUTHORIZED", Message: "authentication required"})
+		return
+	}
+	if isBlob {
+		f.serveBlob(w, r)
 		return
 	}
 	if r.URL.Path == "/starlight/v1/traces" {

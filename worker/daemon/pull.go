@@ -22,6 +22,7 @@ import (
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/api/bundle"
@@ -43,6 +44,9 @@ type Puller struct {
 	remote  *Remote
 	ctrd    *containerdConn
 	metrics *Metrics
+	// demand fetches the chunks blocked reads wait for ahead of the
+	// bundle stream; nil when disabled.
+	demand *DemandFetcher
 	// recordDir holds one JSON record per image (client.Image), so that
 	// `ctr-starlight images` survives a worker restart.
 	recordDir string
@@ -117,6 +121,13 @@ func NewPuller(cfg *config.Config, st *store.Store, layers *Layers, remote *Remo
 		ctx:       ctx, cancel: cancel,
 		pulls: make(map[string]*pull),
 		cri:   make(map[digest.Digest]*criFetch),
+	}
+	if cfg.DemandFetches > 0 {
+		var reg prometheus.Registerer
+		if metrics != nil {
+			reg = metrics.Registry
+		}
+		pl.demand = NewDemandFetcher(ctx, st, remote, cfg.DemandFetches, reg)
 	}
 	files, err := filepath.Glob(filepath.Join(recordDir, "*.json"))
 	if err != nil {
@@ -342,6 +353,9 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	}
 	if err := pl.store.ExpectHeader(h); err != nil {
 		return fmt.Errorf("%s: %w", ref.Name, err)
+	}
+	if pl.demand != nil {
+		defer pl.demand.Add(ep.Registry, ref.Repository, h)()
 	}
 	// The image record names the layers now: they and their contents
 	// are safe from the collector.

@@ -10,9 +10,12 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/config"
@@ -21,7 +24,8 @@ import (
 // deltaPath is the registry route of a delta bundle.
 const deltaPath = "/starlight/delta"
 
-// Remote asks Starlight registries for delta bundles.
+// Remote asks Starlight registries for delta bundles, and for ranges of
+// layer blobs.
 type Remote struct {
 	hc *http.Client
 	// IdleTimeout aborts a bundle stream that delivers no byte for that
@@ -107,25 +111,39 @@ func (r *Remote) PostTrace(ctx context.Context, reg config.Registry, report *api
 	return &res, nil
 }
 
-// post sends body to path on the registry, answering one authentication
-// challenge (Basic with the configured credentials, or a token for scope
-// from the registry's token service). The caller owns the response.
+// post sends body to path on the registry (see do).
 func (r *Remote) post(ctx context.Context, reg config.Registry, path, scope string, body []byte, accept string) (*http.Response, error) {
+	return r.do(ctx, reg, http.MethodPost, path, scope, body, http.Header{
+		"Content-Type": {"application/json"},
+		"Accept":       {accept},
+	})
+}
+
+// do sends a request to path on the registry, answering one
+// authentication challenge (Basic with the configured credentials, or a
+// token for scope from the registry's token service). body may be nil. The
+// caller owns the response.
+func (r *Remote) do(ctx context.Context, reg config.Registry, method, path, scope string, body []byte, header http.Header) (*http.Response, error) {
 	u := reg.BaseURL() + path
 	tokenKey := reg.Host + " " + scope
 	send := func(auth string) (*http.Response, error) {
-		hr, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
+		var rd io.Reader
+		if body != nil {
+			rd = bytes.NewReader(body)
+		}
+		hr, err := http.NewRequestWithContext(ctx, method, u, rd)
 		if err != nil {
 			return nil, err
 		}
-		hr.Header.Set("Content-Type", "application/json")
-		hr.Header.Set("Accept", accept)
+		for k, v := range header {
+			hr.Header[k] = v
+		}
 		if auth != "" {
 			hr.Header.Set("Authorization", auth)
 		}
 		resp, err := r.hc.Do(hr)
 		if err != nil {
-			return nil, fmt.Errorf("POST %s: %w", u, err)
+			return nil, fmt.Errorf("%s %s: %w", method, u, err)
 		}
 		return resp, nil
 	}
@@ -147,6 +165,55 @@ func (r *Remote) post(ctx context.Context, reg config.Registry, path, scope stri
 		}
 	}
 	return resp, err
+}
+
+// BlobRange returns length bytes of a blob of repository from offset off:
+// a ranged GET of the registry's blob endpoint. A registry (or a storage
+// redirect) that ignores the range is handled by skipping to off.
+func (r *Remote) BlobRange(ctx context.Context, reg config.Registry, repository string, blob digest.Digest, off, length int64) (io.ReadCloser, error) {
+	if off < 0 || length <= 0 {
+		return nil, fmt.Errorf("blob %s: invalid range %d+%d", blob, off, length)
+	}
+	path := "/v2/" + repository + "/blobs/" + blob.String()
+	resp, err := r.do(ctx, reg, http.MethodGet, path, "repository:"+repository+":pull", nil, http.Header{
+		"Range": {fmt.Sprintf("bytes=%d-%d", off, off+length-1)},
+	})
+	if err != nil {
+		return nil, err
+	}
+	switch resp.StatusCode {
+	case http.StatusPartialContent:
+		if start, ok := contentRangeStart(resp.Header.Get("Content-Range")); !ok || start != off {
+			drain(resp)
+			return nil, fmt.Errorf("GET %s: the registry answered range %q for bytes %d-", path, resp.Header.Get("Content-Range"), off)
+		}
+	case http.StatusOK:
+		if _, err := io.CopyN(io.Discard, resp.Body, off); err != nil {
+			drain(resp)
+			return nil, fmt.Errorf("GET %s: skipping to %d: %w", path, off, err)
+		}
+	default:
+		return nil, readRegistryError(resp)
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{io.LimitReader(resp.Body, length), resp.Body}, nil
+}
+
+// contentRangeStart parses the first byte position of a Content-Range
+// header ("bytes 10-19/100").
+func contentRangeStart(h string) (int64, bool) {
+	rest, ok := strings.CutPrefix(h, "bytes ")
+	if !ok {
+		return 0, false
+	}
+	first, _, ok := strings.Cut(rest, "-")
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(first, 10, 64)
+	return n, err == nil && n >= 0
 }
 
 // cachedAuth is the Authorization sent on the first attempt: a token

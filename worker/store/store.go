@@ -67,6 +67,10 @@ type Store struct {
 	// ones arriving and the failed ones (so that their readers get the
 	// error). A content leaves the map when it is renamed into content/.
 	pending map[digest.Digest]*content
+
+	// demand, if set, is told about reads blocked on chunks nobody is
+	// writing (SetDemandHandler).
+	demand func(Demand)
 }
 
 // content is the state of one expected content. Its fields are guarded by
@@ -285,8 +289,11 @@ func (s *Store) Expect(d digest.Digest, size int64, chunks []api.Chunk) error {
 	return nil
 }
 
-// newContent opens the partial file of d and finds which of its chunks are
-// already there and verified.
+// newContent prepares the state of d. A partial file of the right size
+// left by an earlier run is opened and the chunks in it that verify count
+// as arrived; otherwise the partial file is created by the first chunk
+// written (openPartial), so that expecting the thousands of contents of an
+// image costs no file creation before the image is usable.
 func (s *Store) newContent(d digest.Digest, size int64, chunks []api.Chunk) (*content, error) {
 	c := &content{
 		d:       d,
@@ -298,33 +305,53 @@ func (s *Store) newContent(d digest.Digest, size int64, chunks []api.Chunk) (*co
 		changed: make(chan struct{}),
 		hash:    sha256.New(),
 	}
-	f, err := os.OpenFile(s.partialPath(d), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("creating partial content %s: %w", d, err)
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("creating partial content %s: %w", d, err)
-	}
-	if fi.Size() == size {
-		// Left by an earlier run: keep what verifies.
-		for i, ch := range chunks {
-			if verifyChunk(f, ch) {
-				c.have[i] = true
-				c.missing--
-			}
+	path := s.partialPath(d)
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return c, nil
+	case err != nil:
+		return nil, fmt.Errorf("preparing content %s: %w", d, err)
+	case !fi.Mode().IsRegular() || fi.Size() != size:
+		// Not ours to keep.
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("preparing content %s: %w", d, err)
 		}
-	} else if err := f.Truncate(0); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("creating partial content %s: %w", d, err)
+		return c, nil
 	}
-	if err := f.Truncate(size); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("creating partial content %s: %w", d, err)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("preparing content %s: %w", d, err)
+	}
+	for i, ch := range chunks {
+		if verifyChunk(f, ch) {
+			c.have[i] = true
+			c.missing--
+		}
 	}
 	c.f = f
 	return c, nil
+}
+
+// openPartialLocked creates the partial file of c for its first chunk. s.mu
+// must be held, and c must be pending and not failed.
+func (s *Store) openPartialLocked(c *content) error {
+	// Never truncate to 0 here: on ext4 a truncation to 0 makes the next
+	// close flush the file (auto_da_alloc), a synchronous write per
+	// content. Stale bytes of a file left over would never be read: only
+	// chunks written since are readable, and they make up the whole file
+	// before it is verified.
+	f, err := os.OpenFile(s.partialPath(c.d), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating partial content %s: %w", c.d, err)
+	}
+	if err := f.Truncate(c.size); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return fmt.Errorf("creating partial content %s: %w", c.d, err)
+	}
+	c.f = f
+	return nil
 }
 
 func verifyChunk(f *os.File, ch api.Chunk) bool {
@@ -470,9 +497,15 @@ func (s *Store) writeChunk(f api.Frame, data io.Reader) (completed bool, err err
 		s.mu.Unlock()
 		return false, err
 	}
-	if c.have[i] || c.f == nil {
+	if c.have[i] || c.finishing {
 		s.mu.Unlock()
 		return false, nil
+	}
+	if c.f == nil {
+		if err := s.openPartialLocked(c); err != nil {
+			s.mu.Unlock()
+			return false, err
+		}
 	}
 	ch := c.chunks[i]
 	c.busy[i] = true
@@ -749,7 +782,8 @@ func (s *Store) Remove(d digest.Digest) error {
 // ReadAt reads len(p) bytes of the content d at off, like io.ReaderAt. It
 // blocks until the chunks that cover the range have arrived and been
 // verified, ctx is done (ctx.Err() is returned) or the content failed (an
-// error wrapping ErrFailed). A read past the end returns io.EOF.
+// error wrapping ErrFailed). A read past the end returns io.EOF. The first
+// time it has to wait it tells the demand handler, if any.
 func (s *Store) ReadAt(ctx context.Context, d digest.Digest, p []byte, off int64) (int, error) {
 	d, err := parse(d)
 	if err != nil {
@@ -758,6 +792,7 @@ func (s *Store) ReadAt(ctx context.Context, d digest.Digest, p []byte, off int64
 	if off < 0 {
 		return 0, fmt.Errorf("reading %s: negative offset", d)
 	}
+	demanded := false
 	for {
 		s.mu.Lock()
 		c, ok := s.pending[d]
@@ -787,8 +822,16 @@ func (s *Store) ReadAt(ctx context.Context, d digest.Digest, p []byte, off int64
 			}
 			return n, err
 		}
+		var demand []api.Chunk
+		if s.demand != nil && !demanded {
+			demanded = true
+			demand = c.demandLocked(off, end)
+		}
 		changed := c.changed
 		s.mu.Unlock()
+		if len(demand) > 0 {
+			s.demand(Demand{Digest: d, Chunks: demand})
+		}
 		select {
 		case <-changed:
 		case <-ctx.Done():

@@ -1,0 +1,274 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/api/bundle"
+	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/store"
+)
+
+// DemandFetcher brings the chunks a blocked read waits for ahead of the
+// bundle stream, with ranged GETs of the converted layer blobs (every
+// chunk of an eStargz layer is its own gzip member, so a range of the blob
+// decodes on its own).
+//
+// Without traces a bundle arrives in layer order, which rarely is the
+// order a container reads its files in; a read that would wait for the
+// stream to get there costs one round trip instead. With traces the
+// stream already brings the startup files first and demands are rare.
+// Both the stream and the fetch may deliver a chunk: the store keeps the
+// first verified copy and skips the other.
+type DemandFetcher struct {
+	store   *store.Store
+	remote  *Remote
+	sem     chan struct{}
+	metrics *demandMetrics
+
+	mu sync.Mutex
+	// sources maps a content to the layer blobs that hold it, while a
+	// pull is bringing it.
+	sources map[digest.Digest][]*demandSource
+	// inflight holds the chunks being fetched, by content and offset.
+	inflight map[chunkRef]bool
+	ctx      context.Context
+}
+
+type chunkRef struct {
+	d   digest.Digest
+	off int64
+}
+
+// demandSource is one layer blob of a registry, with the chunk layout of
+// the content in it.
+type demandSource struct {
+	reg    config.Registry
+	repo   string
+	layer  digest.Digest
+	chunks []api.Chunk // with compressed extents in the layer blob
+}
+
+type demandMetrics struct {
+	fetches *prometheus.CounterVec // result: ok, failed
+	bytes   prometheus.Counter
+	chunks  prometheus.Counter
+}
+
+// NewDemandFetcher returns a fetcher running at most concurrency ranged
+// GETs at a time, for as long as ctx lives, and installs it as st's
+// demand handler. reg may be nil (no metrics).
+func NewDemandFetcher(ctx context.Context, st *store.Store, remote *Remote, concurrency int, reg prometheus.Registerer) *DemandFetcher {
+	f := &DemandFetcher{
+		store: st, remote: remote,
+		sem:      make(chan struct{}, max(concurrency, 1)),
+		sources:  make(map[digest.Digest][]*demandSource),
+		inflight: make(map[chunkRef]bool),
+		ctx:      ctx,
+		metrics: &demandMetrics{
+			fetches: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: "starlight", Subsystem: "worker", Name: "demand_fetches_total",
+				Help: "Ranged blob GETs for chunks a read was blocked on, by result (ok, failed).",
+			}, []string{"result"}),
+			bytes: prometheus.NewCounter(prometheus.CounterOpts{
+				Namespace: "starlight", Subsystem: "worker", Name: "demand_bytes_total",
+				Help: "Compressed bytes fetched on demand, ahead of the bundle stream.",
+			}),
+			chunks: prometheus.NewCounter(prometheus.CounterOpts{
+				Namespace: "starlight", Subsystem: "worker", Name: "demand_chunks_total",
+				Help: "Chunks stored from on-demand fetches.",
+			}),
+		},
+	}
+	if reg != nil {
+		reg.MustRegister(f.metrics.fetches, f.metrics.bytes, f.metrics.chunks)
+	}
+	st.SetDemandHandler(f.demand)
+	return f
+}
+
+// Add registers where the contents of a bundle can be fetched from: the
+// layers of its header, in repository on reg. Only contents the bundle
+// carries are registered. The returned function unregisters them; call it
+// when the bundle has ended.
+func (f *DemandFetcher) Add(reg config.Registry, repository string, h *api.BundleHeader) (remove func()) {
+	carried := make(map[string]bool, len(h.Frames))
+	for _, fr := range h.Frames {
+		carried[fr.Digest] = true
+	}
+	var added []struct {
+		d digest.Digest
+		s *demandSource
+	}
+	f.mu.Lock()
+	for i := range h.Layers {
+		l := &h.Layers[i]
+		layer, err := api.ParseDigest(l.Digest)
+		if err != nil {
+			continue
+		}
+		for j := range l.Entries {
+			e := &l.Entries[j]
+			if e.Type != api.TypeReg || len(e.Chunks) == 0 || !carried[e.Digest] {
+				continue
+			}
+			d := digest.Digest(e.Digest)
+			s := &demandSource{reg: reg, repo: repository, layer: layer, chunks: e.Chunks}
+			f.sources[d] = append(f.sources[d], s)
+			added = append(added, struct {
+				d digest.Digest
+				s *demandSource
+			}{d, s})
+		}
+	}
+	f.mu.Unlock()
+	return func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		for _, a := range added {
+			srcs := f.sources[a.d]
+			for k, s := range srcs {
+				if s == a.s {
+					srcs = append(srcs[:k], srcs[k+1:]...)
+					break
+				}
+			}
+			if len(srcs) == 0 {
+				delete(f.sources, a.d)
+			} else {
+				f.sources[a.d] = srcs
+			}
+		}
+	}
+}
+
+// demand is the store's demand handler: it starts fetching the chunks of
+// dm that are not already being fetched, from the first source that holds
+// them all with the same layout. It never blocks.
+func (f *DemandFetcher) demand(dm store.Demand) {
+	f.mu.Lock()
+	var src *demandSource
+	var want []api.Chunk
+	for _, s := range f.sources[dm.Digest] {
+		if cs, ok := s.locate(dm.Chunks); ok {
+			src, want = s, cs
+			break
+		}
+	}
+	if src == nil {
+		f.mu.Unlock()
+		return
+	}
+	todo := want[:0:0]
+	for _, c := range want {
+		k := chunkRef{dm.Digest, c.Offset}
+		if !f.inflight[k] {
+			f.inflight[k] = true
+			todo = append(todo, c)
+		}
+	}
+	f.mu.Unlock()
+	for _, run := range contiguousRuns(todo) {
+		go f.fetch(dm.Digest, src, run)
+	}
+}
+
+// locate returns the source's chunks (with their compressed extents) for
+// the given chunks, or false if the source stores the content with another
+// layout.
+func (s *demandSource) locate(chunks []api.Chunk) ([]api.Chunk, bool) {
+	out := make([]api.Chunk, 0, len(chunks))
+	for _, c := range chunks {
+		i := sort.Search(len(s.chunks), func(i int) bool { return s.chunks[i].Offset >= c.Offset })
+		if i == len(s.chunks) || s.chunks[i].Offset != c.Offset || s.chunks[i].Size != c.Size ||
+			s.chunks[i].Digest != c.Digest || s.chunks[i].CompressedSize <= 0 {
+			return nil, false
+		}
+		out = append(out, s.chunks[i])
+	}
+	return out, true
+}
+
+// contiguousRuns splits chunks (in file order) into runs whose gzip members
+// follow each other in the blob, so that each run is one ranged GET.
+func contiguousRuns(chunks []api.Chunk) [][]api.Chunk {
+	var runs [][]api.Chunk
+	for i, c := range chunks {
+		if i > 0 {
+			prev := chunks[i-1]
+			if c.CompressedOffset == prev.CompressedOffset+prev.CompressedSize {
+				runs[len(runs)-1] = append(runs[len(runs)-1], c)
+				continue
+			}
+		}
+		runs = append(runs, []api.Chunk{c})
+	}
+	return runs
+}
+
+// fetch GETs one run of chunks and stores them.
+func (f *DemandFetcher) fetch(d digest.Digest, src *demandSource, run []api.Chunk) {
+	defer func() {
+		f.mu.Lock()
+		for _, c := range run {
+			delete(f.inflight, chunkRef{d, c.Offset})
+		}
+		f.mu.Unlock()
+	}()
+	select {
+	case f.sem <- struct{}{}:
+	case <-f.ctx.Done():
+		return
+	}
+	defer func() { <-f.sem }()
+	if err := f.fetchRun(d, src, run); err != nil {
+		f.metrics.fetches.WithLabelValues("failed").Inc()
+		// The bundle still brings the chunks; the read waits for it.
+		log.G(f.ctx).WithError(err).WithField("content", d).WithField("layer", src.layer).
+			Warn("on-demand fetch failed; waiting for the bundle stream")
+		return
+	}
+	f.metrics.fetches.WithLabelValues("ok").Inc()
+}
+
+func (f *DemandFetcher) fetchRun(d digest.Digest, src *demandSource, run []api.Chunk) error {
+	start := run[0].CompressedOffset
+	last := run[len(run)-1]
+	length := last.CompressedOffset + last.CompressedSize - start
+	body, err := f.remote.BlobRange(f.ctx, src.reg, src.repo, src.layer, start, length)
+	if err != nil {
+		return err
+	}
+	defer body.Close()
+	for _, c := range run {
+		member := &io.LimitedReader{R: body, N: c.CompressedSize}
+		fr := api.Frame{Digest: d.String(), Offset: c.Offset, Size: c.Size, ChunkDigest: c.Digest, CompressedSize: c.CompressedSize}
+		data, err := bundle.Decode(fr, member)
+		if err != nil {
+			return fmt.Errorf("chunk %s@%d: %w", d, c.Offset, err)
+		}
+		if err := f.store.WriteChunk(fr, data); err != nil {
+			return err
+		}
+		// WriteChunk skips a chunk that arrived meanwhile; the
+		// decoder stops at the end of the data. Either way the rest of
+		// the member precedes the next one.
+		if _, err := io.Copy(io.Discard, member); err != nil {
+			return fmt.Errorf("chunk %s@%d: %w", d, c.Offset, err)
+		}
+		if member.N > 0 {
+			return fmt.Errorf("chunk %s@%d: %w", d, c.Offset, io.ErrUnexpectedEOF)
+		}
+		f.metrics.bytes.Add(float64(c.CompressedSize))
+		f.metrics.chunks.Inc()
+	}
+	return nil
+}

@@ -1,0 +1,153 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/api/bundle"
+	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/store"
+)
+
+// demandSetup is a store expecting the contents of img's bundle, nothing
+// of which arrives unless fetched on demand, and a fetcher that knows
+// where they are.
+func demandSetup(t *testing.T, reg *fakeRegistry) (*store.Store, *api.BundleHeader) {
+	t.Helper()
+	host := startFakeRegistry(t, reg)
+	st, err := store.Open(filepath.Join(t.TempDir(), "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	f := NewDemandFetcher(ctx, st, NewRemote(), 4, nil)
+	h := reg.img.header(nil)
+	if err := st.ExpectHeader(h); err != nil {
+		t.Fatal(err)
+	}
+	remove := f.Add(config.Registry{Host: host, PlainHTTP: true, Username: reg.user, Password: reg.password}, "app", h)
+	t.Cleanup(remove)
+	return st, h
+}
+
+func readWithin(st *store.Store, d string, p []byte, off int64, timeout time.Duration) (int, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return st.ReadAt(ctx, digest.Digest(d), p, off)
+}
+
+func entryNamed(t *testing.T, h *api.BundleHeader, name string) api.Entry {
+	t.Helper()
+	for _, l := range h.Layers {
+		for _, e := range l.Entries {
+			if e.Name == name {
+				return e
+			}
+		}
+	}
+	t.Fatalf("no entry %s", name)
+	return api.Entry{}
+}
+
+// TestDemandFetch: a read of a content the bundle has not brought is served
+// from a ranged GET of the layer blob, which asks for the chunks from the
+// one read on, up to store.DemandAhead past the read, and no more.
+func TestDemandFetch(t *testing.T) {
+	big := make([]byte, 5<<20+123)
+	rand.New(rand.NewSource(1)).Read(big)
+	small := []byte("hello on demand\n")
+	img := buildImage(t, 1<<20, []testFile{
+		{name: "small", typ: api.TypeReg, mode: 0o644, data: small},
+		{name: "big", typ: api.TypeReg, mode: 0o644, data: big},
+	})
+	reg := &fakeRegistry{img: img, user: "alice", password: "s3cret"}
+	st, h := demandSetup(t, reg)
+
+	e := entryNamed(t, h, "small")
+	p := make([]byte, 100)
+	n, err := readWithin(st, e.Digest, p, 0, 10*time.Second)
+	if err != nil && !errors.Is(err, io.EOF) {
+		t.Fatalf("read of small: %v", err)
+	}
+	if !bytes.Equal(p[:n], small) {
+		t.Fatalf("read %q, want %q", p[:n], small)
+	}
+	if !waitFor(func() bool { return st.Has(digest.Digest(e.Digest)) }) {
+		t.Fatal("small is not complete after its only chunk was fetched")
+	}
+
+	// A 4 KiB read at 2.5 MiB of big: chunk 2 and, ahead, chunk 3.
+	eb := entryNamed(t, h, "big")
+	p = make([]byte, 4096)
+	if _, err := readWithin(st, eb.Digest, p, 5<<19, 10*time.Second); err != nil {
+		t.Fatalf("read of big: %v", err)
+	}
+	if !bytes.Equal(p, big[5<<19:5<<19+4096]) {
+		t.Fatal("big: wrong bytes")
+	}
+	c2, c3 := eb.Chunks[2], eb.Chunks[3]
+	want := fmt.Sprintf("bytes=%d-%d", c2.CompressedOffset, c3.CompressedOffset+c3.CompressedSize-1)
+	ranges := reg.BlobRanges()
+	if len(ranges) != 2 || ranges[1] != want {
+		t.Fatalf("blob GETs with ranges %q, want the second to be %q", ranges, want)
+	}
+	// Chunks 0 and 1 did not arrive: a read of them blocks (and
+	// demands them in turn).
+	if !waitFor(func() bool {
+		_, err := readWithin(st, eb.Digest, p, 1<<20, 50*time.Millisecond)
+		return err == nil
+	}) {
+		t.Fatal("chunk 1 of big never arrived")
+	}
+}
+
+// TestDemandFetchCorrupt: data that does not match its chunk digest is
+// never stored; the read keeps waiting, and the bundle serves it.
+func TestDemandFetchCorrupt(t *testing.T) {
+	data := []byte("the registry's storage flipped bits\n")
+	img := buildImage(t, 1<<20, []testFile{{name: "f", typ: api.TypeReg, mode: 0o644, data: data}})
+	reg := &fakeRegistry{img: img, corruptBlobs: true}
+	st, h := demandSetup(t, reg)
+	e := entryNamed(t, h, "f")
+
+	p := make([]byte, len(data))
+	if _, err := readWithin(st, e.Digest, p, 0, 300*time.Millisecond); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("read with a corrupt blob: %v, want it still waiting", err)
+	}
+	if len(reg.BlobRanges()) == 0 {
+		t.Fatal("no blob GET")
+	}
+	// The bundle delivers.
+	fr := h.Frames[0]
+	raw, err := bundle.Decode(fr, bytes.NewReader(img.members[memberKey(fr.Digest, fr.Offset)]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.WriteChunk(fr, raw); err != nil {
+		t.Fatal(err)
+	}
+	n, err := readWithin(st, e.Digest, p, 0, 10*time.Second)
+	if err != nil || !bytes.Equal(p[:n], data) {
+		t.Fatalf("read after the bundle: %q, %v", p[:n], err)
+	}
+}
+
+func waitFor(cond func() bool) bool {
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if cond() {
+			return true
+		}
+	}
+	return false
+}

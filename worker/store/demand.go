@@ -1,0 +1,48 @@
+package store
+
+import (
+	"sort"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/starlight-project/starlight/api"
+)
+
+// DemandAhead is how many bytes (uncompressed) past the end of a blocked
+// read a demand asks for, in whole chunks: a reader that blocks on the
+// start of a file usually goes on reading it.
+const DemandAhead = 1 << 20
+
+// A Demand names the chunks of a content that a reader is blocked on:
+// the missing chunks that overlap its read, followed by the missing chunks
+// up to DemandAhead bytes past it, in file order. None of them is being
+// written when the demand is made.
+type Demand struct {
+	Digest digest.Digest
+	Chunks []api.Chunk
+}
+
+// SetDemandHandler installs fn, called when a read has to wait for chunks
+// that nobody is writing yet (see Demand), so that a fetcher can bring them
+// ahead of the bundle stream. fn is called without the store's locks held,
+// once per blocked ReadAt, and must not block; the chunks it fetches go in
+// through WriteChunk like any other. Set it before the store is used.
+func (s *Store) SetDemandHandler(fn func(Demand)) { s.demand = fn }
+
+// demandLocked returns the chunks a read of [off, end) of c blocked on asks
+// for. s.mu must be held.
+func (c *content) demandLocked(off, end int64) []api.Chunk {
+	i := sort.Search(len(c.chunks), func(i int) bool { return c.chunks[i].Offset+c.chunks[i].Size > off })
+	var out []api.Chunk
+	limit := end + DemandAhead
+	for ; i < len(c.chunks) && c.chunks[i].Offset < limit; i++ {
+		if c.have[i] || c.busy[i] {
+			if c.chunks[i].Offset >= end {
+				break // ahead of the read: stop at the first chunk in or arriving
+			}
+			continue
+		}
+		out = append(out, c.chunks[i])
+	}
+	return out
+}
