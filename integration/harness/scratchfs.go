@@ -84,4 +84,3 @@ func tempRootOf(t T) string {
 	}
 	return "/tmp"
 }
-
