@@ -105,8 +105,11 @@ type Sample struct {
 	// For Starlight: the bundle's sent bytes, bytes received when the
 	// check exited, and the worker's ready time after the pull started.
 	SendBytes, DedupBytes, ReceivedAtReady int64
-	WorkerReady                            float64
-	Err                                    string
+	// DemandBytes are the compressed bytes the worker fetched on demand
+	// (ranged blob GETs) by the time the check exited.
+	DemandBytes int64
+	WorkerReady float64
+	Err         string
 }
 
 // Options configure Run.

@@ -25,6 +25,7 @@ type Row struct {
 	// Medians of the diagnostics (see Sample).
 	Pull, Start, WorkerReady   float64
 	LinkBytes, ReceivedAtReady int64
+	DemandBytes                int64
 	SendBytes                  int64
 }
 
@@ -108,7 +109,7 @@ func (r *Result) Rows() []Row {
 						continue
 					}
 					var secs, pull, start, ready []float64
-					var link, recv, send []int64
+					var link, recv, send, demand []int64
 					for _, s := range ss {
 						if s.Err != "" {
 							row.Failed++
@@ -121,10 +122,12 @@ func (r *Result) Rows() []Row {
 						link = append(link, s.LinkBytes)
 						recv = append(recv, s.ReceivedAtReady)
 						send = append(send, s.SendBytes)
+						demand = append(demand, s.DemandBytes)
 					}
 					row.Runs = len(secs)
 					row.Seconds, row.Pull, row.Start, row.WorkerReady = median(secs), median(pull), median(start), median(ready)
 					row.LinkBytes, row.ReceivedAtReady, row.SendBytes = medianInt(link), medianInt(recv), medianInt(send)
+					row.DemandBytes = medianInt(demand)
 				}
 				cell[sys] = row
 				order = append(order, sys)
@@ -211,11 +214,11 @@ func writeRowsCSV(w io.Writer, rows []Row) error {
 func (r *Result) writeSamplesCSV(w io.Writer) error {
 	cw := csv.NewWriter(w)
 	_ = cw.Write([]string{"image", "profile", "system", "run", "seconds", "pull_seconds", "start_seconds",
-		"local_start_seconds", "link_bytes", "send_bytes", "dedup_bytes", "received_at_ready", "worker_ready_seconds", "error"})
+		"local_start_seconds", "link_bytes", "send_bytes", "dedup_bytes", "received_at_ready", "worker_ready_seconds", "error", "demand_bytes"})
 	for _, s := range r.Samples {
 		_ = cw.Write([]string{s.Image, s.Profile, s.System, strconv.Itoa(s.Run), ff(s.Seconds, 3), ff(s.Pull, 3), ff(s.Start, 3), ff(s.Local, 3),
 			strconv.FormatInt(s.LinkBytes, 10), strconv.FormatInt(s.SendBytes, 10), strconv.FormatInt(s.DedupBytes, 10),
-			strconv.FormatInt(s.ReceivedAtReady, 10), ff(s.WorkerReady, 3), firstLine(errString(s.Err))})
+			strconv.FormatInt(s.ReceivedAtReady, 10), ff(s.WorkerReady, 3), firstLine(errString(s.Err)), strconv.FormatInt(s.DemandBytes, 10)})
 	}
 	cw.Flush()
 	return cw.Error()
@@ -345,14 +348,15 @@ func (r *Result) writeMarkdown(w io.Writer, rows []Row) error {
 	}
 	p("\n## Where the time goes (Starlight rows)\n\npull = `ctr-starlight pull` until the image is usable; start = the readiness check's `ctr run` " +
 		"(blocks on contents that have not arrived); ready = the worker's own ready time after the pull started; " +
-		"received = bundle bytes the worker had when the check exited; link = bytes that crossed the link towards the worker.\n\n")
-	p("| image | profile | system | total s | pull s | worker ready s | start s | received MiB | bundle MiB | link MiB |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+		"received = bundle bytes the worker had when the check exited; on demand = bytes fetched by ranged blob GETs for reads that " +
+		"had to wait, by then; link = bytes that crossed the link towards the worker.\n\n")
+	p("| image | profile | system | total s | pull s | worker ready s | start s | received MiB | on demand MiB | bundle MiB | link MiB |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, row := range rows {
 		if !strings.HasPrefix(row.System, "starlight") {
 			continue
 		}
-		p("| %s | %s | %s | %s | %s | %s | %s | %.1f | %.1f | %.1f |\n", row.Image, row.Profile, row.System, ff(row.Seconds, 2), ff(row.Pull, 2),
-			ff(row.WorkerReady, 2), ff(row.Start, 2), mibf(row.ReceivedAtReady), mibf(row.SendBytes), mibf(row.LinkBytes))
+		p("| %s | %s | %s | %s | %s | %s | %s | %.1f | %.1f | %.1f | %.1f |\n", row.Image, row.Profile, row.System, ff(row.Seconds, 2), ff(row.Pull, 2),
+			ff(row.WorkerReady, 2), ff(row.Start, 2), mibf(row.ReceivedAtReady), mibf(row.DemandBytes), mibf(row.SendBytes), mibf(row.LinkBytes))
 	}
 	if len(r.Notes) > 0 {
 		p("\n## Notes\n\n")

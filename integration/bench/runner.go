@@ -264,7 +264,7 @@ func startNode(env *harness.Env, registries ...string) *harness.Node {
 	dir := harness.ShortTempDir(env, "bnode-")
 	sock := filepath.Join(dir, "sn.sock")
 	c := harness.StartContainerd(env, harness.ContainerdOptions{StarlightSocket: sock, Namespace: namespace})
-	w := harness.StartWorker(env, harness.WorkerOptions{Registries: registries, Containerd: c, Address: sock, LogLevel: "info"})
+	w := harness.StartWorker(env, harness.WorkerOptions{Registries: registries, Containerd: c, Address: sock, LogLevel: "info", Metrics: true})
 	return &harness.Node{Containerd: c, Worker: w}
 }
 
@@ -290,12 +290,14 @@ func (r *runner) starlightUpdate(w Workload, ep *endpoint, run int) Sample {
 func (r *runner) timeStarlight(env *harness.Env, node *harness.Node, ep *endpoint, w Workload, tag string, s *Sample) {
 	ref := r.ref(ep.host, w, tag)
 	before := ep.link.Stats().BytesDown
+	demandBefore := node.Worker.Metric(env, "starlight_worker_demand_bytes_total")
 	start := time.Now()
 	node.Worker.CLI(env, namespace, "pull", "--plain-http", ref)
 	s.Pull = time.Since(start).Seconds()
 	s.Start = ctrRun(env, node.Containerd, ref, r.containerID(), w.Check, "--snapshotter", "starlight").Seconds()
 	s.Seconds = time.Since(start).Seconds()
 	s.LinkBytes = ep.link.Stats().BytesDown - before
+	s.DemandBytes = int64(node.Worker.Metric(env, "starlight_worker_demand_bytes_total") - demandBefore)
 	if img, ok := workerImage(node.Worker, ref); ok {
 		s.SendBytes, s.DedupBytes, s.ReceivedAtReady = img.SendBytes, img.DedupBytes, img.BytesReceived
 		if img.Ready != nil {

@@ -1,13 +1,16 @@
 package harness
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
 	"net"
+	"net/http"
 
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -25,6 +28,9 @@ type WorkerOptions struct {
 	Address string
 	// LogLevel of the worker; "debug" when empty.
 	LogLevel string
+	// Metrics serves the worker's Prometheus metrics on an ephemeral
+	// port (see Worker.Metric).
+	Metrics bool
 }
 
 // Worker is a running starlight-worker.
@@ -33,6 +39,8 @@ type Worker struct {
 	Address string // snapshotter socket
 	API     string // API socket for ctr-starlight
 	Dir     string
+	// MetricsAddr is the metrics listen address, if WorkerOptions.Metrics.
+	MetricsAddr string
 	proc    *Process
 	bin     string
 }
@@ -65,6 +73,14 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 	}
 	for _, r := range opts.Registries {
 		args = append(args, "--registry", r)
+	}
+	if opts.Metrics {
+		port, err := FreePort()
+		if err != nil {
+			t.Fatalf("worker: %v", err)
+		}
+		w.MetricsAddr = fmt.Sprintf("127.0.0.1:%d", port)
+		args = append(args, "--metrics", w.MetricsAddr)
 	}
 	p, err := startProcess("starlight-worker", filepath.Join(dir, "worker.log"), nil, filepath.Join(bins, WorkerBinary), args...)
 	if err != nil {
@@ -166,4 +182,36 @@ func (w *Worker) Progress(t T, ref, ns string) client.Image {
 	}
 	t.Fatalf("the worker does not report %s in namespace %q: %+v", ref, ns, imgs)
 	return client.Image{}
+}
+
+// Metric returns the value of one series of the worker's metrics, given as
+// it appears in the exposition format (`name{label="v"}`), or 0 if the
+// worker does not export it yet. The worker must have been started with
+// WorkerOptions.Metrics.
+func (w *Worker) Metric(t T, series string) float64 {
+	t.Helper()
+	if w.MetricsAddr == "" {
+		t.Fatalf("worker metrics: started without WorkerOptions.Metrics")
+	}
+	resp, err := http.Get("http://" + w.MetricsAddr + "/metrics")
+	if err != nil {
+		t.Fatalf("worker metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		name, value, ok := strings.Cut(sc.Text(), " ")
+		if ok && name == series {
+			v, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+			if err != nil {
+				t.Fatalf("worker metrics: %s: %v", series, err)
+			}
+			return v
+		}
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatalf("worker metrics: %v", err)
+	}
+	return 0
 }

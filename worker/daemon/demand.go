@@ -6,6 +6,7 @@ import (
 	"io"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -27,7 +28,9 @@ import (
 // stream to get there costs one round trip instead. With traces the
 // stream already brings the startup files first and demands are rare.
 // Both the stream and the fetch may deliver a chunk: the store keeps the
-// first verified copy and skips the other.
+// first verified copy and skips the other. While fetches are in flight the
+// stream is held back between frames (holdStream), so that they have the
+// link to themselves.
 type DemandFetcher struct {
 	store   *store.Store
 	remote  *Remote
@@ -40,8 +43,26 @@ type DemandFetcher struct {
 	sources map[digest.Digest][]*demandSource
 	// inflight holds the chunks being fetched, by content and offset.
 	inflight map[chunkRef]bool
-	ctx      context.Context
+	// fetching counts the fetches started and not finished; idle is
+	// closed (and replaced) whenever it drops to 0.
+	fetching int
+	idle     chan struct{}
+	// rtt is a moving estimate of the round trip of a ranged GET (time to
+	// the response headers).
+	rtt time.Duration
+	ctx context.Context
 }
+
+// initialRTT is the round-trip estimate before any fetch was timed.
+const initialRTT = 100 * time.Millisecond
+
+// maxStreamHold bounds how long one wait of the bundle stream for
+// on-demand fetches lasts, so that a slow fetch never starves it.
+const maxStreamHold = 2 * time.Second
+
+// fetchTimeout bounds one ranged GET; the bundle brings what a failed
+// fetch did not.
+const fetchTimeout = time.Minute
 
 type chunkRef struct {
 	d   digest.Digest
@@ -55,12 +76,66 @@ type demandSource struct {
 	repo   string
 	layer  digest.Digest
 	chunks []api.Chunk // with compressed extents in the layer blob
+	stream *DemandStream
+}
+
+// DemandStream is what the fetcher knows about one bundle stream: where in
+// it each chunk comes, and how fast it arrives. A read whose chunk the
+// stream will bring sooner than a fetch could is left to the stream: with
+// traces, the startup files are at its head, and fetching them again would
+// only take bandwidth from it.
+type DemandStream struct {
+	f *DemandFetcher
+	// at is the stream offset (compressed bytes of the frames before
+	// it, from frame 0) of each chunk the stream carries.
+	at      map[chunkRef]int64
+	remove  func()
+	mu      sync.Mutex
+	started time.Time // the first progress report
+	bytes   int64     // received so far, from frame 0
+	base    int64     // bytes at started (resumed streams start late)
+}
+
+// Received reports that the stream has delivered bytes (compressed, from
+// frame 0, as store.Progress.Bytes).
+func (ds *DemandStream) Received(bytes int64) {
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	if ds.started.IsZero() {
+		ds.started, ds.base = time.Now(), bytes
+	}
+	ds.bytes = bytes
+}
+
+// Close unregisters the stream's contents; call it when the stream ended.
+func (ds *DemandStream) Close() { ds.remove() }
+
+// eta estimates when the chunk at stream offset at arrives, from the
+// stream's rate so far; ok is false while the rate is unknown.
+func (ds *DemandStream) eta(at int64) (time.Duration, float64, bool) {
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	if ds.started.IsZero() {
+		return 0, 0, false
+	}
+	elapsed := time.Since(ds.started).Seconds()
+	got := ds.bytes - ds.base
+	if elapsed < 0.05 || got <= 0 {
+		return 0, 0, false
+	}
+	rate := float64(got) / elapsed
+	ahead := at - ds.bytes
+	if ahead < 0 {
+		return 0, rate, true // arriving now
+	}
+	return time.Duration(float64(ahead) / rate * float64(time.Second)), rate, true
 }
 
 type demandMetrics struct {
 	fetches *prometheus.CounterVec // result: ok, failed
 	bytes   prometheus.Counter
 	chunks  prometheus.Counter
+	left    prometheus.Counter
 }
 
 // NewDemandFetcher returns a fetcher running at most concurrency ranged
@@ -72,6 +147,8 @@ func NewDemandFetcher(ctx context.Context, st *store.Store, remote *Remote, conc
 		sem:      make(chan struct{}, max(concurrency, 1)),
 		sources:  make(map[digest.Digest][]*demandSource),
 		inflight: make(map[chunkRef]bool),
+		idle:     make(chan struct{}),
+		rtt:      initialRTT,
 		ctx:      ctx,
 		metrics: &demandMetrics{
 			fetches: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -86,28 +163,56 @@ func NewDemandFetcher(ctx context.Context, st *store.Store, remote *Remote, conc
 				Namespace: "starlight", Subsystem: "worker", Name: "demand_chunks_total",
 				Help: "Chunks stored from on-demand fetches.",
 			}),
+			left: prometheus.NewCounter(prometheus.CounterOpts{
+				Namespace: "starlight", Subsystem: "worker", Name: "demand_left_to_stream_total",
+				Help: "Blocked reads not fetched on demand because the bundle stream was about to bring their chunk.",
+			}),
 		},
 	}
 	if reg != nil {
-		reg.MustRegister(f.metrics.fetches, f.metrics.bytes, f.metrics.chunks)
+		reg.MustRegister(f.metrics.fetches, f.metrics.bytes, f.metrics.chunks, f.metrics.left)
 	}
 	st.SetDemandHandler(f.demand)
+	st.SetFrameGate(f.holdStream)
 	return f
+}
+
+// holdStream waits, up to maxStreamHold, until no on-demand fetch is in
+// flight. The bundle stream calls it between frames: a container waits
+// for what it fetches on demand, so that goes first on the link.
+func (f *DemandFetcher) holdStream(ctx context.Context) {
+	f.mu.Lock()
+	if f.fetching == 0 {
+		f.mu.Unlock()
+		return
+	}
+	idle := f.idle
+	f.mu.Unlock()
+	t := time.NewTimer(maxStreamHold)
+	defer t.Stop()
+	select {
+	case <-idle:
+	case <-t.C:
+	case <-ctx.Done():
+	}
 }
 
 // Add registers where the contents of a bundle can be fetched from: the
 // layers of its header, in repository on reg. Only contents the bundle
-// carries are registered. The returned function unregisters them; call it
-// when the bundle has ended.
-func (f *DemandFetcher) Add(reg config.Registry, repository string, h *api.BundleHeader) (remove func()) {
-	carried := make(map[string]bool, len(h.Frames))
+// carries are registered. Report the stream's progress to the returned
+// DemandStream, and Close it when the stream has ended.
+func (f *DemandFetcher) Add(reg config.Registry, repository string, h *api.BundleHeader) *DemandStream {
+	ds := &DemandStream{f: f, at: make(map[chunkRef]int64, len(h.Frames))}
+	var off int64
 	for _, fr := range h.Frames {
-		carried[fr.Digest] = true
+		ds.at[chunkRef{digest.Digest(fr.Digest), fr.Offset}] = off
+		off += fr.CompressedSize
 	}
-	var added []struct {
+	type added struct {
 		d digest.Digest
 		s *demandSource
 	}
+	var all []added
 	f.mu.Lock()
 	for i := range h.Layers {
 		l := &h.Layers[i]
@@ -117,23 +222,23 @@ func (f *DemandFetcher) Add(reg config.Registry, repository string, h *api.Bundl
 		}
 		for j := range l.Entries {
 			e := &l.Entries[j]
-			if e.Type != api.TypeReg || len(e.Chunks) == 0 || !carried[e.Digest] {
+			if e.Type != api.TypeReg || len(e.Chunks) == 0 {
 				continue
 			}
 			d := digest.Digest(e.Digest)
-			s := &demandSource{reg: reg, repo: repository, layer: layer, chunks: e.Chunks}
+			if _, carried := ds.at[chunkRef{d, 0}]; !carried {
+				continue
+			}
+			s := &demandSource{reg: reg, repo: repository, layer: layer, chunks: e.Chunks, stream: ds}
 			f.sources[d] = append(f.sources[d], s)
-			added = append(added, struct {
-				d digest.Digest
-				s *demandSource
-			}{d, s})
+			all = append(all, added{d, s})
 		}
 	}
 	f.mu.Unlock()
-	return func() {
+	ds.remove = func() {
 		f.mu.Lock()
 		defer f.mu.Unlock()
-		for _, a := range added {
+		for _, a := range all {
 			srcs := f.sources[a.d]
 			for k, s := range srcs {
 				if s == a.s {
@@ -148,6 +253,7 @@ func (f *DemandFetcher) Add(reg config.Registry, repository string, h *api.Bundl
 			}
 		}
 	}
+	return ds
 }
 
 // demand is the store's demand handler: it starts fetching the chunks of
@@ -167,6 +273,24 @@ func (f *DemandFetcher) demand(dm store.Demand) {
 		f.mu.Unlock()
 		return
 	}
+	// The first chunk is the one the read waits for. If a stream brings
+	// it before a GET could (one round trip plus the bytes at the
+	// stream's rate), leave it to the stream.
+	first := dm.Chunks[0]
+	for _, s := range f.sources[dm.Digest] {
+		at, ok := s.stream.at[chunkRef{dm.Digest, first.Offset}]
+		if !ok {
+			continue
+		}
+		if eta, rate, ok := s.stream.eta(at); ok {
+			fetch := f.rtt + time.Duration(float64(want[0].CompressedSize)/rate*float64(time.Second))
+			if eta <= fetch {
+				f.mu.Unlock()
+				f.metrics.left.Inc()
+				return
+			}
+		}
+	}
 	todo := want[:0:0]
 	for _, c := range want {
 		k := chunkRef{dm.Digest, c.Offset}
@@ -175,8 +299,10 @@ func (f *DemandFetcher) demand(dm store.Demand) {
 			todo = append(todo, c)
 		}
 	}
+	runs := contiguousRuns(todo)
+	f.fetching += len(runs)
 	f.mu.Unlock()
-	for _, run := range contiguousRuns(todo) {
+	for _, run := range runs {
 		go f.fetch(dm.Digest, src, run)
 	}
 }
@@ -221,6 +347,10 @@ func (f *DemandFetcher) fetch(d digest.Digest, src *demandSource, run []api.Chun
 		for _, c := range run {
 			delete(f.inflight, chunkRef{d, c.Offset})
 		}
+		if f.fetching--; f.fetching == 0 {
+			close(f.idle)
+			f.idle = make(chan struct{})
+		}
 		f.mu.Unlock()
 	}()
 	select {
@@ -243,10 +373,16 @@ func (f *DemandFetcher) fetchRun(d digest.Digest, src *demandSource, run []api.C
 	start := run[0].CompressedOffset
 	last := run[len(run)-1]
 	length := last.CompressedOffset + last.CompressedSize - start
-	body, err := f.remote.BlobRange(f.ctx, src.reg, src.repo, src.layer, start, length)
+	ctx, cancel := context.WithTimeout(f.ctx, fetchTimeout)
+	defer cancel()
+	sent := time.Now()
+	body, err := f.remote.BlobRange(ctx, src.reg, src.repo, src.layer, start, length)
 	if err != nil {
 		return err
 	}
+	f.mu.Lock()
+	f.rtt = (3*f.rtt + time.Since(sent)) / 4
+	f.mu.Unlock()
 	defer body.Close()
 	for _, c := range run {
 		member := &io.LimitedReader{R: body, N: c.CompressedSize}

@@ -23,6 +23,11 @@ import (
 // of which arrives unless fetched on demand, and a fetcher that knows
 // where they are.
 func demandSetup(t *testing.T, reg *fakeRegistry) (*store.Store, *api.BundleHeader) {
+	st, h, _ := demandStreamSetup(t, reg)
+	return st, h
+}
+
+func demandStreamSetup(t *testing.T, reg *fakeRegistry) (*store.Store, *api.BundleHeader, *DemandStream) {
 	t.Helper()
 	host := startFakeRegistry(t, reg)
 	st, err := store.Open(filepath.Join(t.TempDir(), "store"))
@@ -36,9 +41,9 @@ func demandSetup(t *testing.T, reg *fakeRegistry) (*store.Store, *api.BundleHead
 	if err := st.ExpectHeader(h); err != nil {
 		t.Fatal(err)
 	}
-	remove := f.Add(config.Registry{Host: host, PlainHTTP: true, Username: reg.user, Password: reg.password}, "app", h)
-	t.Cleanup(remove)
-	return st, h
+	ds := f.Add(config.Registry{Host: host, PlainHTTP: true, Username: reg.user, Password: reg.password}, "app", h)
+	t.Cleanup(ds.Close)
+	return st, h, ds
 }
 
 func readWithin(st *store.Store, d string, p []byte, off int64, timeout time.Duration) (int, error) {
@@ -150,4 +155,27 @@ func waitFor(cond func() bool) bool {
 		}
 	}
 	return false
+}
+
+// TestDemandLeftToStream: a read whose chunk the stream is about to bring
+// (at the stream's measured rate, sooner than a round trip) is not fetched.
+func TestDemandLeftToStream(t *testing.T) {
+	img := buildImage(t, 1<<20, []testFile{
+		{name: "a", typ: api.TypeReg, mode: 0o644, data: []byte("first in the stream\n")},
+		{name: "b", typ: api.TypeReg, mode: 0o644, data: []byte("second in the stream\n")},
+	})
+	reg := &fakeRegistry{img: img}
+	st, h, ds := demandStreamSetup(t, reg)
+	// The stream has started and runs at about 1 GB/s: b, a few bytes
+	// ahead, arrives long before a GET could.
+	ds.Received(0)
+	time.Sleep(100 * time.Millisecond)
+	ds.Received(100 << 20)
+	e := entryNamed(t, h, "b")
+	if _, err := readWithin(st, e.Digest, make([]byte, 4), 0, 200*time.Millisecond); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("read: %v, want it waiting for the stream", err)
+	}
+	if r := reg.BlobRanges(); len(r) != 0 {
+		t.Fatalf("blob GETs %q for a chunk the stream brings sooner", r)
+	}
 }

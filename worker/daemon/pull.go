@@ -354,8 +354,10 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	if err := pl.store.ExpectHeader(h); err != nil {
 		return fmt.Errorf("%s: %w", ref.Name, err)
 	}
+	var stream *DemandStream
 	if pl.demand != nil {
-		defer pl.demand.Add(ep.Registry, ref.Repository, h)()
+		stream = pl.demand.Add(ep.Registry, ref.Repository, h)
+		defer stream.Close()
 	}
 	// The image record names the layers now: they and their contents
 	// are safe from the collector.
@@ -380,7 +382,7 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 		WithField("bytes", total).WithField("dedupBytes", h.Stats.DedupBytes).Info("image ready, receiving contents")
 	pl.save(p)
 
-	if err := pl.receive(ctx, p, ref, ep, req, br, &body); err != nil {
+	if err := pl.receive(ctx, p, ref, ep, req, br, &body, stream); err != nil {
 		return err
 	}
 
@@ -413,13 +415,16 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 // the same request (same Have, so the same frame order) up to
 // cfg.PullRetries times. When it gives up, the contents still missing fail,
 // so blocked reads return EIO instead of hanging.
-func (pl *Puller) receive(ctx context.Context, p *pull, ref Ref, ep Endpoint, req api.DeltaRequest, br *bundle.Reader, body *io.ReadCloser) error {
+func (pl *Puller) receive(ctx context.Context, p *pull, ref Ref, ep Endpoint, req api.DeltaRequest, br *bundle.Reader, body *io.ReadCloser, stream *DemandStream) error {
 	frames := br.Header().Frames
 	var last store.Progress
 	var countedBytes int64
 	countedFrames, filesBase := br.Header().Resume, 0
 	progress := func(sp store.Progress) {
 		last = sp
+		if stream != nil {
+			stream.Received(sp.Bytes)
+		}
 		if d := sp.Bytes - countedBytes; d > 0 && sp.Frames > countedFrames {
 			pl.metrics.BytesReceived.Add(float64(d))
 			pl.metrics.FramesReceived.Add(float64(sp.Frames - countedFrames))

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"context"
 	"sort"
 
 	"github.com/opencontainers/go-digest"
@@ -28,6 +29,14 @@ type Demand struct {
 // once per blocked ReadAt, and must not block; the chunks it fetches go in
 // through WriteChunk like any other. Set it before the store is used.
 func (s *Store) SetDemandHandler(fn func(Demand)) { s.demand = fn }
+
+// SetFrameGate installs fn, called by Receive before it reads each frame
+// of a bundle stream. A fetcher uses it to hold the stream back while
+// on-demand fetches are in flight: the stream's connection then stops
+// (flow control) and leaves the link to what a reader waits for. It is
+// called between frames, never while a chunk is being written, and must
+// return when ctx is done. Set it before the store is used.
+func (s *Store) SetFrameGate(fn func(ctx context.Context)) { s.frameGate = fn }
 
 // demandLocked returns the chunks a read of [off, end) of c blocked on asks
 // for. s.mu must be held.

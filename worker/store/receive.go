@@ -55,6 +55,9 @@ func (s *Store) Receive(ctx context.Context, br *bundle.Reader, progress func(Pr
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("receiving bundle: %w", err)
 		}
+		if gate := s.frameGate; gate != nil {
+			gate(ctx)
+		}
 		idx := br.Index()
 		f, raw, err := br.Next()
 		if errors.Is(err, io.EOF) {

@@ -71,6 +71,9 @@ type Store struct {
 	// demand, if set, is told about reads blocked on chunks nobody is
 	// writing (SetDemandHandler).
 	demand func(Demand)
+	// frameGate, if set, is waited on before every bundle frame
+	// (SetFrameGate).
+	frameGate func(context.Context)
 }
 
 // content is the state of one expected content. Its fields are guarded by
