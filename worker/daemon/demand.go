@@ -275,7 +275,9 @@ func (f *DemandFetcher) demand(dm store.Demand) {
 	}
 	// The first chunk is the one the read waits for. If a stream brings
 	// it before a GET could (one round trip plus the bytes at the
-	// stream's rate), leave it to the stream.
+	// stream's rate), leave it to the stream. A GET also costs the
+	// stream (it holds the stream back and repeats bytes the stream will
+	// send), so it has to be twice as fast to be worth it.
 	first := dm.Chunks[0]
 	for _, s := range f.sources[dm.Digest] {
 		at, ok := s.stream.at[chunkRef{dm.Digest, first.Offset}]
@@ -284,7 +286,7 @@ func (f *DemandFetcher) demand(dm store.Demand) {
 		}
 		if eta, rate, ok := s.stream.eta(at); ok {
 			fetch := f.rtt + time.Duration(float64(want[0].CompressedSize)/rate*float64(time.Second))
-			if eta <= fetch {
+			if eta <= 2*fetch {
 				f.mu.Unlock()
 				f.metrics.left.Inc()
 				return
