@@ -93,24 +93,10 @@ func TestWorkerRunsPushedImage(t *testing.T) {
 // link's counters), not on time.
 func TestWorkerLazyStart(t *testing.T) {
 	requireRoot(t)
-	reg := harness.StartRegistry(t, harness.RegistryOptions{})
-	docker := harness.SharedDockerd(t)
 	const bigSize = 60 << 20
-	img := harness.BuildImage(t, harness.LazyImage("starlight-test/lazy:v1", bigSize))
-	const repo, tag = "e2e/lazy", "v1"
-	docker.Push(t, img, reg.Addr+"/"+repo+":"+tag)
-	reg.WaitReady(t, repo, tag)
-
-	link := linkem.New(linkem.Profile{RTT: 50 * time.Millisecond, Bandwidth: 20_000_000})
-	t.Cleanup(link.Stop)
-	addr, err := link.Proxy("127.0.0.1:0", reg.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("link %s in front of the registry at %s", link.Profile(), addr)
-	node := harness.StartNode(t, "http://"+addr.String())
+	ref, addr, link := pushBehindSlowLink(t, harness.LazyImage("starlight-test/lazy:v1", bigSize), "e2e/lazy:v1")
+	node := harness.StartNode(t, "http://"+addr)
 	ctd, w := node.Containerd, node.Worker
-	ref := addr.String() + "/" + repo + ":" + tag
 	const ns = "lazy"
 
 	timed(t, "ctr-starlight pull", func() { w.CLI(t, ns, "pull", "--plain-http", ref) })
@@ -147,8 +133,6 @@ func TestWorkerLazyStart(t *testing.T) {
 // instead. The assertion is on bytes and the worker's counters, not time.
 func TestWorkerDemandFetch(t *testing.T) {
 	requireRoot(t)
-	reg := harness.StartRegistry(t, harness.RegistryOptions{})
-	docker := harness.SharedDockerd(t)
 	const bigSize = 30 << 20
 	spec := harness.ImageSpec{Name: "starlight-test/late:v1", Layers: []harness.Layer{
 		harness.BusyboxLayer(),
@@ -157,22 +141,9 @@ func TestWorkerDemandFetch(t *testing.T) {
 			{Name: "/zz-late.txt", Content: []byte("the last file of the bundle\n")},
 		},
 	}}
-	img := harness.BuildImage(t, spec)
-	const repo, tag = "e2e/late", "v1"
-	docker.Push(t, img, reg.Addr+"/"+repo+":"+tag)
-	reg.WaitReady(t, repo, tag)
-
-	link := linkem.New(linkem.Profile{RTT: 50 * time.Millisecond, Bandwidth: 20_000_000})
-	t.Cleanup(link.Stop)
-	addr, err := link.Proxy("127.0.0.1:0", reg.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := harness.ShortTempDir(t, "dnode-")
-	sock := dir + "/sn.sock"
-	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: sock})
-	w := harness.StartWorker(t, harness.WorkerOptions{Registries: []string{"http://" + addr.String()}, Containerd: ctd, Address: sock, Metrics: true})
-	ref := addr.String() + "/" + repo + ":" + tag
+	ref, addr, link := pushBehindSlowLink(t, spec, "e2e/late:v1")
+	node := harness.StartNodeWith(t, harness.WorkerOptions{Registries: []string{"http://" + addr}, Metrics: true})
+	ctd, w := node.Containerd, node.Worker
 	const ns = "demand"
 
 	w.CLI(t, ns, "pull", "--plain-http", ref)
@@ -200,4 +171,26 @@ func TestWorkerDemandFetch(t *testing.T) {
 	if p := w.Progress(t, ref, ns); !p.Complete {
 		t.Errorf("image not complete after the bundle: %+v", p)
 	}
+}
+
+// pushBehindSlowLink pushes spec as repoTag to a new registry and puts a
+// 50 ms, 20 Mbit/s link in front of it. It returns the image reference
+// through the link, the link's address and the link.
+func pushBehindSlowLink(t *testing.T, spec harness.ImageSpec, repoTag string) (ref, addr string, link *linkem.Link) {
+	t.Helper()
+	reg := harness.StartRegistry(t, harness.RegistryOptions{})
+	docker := harness.SharedDockerd(t)
+	img := harness.BuildImage(t, spec)
+	repo, tag, _ := strings.Cut(repoTag, ":")
+	docker.Push(t, img, reg.Addr+"/"+repoTag)
+	reg.WaitReady(t, repo, tag)
+
+	link = linkem.New(linkem.Profile{RTT: 50 * time.Millisecond, Bandwidth: 20_000_000})
+	t.Cleanup(link.Stop)
+	a, err := link.Proxy("127.0.0.1:0", reg.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("link %s in front of the registry at %s", link.Profile(), a)
+	return a.String() + "/" + repoTag, a.String(), link
 }

@@ -123,11 +123,18 @@ type Node struct {
 // that pulls from registries.
 func StartNode(t T, registries ...string) *Node {
 	t.Helper()
+	return StartNodeWith(t, WorkerOptions{Registries: registries})
+}
+
+// StartNodeWith is StartNode with more worker options; their Containerd
+// and Address are set by it.
+func StartNodeWith(t T, opts WorkerOptions) *Node {
+	t.Helper()
 	dir := ShortTempDir(t, "node-")
-	sock := filepath.Join(dir, "sn.sock")
-	c := StartContainerd(t, ContainerdOptions{StarlightSocket: sock})
-	w := StartWorker(t, WorkerOptions{Registries: registries, Containerd: c, Address: sock})
-	return &Node{Containerd: c, Worker: w}
+	opts.Address = filepath.Join(dir, "sn.sock")
+	opts.Containerd = StartContainerd(t, ContainerdOptions{StarlightSocket: opts.Address})
+	w := StartWorker(t, opts)
+	return &Node{Containerd: opts.Containerd, Worker: w}
 }
 
 // Log returns the tail of the worker log.

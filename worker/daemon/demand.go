@@ -85,7 +85,6 @@ type demandSource struct {
 // traces, the startup files are at its head, and fetching them again would
 // only take bandwidth from it.
 type DemandStream struct {
-	f *DemandFetcher
 	// at is the stream offset (compressed bytes of the frames before
 	// it, from frame 0) of each chunk the stream carries.
 	at      map[chunkRef]int64
@@ -202,7 +201,7 @@ func (f *DemandFetcher) holdStream(ctx context.Context) {
 // carries are registered. Report the stream's progress to the returned
 // DemandStream, and Close it when the stream has ended.
 func (f *DemandFetcher) Add(reg config.Registry, repository string, h *api.BundleHeader) *DemandStream {
-	ds := &DemandStream{f: f, at: make(map[chunkRef]int64, len(h.Frames))}
+	ds := &DemandStream{at: make(map[chunkRef]int64, len(h.Frames))}
 	var off int64
 	for _, fr := range h.Frames {
 		ds.at[chunkRef{digest.Digest(fr.Digest), fr.Offset}] = off
