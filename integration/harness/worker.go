@@ -41,8 +41,8 @@ type Worker struct {
 	Dir     string
 	// MetricsAddr is the metrics listen address, if WorkerOptions.Metrics.
 	MetricsAddr string
-	proc    *Process
-	bin     string
+	proc        *Process
+	bin         string
 }
 
 // StartWorker runs bin/starlight-worker with a private root and sockets.
