@@ -45,7 +45,7 @@ func memberKey(d string, off int64) string { return fmt.Sprintf("%s@%d", d, off)
 
 // buildImage makes an image from layers of files. Regular files are cut in
 // chunks of chunkSize, each its own gzip member, as in eStargz.
-func buildImage(t *testing.T, chunkSize int64, layers ...[]testFile) *testImage {
+func buildImage(t testing.TB, chunkSize int64, layers ...[]testFile) *testImage {
 	t.Helper()
 	img := &testImage{members: map[string][]byte{}, chunkData: map[string][]byte{}}
 	var diffIDs []digest.Digest

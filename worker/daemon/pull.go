@@ -324,6 +324,7 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 		return fmt.Errorf("%s: reading bundle: %w", ref.Name, err)
 	}
 	h := br.Header()
+	headerAt := time.Now()
 	plan, err := planImage(h)
 	if err != nil {
 		return fmt.Errorf("%s: %w", ref.Name, err)
@@ -362,6 +363,7 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	// The image record names the layers now: they and their contents
 	// are safe from the collector.
 	unlockGC()
+	treesAt := time.Now()
 	if p.cri {
 		// containerd is unpacking the image: the Prepare that waits
 		// can now resolve its layer, and the others find theirs.
@@ -378,8 +380,15 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	})
 	pl.metrics.Pulls.WithLabelValues("ready").Inc()
 	pl.metrics.PullSeconds.WithLabelValues("ready").Observe(time.Since(start).Seconds())
-	log.G(ctx).WithField("digest", h.ManifestDigest).WithField("frames", len(h.Frames)).
-		WithField("bytes", total).WithField("dedupBytes", h.Stats.DedupBytes).Info("image ready, receiving contents")
+	log.G(ctx).WithFields(log.Fields{
+		"digest": h.ManifestDigest, "frames": len(h.Frames), "bytes": total, "dedupBytes": h.Stats.DedupBytes,
+		// Where the time to ready went: the registry's answer (round
+		// trip, planning, header), recording the trees, the import
+		// into containerd (snapshots, FUSE mounts).
+		"headerSeconds": headerAt.Sub(start).Seconds(),
+		"treesSeconds":  treesAt.Sub(headerAt).Seconds(),
+		"importSeconds": ready.Sub(treesAt).Seconds(),
+	}).Info("image ready, receiving contents")
 	pl.save(p)
 
 	if err := pl.receive(ctx, p, ref, ep, req, br, &body, stream); err != nil {

@@ -237,6 +237,13 @@ func sameLayout(a, b []api.Chunk) bool {
 // idempotent and a no-op for a complete content. Expecting a failed content
 // again re-arms it, for a new attempt.
 func (s *Store) Expect(d digest.Digest, size int64, chunks []api.Chunk) error {
+	return s.expect(d, size, chunks, nil)
+}
+
+// expect is Expect. partials, if not nil, names every file of partial/
+// (listed once for many contents), so that a content with no partial file
+// costs no lookup.
+func (s *Store) expect(d digest.Digest, size int64, chunks []api.Chunk, partials map[string]bool) error {
 	d, err := parse(d)
 	if err != nil {
 		return err
@@ -269,7 +276,7 @@ func (s *Store) Expect(d digest.Digest, size int64, chunks []api.Chunk) error {
 
 	// Prepare outside the lock: re-verifying a partial file left by an
 	// earlier run reads it.
-	c, err := s.newContent(d, size, chunks)
+	c, err := s.newContent(d, size, chunks, partials == nil || partials[d.Encoded()])
 	if err != nil {
 		return err
 	}
@@ -297,7 +304,7 @@ func (s *Store) Expect(d digest.Digest, size int64, chunks []api.Chunk) error {
 // as arrived; otherwise the partial file is created by the first chunk
 // written (openPartial), so that expecting the thousands of contents of an
 // image costs no file creation before the image is usable.
-func (s *Store) newContent(d digest.Digest, size int64, chunks []api.Chunk) (*content, error) {
+func (s *Store) newContent(d digest.Digest, size int64, chunks []api.Chunk, mayHavePartial bool) (*content, error) {
 	c := &content{
 		d:       d,
 		size:    size,
@@ -307,6 +314,9 @@ func (s *Store) newContent(d digest.Digest, size int64, chunks []api.Chunk) (*co
 		missing: len(chunks),
 		changed: make(chan struct{}),
 		hash:    sha256.New(),
+	}
+	if !mayHavePartial {
+		return c, nil
 	}
 	path := s.partialPath(d)
 	fi, err := os.Lstat(path)
@@ -392,6 +402,16 @@ func (s *Store) putEmpty(d digest.Digest) error {
 // it sends when two layers store the same content with different chunk
 // sizes); the first entry's chunks are the fallback.
 func (s *Store) ExpectHeader(h *api.BundleHeader) error {
+	// One listing of partial/ instead of a lookup per content: it is
+	// empty unless an earlier pull was interrupted.
+	dirents, err := os.ReadDir(filepath.Join(s.root, "partial"))
+	if err != nil {
+		return fmt.Errorf("listing partial contents: %w", err)
+	}
+	partials := make(map[string]bool, len(dirents))
+	for _, de := range dirents {
+		partials[de.Name()] = true
+	}
 	frames := make(map[string][]api.Chunk)
 	for _, f := range h.Frames {
 		frames[f.Digest] = append(frames[f.Digest], api.Chunk{Offset: f.Offset, Size: f.Size, Digest: f.ChunkDigest})
@@ -407,7 +427,7 @@ func (s *Store) ExpectHeader(h *api.BundleHeader) error {
 			if _, err := checkChunks(digest.Digest(e.Digest), e.Size, chunks); err != nil {
 				chunks = e.Chunks
 			}
-			if err := s.Expect(digest.Digest(e.Digest), e.Size, chunks); err != nil {
+			if err := s.expect(digest.Digest(e.Digest), e.Size, chunks, partials); err != nil {
 				return fmt.Errorf("layer %s: %s: %w", h.Layers[i].Digest, e.Name, err)
 			}
 			delete(frames, e.Digest)

@@ -101,6 +101,11 @@ func measure(env *harness.Env, bigMB, small int, rtt time.Duration, mbps float64
 	fmt.Printf("  containerd (ctr pull + ctr run, overlayfs): %8.2fs\n", plain.Seconds())
 	fmt.Printf("  starlight  (ctr-starlight pull + ctr run):  %8.2fs (pull returned after %.2fs; %d of %d bundle bytes had arrived at exit)  speed-up %.1fx\n",
 		sl.Seconds(), pullOnly.Seconds(), p.BytesReceived, p.BytesTotal, plain.Seconds()/sl.Seconds())
+	for _, line := range strings.Split(node.Worker.Log(), "\n") {
+		if strings.Contains(line, "image ready") {
+			fmt.Printf("  worker: %s\n", line)
+		}
+	}
 
 	node.Worker.CLI(env, slNS, "pull", "--plain-http", "--wait", ref)
 
