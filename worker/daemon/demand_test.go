@@ -66,8 +66,9 @@ func entryNamed(t *testing.T, h *api.BundleHeader, name string) api.Entry {
 }
 
 // TestDemandFetch: a read of a content the bundle has not brought is served
-// from a ranged GET of the layer blob, which asks for the chunks from the
-// one read on, up to store.DemandAhead past the read, and no more.
+// from a ranged GET of the layer blob, which asks for the chunks the read
+// covers and, when the read continues what arrived, those up to
+// store.DemandAhead past it.
 func TestDemandFetch(t *testing.T) {
 	big := make([]byte, 5<<20+123)
 	rand.New(rand.NewSource(1)).Read(big)
@@ -92,7 +93,8 @@ func TestDemandFetch(t *testing.T) {
 		t.Fatal("small is not complete after its only chunk was fetched")
 	}
 
-	// A 4 KiB read at 2.5 MiB of big: chunk 2 and, ahead, chunk 3.
+	// A 4 KiB read at 2.5 MiB of big, whose chunk 1 has not arrived:
+	// chunk 2 only.
 	eb := entryNamed(t, h, "big")
 	p = make([]byte, 4096)
 	if _, err := readWithin(st, eb.Digest, p, 5<<19, 10*time.Second); err != nil {
@@ -102,10 +104,19 @@ func TestDemandFetch(t *testing.T) {
 		t.Fatal("big: wrong bytes")
 	}
 	c2, c3 := eb.Chunks[2], eb.Chunks[3]
-	want := fmt.Sprintf("bytes=%d-%d", c2.CompressedOffset, c3.CompressedOffset+c3.CompressedSize-1)
+	want := fmt.Sprintf("bytes=%d-%d", c2.CompressedOffset, c2.CompressedOffset+c2.CompressedSize-1)
 	ranges := reg.BlobRanges()
 	if len(ranges) != 2 || ranges[1] != want {
 		t.Fatalf("blob GETs with ranges %q, want the second to be %q", ranges, want)
+	}
+	// A read continuing chunk 2 asks for chunk 3 and 1 MiB ahead: chunk 4.
+	if _, err := readWithin(st, eb.Digest, p, c3.Offset+10, 10*time.Second); err != nil {
+		t.Fatalf("read of big: %v", err)
+	}
+	c4 := eb.Chunks[4]
+	want = fmt.Sprintf("bytes=%d-%d", c3.CompressedOffset, c4.CompressedOffset+c4.CompressedSize-1)
+	if ranges := reg.BlobRanges(); len(ranges) != 3 || ranges[2] != want {
+		t.Fatalf("blob GETs with ranges %q, want the third to be %q", ranges, want)
 	}
 	// Chunks 0 and 1 did not arrive: a read of them blocks (and
 	// demands them in turn).

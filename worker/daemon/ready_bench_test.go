@@ -65,7 +65,7 @@ func BenchmarkReadyPath(b *testing.B) {
 		dec, add, expect = dec+t1.Sub(t0), add+t2.Sub(t1), expect+t3.Sub(t2)
 	}
 	n := time.Duration(b.N)
-	b.ReportMetric(float64((dec / n).Microseconds())/1000, "ms-decode")
-	b.ReportMetric(float64((add / n).Microseconds())/1000, "ms-trees")
-	b.ReportMetric(float64((expect / n).Microseconds())/1000, "ms-expect")
+	b.ReportMetric(float64((dec/n).Microseconds())/1000, "ms-decode")
+	b.ReportMetric(float64((add/n).Microseconds())/1000, "ms-trees")
+	b.ReportMetric(float64((expect/n).Microseconds())/1000, "ms-expect")
 }

@@ -10,14 +10,17 @@ import (
 )
 
 // DemandAhead is how many bytes (uncompressed) past the end of a blocked
-// read a demand asks for, in whole chunks: a reader that blocks on the
-// start of a file usually goes on reading it.
+// read a demand asks for, in whole chunks, when the read looks sequential:
+// a reader that blocks on the start of a file, or right after a part it
+// already has, usually goes on reading. A read elsewhere (a page fault in
+// a large mapped binary, a lookup in a large archive) asks for its own
+// chunks only.
 const DemandAhead = 1 << 20
 
 // A Demand names the chunks of a content that a reader is blocked on:
-// the missing chunks that overlap its read, followed by the missing chunks
-// up to DemandAhead bytes past it, in file order. None of them is being
-// written when the demand is made.
+// the missing chunks that overlap its read, followed, for a sequential
+// read, by the missing chunks up to DemandAhead bytes past it, in file
+// order. None of them is being written when the demand is made.
 type Demand struct {
 	Digest digest.Digest
 	Chunks []api.Chunk
@@ -43,7 +46,10 @@ func (s *Store) SetFrameGate(fn func(ctx context.Context)) { s.frameGate = fn }
 func (c *content) demandLocked(off, end int64) []api.Chunk {
 	i := sort.Search(len(c.chunks), func(i int) bool { return c.chunks[i].Offset+c.chunks[i].Size > off })
 	var out []api.Chunk
-	limit := end + DemandAhead
+	limit := end
+	if i == 0 || c.have[i-1] {
+		limit += DemandAhead
+	}
 	for ; i < len(c.chunks) && c.chunks[i].Offset < limit; i++ {
 		if c.have[i] || c.busy[i] {
 			if c.chunks[i].Offset >= end {

@@ -6,8 +6,9 @@ import (
 	"time"
 )
 
-// TestDemandHandler: a blocked read names the missing chunks it covers and
-// the missing ones after it, stopping at the first chunk already in.
+// TestDemandHandler: a blocked read names the missing chunks it covers and,
+// if it continues what arrived, the missing ones after it, stopping at the
+// first chunk already in.
 func TestDemandHandler(t *testing.T) {
 	s := openStore(t)
 	c := newContent(t, 21, 4*1024, 1024)
@@ -31,7 +32,10 @@ func TestDemandHandler(t *testing.T) {
 		}
 	}
 
-	read(1024 + 5)
+	if err := c.write(t, s, 0); err != nil {
+		t.Fatal(err)
+	}
+	read(1024 + 5) // continues chunk 0: sequential
 	if got := offsets(<-demands); len(got) != 3 || got[0] != 1024 || got[2] != 3072 {
 		t.Fatalf("demanded %v, want chunks at 1024, 2048, 3072", got)
 	}
@@ -44,6 +48,18 @@ func TestDemandHandler(t *testing.T) {
 	}
 	if len(demands) != 0 {
 		t.Fatalf("%d extra demands", len(demands))
+	}
+	// A read that does not continue what arrived asks for its own
+	// chunk only.
+	d := newContent(t, 22, 4*1024, 1024)
+	if err := s.Expect(d.d, int64(len(d.data)), d.chunks); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	s.ReadAt(ctx, d.d, make([]byte, 10), 2048)
+	if got := offsets(<-demands); len(got) != 1 || got[0] != 2048 {
+		t.Fatalf("demanded %v for a read in the middle, want only the chunk at 2048", got)
 	}
 	// A read of arrived data demands nothing.
 	if _, err := s.ReadAt(context.Background(), c.d, make([]byte, 10), 2048); err != nil {
