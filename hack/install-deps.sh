@@ -3,7 +3,9 @@
 # Idempotent: packages already present are not reinstalled.
 set -euo pipefail
 
-pkgs=(containerd runc docker.io skopeo fuse3 busybox-static sqlite3 apache2-utils iproute2 gcc make git ca-certificates curl bc)
+# e2fsprogs and mount: the fresh ext4 each benchmark measurement runs on (the
+# bench smoke test of make test too).
+pkgs=(containerd runc docker.io skopeo fuse3 busybox-static sqlite3 apache2-utils iproute2 e2fsprogs mount gcc make git ca-certificates curl bc)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -160,7 +160,7 @@ func NewDemandFetcher(ctx context.Context, st *store.Store, remote *Remote, conc
 			}),
 			chunks: prometheus.NewCounter(prometheus.CounterOpts{
 				Namespace: "starlight", Subsystem: "worker", Name: "demand_chunks_total",
-				Help: "Chunks stored from on-demand fetches.",
+				Help: "Chunks fetched on demand (a chunk the stream delivered meanwhile is fetched but not stored twice).",
 			}),
 			left: prometheus.NewCounter(prometheus.CounterOpts{
 				Namespace: "starlight", Subsystem: "worker", Name: "demand_left_to_stream_total",
