@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/integration/harness"
-	"github.com/starlight-project/starlight/worker/client"
 )
 
 // TestCRIPullIsAccelerated is the Kubernetes path: `crictl pull` against
@@ -66,7 +66,7 @@ func TestCRIPullIsAccelerated(t *testing.T) {
 	}
 
 	// The worker pulled the image for CRI, under its reference.
-	var got client.Image
+	var got api.WorkerImage
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		got = w.Progress(t, ref, ns)

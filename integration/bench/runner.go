@@ -11,7 +11,6 @@ import (
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/integration/harness"
 	"github.com/starlight-project/starlight/integration/linkem"
-	"github.com/starlight-project/starlight/worker/client"
 )
 
 // namespace is the containerd namespace of every measurement.
@@ -306,15 +305,15 @@ func (r *runner) timeStarlight(env *harness.Env, node *harness.Node, ep *endpoin
 	}
 }
 
-func workerImage(w *harness.Worker, ref string) (client.Image, bool) {
+func workerImage(w *harness.Worker, ref string) (api.WorkerImage, bool) {
 	imgs, err := w.Images()
 	if err != nil {
-		return client.Image{}, false
+		return api.WorkerImage{}, false
 	}
 	for _, im := range imgs {
 		if im.Ref == ref && im.Namespace == namespace {
 			return im, true
 		}
 	}
-	return client.Image{}, false
+	return api.WorkerImage{}, false
 }

@@ -185,8 +185,8 @@ func (r *runner) report(env *harness.Env, node *harness.Node, repository string)
 	out, err := node.Worker.CLIE(namespace, "report", "--server", r.capture.url)
 	if err != nil && strings.Contains(out, "unknown command") {
 		// An older CLI: the same API call.
-		var res *client.ReportResult
-		res, err = c.Report(ctx, client.ReportRequest{Server: r.capture.url})
+		var res *api.ReportResult
+		res, err = c.Report(ctx, api.ReportRequest{Server: r.capture.url})
 		if err == nil {
 			for _, t := range res.Traces {
 				if t.Error != "" {

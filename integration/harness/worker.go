@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/client"
 )
 
@@ -167,7 +168,7 @@ func (w *Worker) CLI(t T, ns string, args ...string) string {
 
 // Images asks the worker for the state and progress of its images
 // (GET /v1/images on the API socket).
-func (w *Worker) Images() ([]client.Image, error) {
+func (w *Worker) Images() ([]api.WorkerImage, error) {
 	c := client.New(w.API)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -176,7 +177,7 @@ func (w *Worker) Images() ([]client.Image, error) {
 }
 
 // Progress returns the worker's state of ref in namespace ns.
-func (w *Worker) Progress(t T, ref, ns string) client.Image {
+func (w *Worker) Progress(t T, ref, ns string) api.WorkerImage {
 	t.Helper()
 	imgs, err := w.Images()
 	if err != nil {
@@ -188,7 +189,7 @@ func (w *Worker) Progress(t T, ref, ns string) client.Image {
 		}
 	}
 	t.Fatalf("the worker does not report %s in namespace %q: %+v", ref, ns, imgs)
-	return client.Image{}
+	return api.WorkerImage{}
 }
 
 // Metric returns the value of one series of the worker's metrics, given as

@@ -1,3 +1,6 @@
+// Package client is the Go client of the starlight-worker API, served over
+// HTTP on the worker's unix socket (--api). The JSON of that API is
+// defined in package api (api/worker.go), shared with the worker.
 package client
 
 import (
@@ -12,6 +15,8 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+
+	"github.com/starlight-project/starlight/api"
 )
 
 // Client talks to a starlight-worker over its API socket.
@@ -39,7 +44,7 @@ func (c *Client) Close() { c.hc.CloseIdleConnections() }
 // Pull asks the worker to pull req.Ref and calls fn with every event until
 // the image is usable (or complete with req.Wait). A failed pull returns
 // the worker's message verbatim as the error.
-func (c *Client) Pull(ctx context.Context, req PullRequest, fn func(Event)) error {
+func (c *Client) Pull(ctx context.Context, req api.PullRequest, fn func(api.PullEvent)) error {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return err
@@ -56,12 +61,12 @@ func (c *Client) Pull(ctx context.Context, req PullRequest, fn func(Event)) erro
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	want := StateReady
+	want := api.PullReady
 	if req.Wait {
-		want = StateComplete
+		want = api.PullComplete
 	}
 	for sc.Scan() {
-		var ev Event
+		var ev api.PullEvent
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
 			return fmt.Errorf("decoding worker event: %w", err)
 		}
@@ -69,11 +74,11 @@ func (c *Client) Pull(ctx context.Context, req PullRequest, fn func(Event)) erro
 			fn(ev)
 		}
 		switch ev.Status {
-		case StateFailed:
+		case api.PullFailed:
 			return errors.New(ev.Message)
 		case want:
 			return nil
-		case StateComplete: // complete implies ready
+		case api.PullComplete: // complete implies ready
 			return nil
 		}
 	}
@@ -84,8 +89,8 @@ func (c *Client) Pull(ctx context.Context, req PullRequest, fn func(Event)) erro
 }
 
 // Images lists the images pulled through the worker.
-func (c *Client) Images(ctx context.Context) ([]Image, error) {
-	var out []Image
+func (c *Client) Images(ctx context.Context) ([]api.WorkerImage, error) {
+	var out []api.WorkerImage
 	if err := c.get(ctx, "/v1/images", &out); err != nil {
 		return nil, err
 	}
@@ -93,12 +98,12 @@ func (c *Client) Images(ctx context.Context) ([]Image, error) {
 }
 
 // Image returns the state of one image. namespace may be empty.
-func (c *Client) Image(ctx context.Context, ref, namespace string) (*Image, error) {
+func (c *Client) Image(ctx context.Context, ref, namespace string) (*api.WorkerImage, error) {
 	p := "/v1/images/" + url.PathEscape(ref)
 	if namespace != "" {
 		p += "?namespace=" + url.QueryEscape(namespace)
 	}
-	var out Image
+	var out api.WorkerImage
 	if err := c.get(ctx, p, &out); err != nil {
 		return nil, err
 	}
@@ -108,12 +113,12 @@ func (c *Client) Image(ctx context.Context, ref, namespace string) (*Image, erro
 // RemoveImage removes the image ref from the worker and from containerd,
 // then drops the layers and contents nothing else uses. namespace may be
 // empty ("default").
-func (c *Client) RemoveImage(ctx context.Context, ref, namespace string) (*RemoveResult, error) {
+func (c *Client) RemoveImage(ctx context.Context, ref, namespace string) (*api.RemoveResult, error) {
 	p := "/v1/images/" + url.PathEscape(ref)
 	if namespace != "" {
 		p += "?namespace=" + url.QueryEscape(namespace)
 	}
-	var out RemoveResult
+	var out api.RemoveResult
 	if err := c.call(ctx, http.MethodDelete, p, nil, &out); err != nil {
 		return nil, err
 	}
@@ -122,30 +127,30 @@ func (c *Client) RemoveImage(ctx context.Context, ref, namespace string) (*Remov
 
 // Optimize returns whether every new container is traced.
 func (c *Client) Optimize(ctx context.Context) (bool, error) {
-	var out OptimizeState
+	var out api.OptimizeState
 	err := c.get(ctx, "/v1/optimize", &out)
 	return out.On, err
 }
 
 // SetOptimize turns tracing of every new container on or off.
 func (c *Client) SetOptimize(ctx context.Context, on bool) error {
-	return c.call(ctx, http.MethodPut, "/v1/optimize", OptimizeState{On: on}, &OptimizeState{})
+	return c.call(ctx, http.MethodPut, "/v1/optimize", api.OptimizeState{On: on}, &api.OptimizeState{})
 }
 
 // Traces lists the traces not yet reported.
-func (c *Client) Traces(ctx context.Context) ([]Trace, error) {
-	var out []Trace
+func (c *Client) Traces(ctx context.Context) ([]api.TraceSummary, error) {
+	var out []api.TraceSummary
 	if err := c.get(ctx, "/v1/traces", &out); err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// Report uploads every pending trace (see ReportRequest). A trace that
+// Report uploads every pending trace (see api.ReportRequest). A trace that
 // fails is listed with its error; the call itself fails only when the
 // worker cannot try.
-func (c *Client) Report(ctx context.Context, req ReportRequest) (*ReportResult, error) {
-	var out ReportResult
+func (c *Client) Report(ctx context.Context, req api.ReportRequest) (*api.ReportResult, error) {
+	var out api.ReportResult
 	if err := c.call(ctx, http.MethodPost, "/v1/traces/report", req, &out); err != nil {
 		return nil, err
 	}
@@ -195,7 +200,7 @@ func (c *Client) do(hr *http.Request) (*http.Response, error) {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	var eb ErrorBody
+	var eb api.Error
 	if json.Unmarshal(b, &eb) == nil && eb.Message != "" {
 		return nil, errors.New(eb.Message)
 	}

@@ -7,6 +7,8 @@ import (
 	"github.com/containerd/containerd"
 	"github.com/containerd/containerd/oci"
 	"github.com/containerd/containerd/snapshots"
+
+	"github.com/starlight-project/starlight/api"
 )
 
 // ContainerOptions describe a container made by NewContainer.
@@ -33,9 +35,9 @@ func NewContainer(ctx context.Context, c *containerd.Client, opts ContainerOptio
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w (pull it first: ctr-starlight pull %s)", opts.Ref, err, opts.Ref)
 	}
-	labels := map[string]string{LabelImageRef: opts.Ref}
+	labels := map[string]string{api.LabelImageRef: opts.Ref}
 	if opts.Optimize {
-		labels[LabelOptimize] = "true"
+		labels[api.LabelOptimize] = "true"
 	}
 	specOpts := []oci.SpecOpts{oci.WithImageConfig(img)}
 	if len(opts.Args) > 0 {

@@ -190,7 +190,7 @@ func startWorker(t *testing.T, dir string, registries ...config.Registry) *testW
 	return &testWorker{cfg: cfg, d: d, client: c}
 }
 
-func waitImage(t *testing.T, c *client.Client, ref string, cond func(client.Image) bool) client.Image {
+func waitImage(t *testing.T, c *client.Client, ref string, cond func(api.WorkerImage) bool) api.WorkerImage {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -259,14 +259,14 @@ func TestPullRunsInContainerd(t *testing.T) {
 	sock := startContainerd(t, filepath.Join(dir, "ctrd"), w.cfg.Address)
 
 	ctx := namespaces.WithNamespace(context.Background(), "default")
-	var events []client.Event
-	if err := w.client.Pull(ctx, client.PullRequest{Ref: ref, Namespace: "default"}, func(ev client.Event) {
+	var events []api.PullEvent
+	if err := w.client.Pull(ctx, api.PullRequest{Ref: ref, Namespace: "default"}, func(ev api.PullEvent) {
 		events = append(events, ev)
 	}); err != nil {
 		t.Fatalf("pull: %v", err)
 	}
 	last := events[len(events)-1]
-	if last.Status != client.StateReady || last.FramesTotal == 0 || last.FramesReceived != 0 {
+	if last.Status != api.PullReady || last.FramesTotal == 0 || last.FramesReceived != 0 {
 		t.Fatalf("last event %+v, want ready with no frame received yet", last)
 	}
 
@@ -291,7 +291,7 @@ func TestPullRunsInContainerd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Complete || st.State != client.StateReady || st.Ready == nil {
+	if st.Complete || st.State != api.PullReady || st.Ready == nil {
 		t.Fatalf("status before the frames: %+v", st)
 	}
 
@@ -315,8 +315,8 @@ func TestPullRunsInContainerd(t *testing.T) {
 	})
 
 	close(reg.gate)
-	st2 := waitImage(t, w.client, ref, func(i client.Image) bool {
-		return i.State == client.StateComplete || i.State == client.StateFailed
+	st2 := waitImage(t, w.client, ref, func(i api.WorkerImage) bool {
+		return i.State == api.PullComplete || i.State == api.PullFailed
 	})
 	if !st2.Complete || st2.Error != "" || st2.FramesReceived != st2.FramesTotal || st2.BytesReceived != st2.BytesTotal ||
 		st2.FilesReceived != st2.FilesTotal || st2.Resumes != 1 {
@@ -342,7 +342,7 @@ func TestPullRunsInContainerd(t *testing.T) {
 	}
 
 	// A second pull holds every layer: Have lists them, nothing is sent.
-	if err := w.client.Pull(ctx, client.PullRequest{Ref: ref, Wait: true}, nil); err != nil {
+	if err := w.client.Pull(ctx, api.PullRequest{Ref: ref, Wait: true}, nil); err != nil {
 		t.Fatalf("second pull: %v", err)
 	}
 	reqs = reg.Requests()
@@ -359,7 +359,7 @@ func TestPullRunsInContainerd(t *testing.T) {
 		{"127.0.0.1:1/app:v1", "host 127.0.0.1:1 is not a configured Starlight registry"},
 		{host + "/missing:v1", "registry: NOT_FOUND: image missing:v1 not found"},
 	} {
-		err := w.client.Pull(ctx, client.PullRequest{Ref: tc.ref}, nil)
+		err := w.client.Pull(ctx, api.PullRequest{Ref: tc.ref}, nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("pull %s: error %v, want %q", tc.ref, err, tc.want)
 		}
@@ -367,11 +367,11 @@ func TestPullRunsInContainerd(t *testing.T) {
 	// A bundle that keeps breaking: after the retries the pull fails, and
 	// reads of what did not arrive fail with EIO instead of hanging.
 	bref := bhost + "/broken:v1"
-	if err := w.client.Pull(ctx, client.PullRequest{Ref: bref, Wait: true}, nil); err == nil || !strings.Contains(err.Error(), "truncated") {
+	if err := w.client.Pull(ctx, api.PullRequest{Ref: bref, Wait: true}, nil); err == nil || !strings.Contains(err.Error(), "truncated") {
 		t.Fatalf("pull of a breaking bundle: %v", err)
 	}
 	bst, _ := w.client.Image(ctx, bref, "")
-	if bst.State != client.StateFailed || bst.Ready == nil || bst.Complete || bst.Resumes != 2 || len(breg.Requests()) != 3 {
+	if bst.State != api.PullFailed || bst.Ready == nil || bst.Complete || bst.Resumes != 2 || len(breg.Requests()) != 3 {
 		t.Fatalf("status %+v after %d requests", bst, len(breg.Requests()))
 	}
 	ldir, err := w.d.Layers.Dir(ctx, digest.Digest(broken.layers[0].Digest))

@@ -11,7 +11,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 
-	"github.com/starlight-project/starlight/worker/client"
+	"github.com/starlight-project/starlight/api"
 )
 
 // criNamespace is the namespace containerd's CRI plugin works in; a
@@ -97,8 +97,8 @@ func (pl *Puller) startCRI(ref Ref, ep Endpoint, namespace string, manifest dige
 	pl.cri[manifest] = f
 	var once sync.Once
 	p := &pull{
-		img: client.Image{
-			Ref: ref.Name, Namespace: namespace, State: client.StateResolving,
+		img: api.WorkerImage{
+			Ref: ref.Name, Namespace: namespace, State: api.PullResolving,
 			Started: time.Now().UTC(), PlainHTTP: ep.Registry.PlainHTTP,
 		},
 		changed: make(chan struct{}),

@@ -14,7 +14,6 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/starlight-project/starlight/api"
-	"github.com/starlight-project/starlight/worker/client"
 	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/snapshotter"
 )
@@ -119,7 +118,7 @@ func TestCRIPrepareFetchesImage(t *testing.T) {
 	if len(reg.Requests()) != 1 {
 		t.Errorf("%d delta requests, want 1", len(reg.Requests()))
 	}
-	got := waitImage(t, w.client, ref, func(i client.Image) bool { return i.State == client.StateComplete })
+	got := waitImage(t, w.client, ref, func(i api.WorkerImage) bool { return i.State == api.PullComplete })
 	if !got.Complete || got.Namespace != "k8s.io" || got.Digest != img.manifestDigest.String() || len(got.Layers) != 2 {
 		t.Errorf("worker's record of the CRI image: %+v", got)
 	}

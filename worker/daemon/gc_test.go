@@ -52,7 +52,7 @@ func TestRemoveImageKeepsSharedContents(t *testing.T) {
 	sock := startContainerd(t, filepath.Join(dir, "ctrd"), w.cfg.Address)
 	ctx := namespaces.WithNamespace(context.Background(), "default")
 	for _, ref := range []string{refA, refB} {
-		if err := w.client.Pull(ctx, client.PullRequest{Ref: ref, Wait: true}, nil); err != nil {
+		if err := w.client.Pull(ctx, api.PullRequest{Ref: ref, Wait: true}, nil); err != nil {
 			t.Fatalf("pull %s: %v", ref, err)
 		}
 	}
@@ -160,12 +160,12 @@ func TestCollectSparesContentsAPullReliesOn(t *testing.T) {
 	w := startWorker(t, dir, config.Registry{Host: hostA, PlainHTTP: true}, config.Registry{Host: hostB, PlainHTTP: true})
 	startContainerd(t, filepath.Join(dir, "ctrd"), w.cfg.Address)
 	ctx := namespaces.WithNamespace(context.Background(), "default")
-	if err := w.client.Pull(ctx, client.PullRequest{Ref: refA, Wait: true}, nil); err != nil {
+	if err := w.client.Pull(ctx, api.PullRequest{Ref: refA, Wait: true}, nil); err != nil {
 		t.Fatal(err)
 	}
 
 	pullDone := make(chan error, 1)
-	go func() { pullDone <- w.client.Pull(ctx, client.PullRequest{Ref: refB, Wait: true}, nil) }()
+	go func() { pullDone <- w.client.Pull(ctx, api.PullRequest{Ref: refB, Wait: true}, nil) }()
 	for len(regB.Requests()) == 0 {
 		time.Sleep(10 * time.Millisecond)
 	}

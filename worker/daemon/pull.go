@@ -26,7 +26,6 @@ import (
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/api/bundle"
-	"github.com/starlight-project/starlight/worker/client"
 	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/store"
 )
@@ -47,7 +46,7 @@ type Puller struct {
 	// demand fetches the chunks blocked reads wait for ahead of the
 	// bundle stream; nil when disabled.
 	demand *DemandFetcher
-	// recordDir holds one JSON record per image (client.Image), so that
+	// recordDir holds one JSON record per image (api.WorkerImage), so that
 	// `ctr-starlight images` survives a worker restart.
 	recordDir string
 	// Backoff is the wait before the first resume of a broken stream;
@@ -77,7 +76,7 @@ type Puller struct {
 // and replaced at every update.
 type pull struct {
 	mu      sync.Mutex
-	img     client.Image
+	img     api.WorkerImage
 	changed chan struct{}
 	active  bool
 	// cri marks a pull started by a CRI Prepare: containerd is unpacking
@@ -87,7 +86,7 @@ type pull struct {
 	header func(error)
 }
 
-func (p *pull) snapshot() (client.Image, <-chan struct{}) {
+func (p *pull) snapshot() (api.WorkerImage, <-chan struct{}) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	img := p.img
@@ -95,7 +94,7 @@ func (p *pull) snapshot() (client.Image, <-chan struct{}) {
 	return img, p.changed
 }
 
-func (p *pull) update(fn func(img *client.Image)) {
+func (p *pull) update(fn func(img *api.WorkerImage)) {
 	p.mu.Lock()
 	fn(&p.img)
 	close(p.changed)
@@ -138,12 +137,12 @@ func NewPuller(cfg *config.Config, st *store.Store, layers *Layers, remote *Remo
 		if err != nil {
 			continue
 		}
-		var img client.Image
+		var img api.WorkerImage
 		if json.Unmarshal(b, &img) != nil || img.Ref == "" {
 			continue
 		}
-		if img.State != client.StateComplete && img.State != client.StateFailed {
-			img.State = client.StateFailed
+		if img.State != api.PullComplete && img.State != api.PullFailed {
+			img.State = api.PullFailed
 			img.Error = "interrupted by a worker restart; pull again to fetch the missing contents"
 		}
 		pl.pulls[imageKey(img.Namespace, img.Ref)] = &pull{img: img, changed: make(chan struct{})}
@@ -160,14 +159,14 @@ func (pl *Puller) Close() error {
 }
 
 // Images returns the state of every image, sorted by namespace and ref.
-func (pl *Puller) Images() []client.Image {
+func (pl *Puller) Images() []api.WorkerImage {
 	pl.mu.Lock()
 	ps := make([]*pull, 0, len(pl.pulls))
 	for _, p := range pl.pulls {
 		ps = append(ps, p)
 	}
 	pl.mu.Unlock()
-	out := make([]client.Image, 0, len(ps))
+	out := make([]api.WorkerImage, 0, len(ps))
 	for _, p := range ps {
 		img, _ := p.snapshot()
 		out = append(out, img)
@@ -183,18 +182,18 @@ func (pl *Puller) Images() []client.Image {
 
 // Image returns the state of ref. With an empty namespace any namespace
 // matches (the first in order).
-func (pl *Puller) Image(ref, namespace string) (client.Image, bool) {
+func (pl *Puller) Image(ref, namespace string) (api.WorkerImage, bool) {
 	for _, img := range pl.Images() {
 		if img.Ref == ref && (namespace == "" || img.Namespace == namespace) {
 			return img, true
 		}
 	}
-	return client.Image{}, false
+	return api.WorkerImage{}, false
 }
 
 // Start starts pulling req.Ref, or joins the pull of the same image that
 // is already running. The returned pull reports its progress.
-func (pl *Puller) Start(req client.PullRequest) (*pull, error) {
+func (pl *Puller) Start(req api.PullRequest) (*pull, error) {
 	if req.Namespace == "" {
 		req.Namespace = namespaces.Default
 	}
@@ -224,8 +223,8 @@ func (pl *Puller) Start(req client.PullRequest) (*pull, error) {
 		}
 	}
 	p := &pull{
-		img: client.Image{
-			Ref: ref.Name, Namespace: req.Namespace, State: client.StateResolving,
+		img: api.WorkerImage{
+			Ref: ref.Name, Namespace: req.Namespace, State: api.PullResolving,
 			Started: time.Now().UTC(), PlainHTTP: ep.Registry.PlainHTTP,
 		},
 		changed: make(chan struct{}),
@@ -251,10 +250,10 @@ func (pl *Puller) run(p *pull, ref Ref, ep Endpoint) {
 	if p.header != nil {
 		p.header(err) // no-op once the header was signalled
 	}
-	p.update(func(img *client.Image) {
+	p.update(func(img *api.WorkerImage) {
 		p.active = false
 		if err != nil {
-			img.State = client.StateFailed
+			img.State = api.PullFailed
 			img.Error = err.Error()
 		}
 	})
@@ -289,9 +288,9 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 			return err
 		}
 		now := time.Now().UTC()
-		p.update(func(img *client.Image) {
+		p.update(func(img *api.WorkerImage) {
 			img.Digest = md.Target.Digest.String()
-			img.State = client.StateComplete
+			img.State = api.PullComplete
 			img.Complete = true
 			img.Ready, img.Completed = &now, &now
 		})
@@ -334,8 +333,8 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	for _, f := range h.Frames {
 		total += f.CompressedSize
 	}
-	p.update(func(img *client.Image) {
-		img.State = client.StateImporting
+	p.update(func(img *api.WorkerImage) {
+		img.State = api.PullImporting
 		img.Digest = h.ManifestDigest
 		img.Layers = nil
 		for _, l := range plan.layers {
@@ -374,8 +373,8 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 		return err
 	}
 	ready := time.Now().UTC()
-	p.update(func(img *client.Image) {
-		img.State = client.StateReady
+	p.update(func(img *api.WorkerImage) {
+		img.State = api.PullReady
 		img.Ready = &ready
 	})
 	pl.metrics.Pulls.WithLabelValues("ready").Inc()
@@ -404,10 +403,10 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 		complete = complete && ok
 	}
 	completed := time.Now().UTC()
-	p.update(func(img *client.Image) {
+	p.update(func(img *api.WorkerImage) {
 		img.Complete = complete
 		img.Completed = &completed
-		img.State = client.StateComplete
+		img.State = api.PullComplete
 		if !complete {
 			// The registry left out contents of layers this worker
 			// claimed to hold, and they are gone from the store.
@@ -439,7 +438,7 @@ func (pl *Puller) receive(ctx context.Context, p *pull, ref Ref, ep Endpoint, re
 			pl.metrics.FramesReceived.Add(float64(sp.Frames - countedFrames))
 		}
 		countedBytes, countedFrames = sp.Bytes, sp.Frames
-		p.update(func(img *client.Image) {
+		p.update(func(img *api.WorkerImage) {
 			img.BytesReceived, img.FramesReceived = sp.Bytes, sp.Frames
 			img.FilesReceived = filesBase + sp.Contents
 		})
@@ -469,7 +468,7 @@ func (pl *Puller) receive(ctx context.Context, p *pull, ref Ref, ep Endpoint, re
 			continue
 		}
 		pl.metrics.Resumes.Inc()
-		p.update(func(img *client.Image) { img.Resumes++ })
+		p.update(func(img *api.WorkerImage) { img.Resumes++ })
 		req.Resume = last.Frames
 		br = nil
 		*body, err = pl.remote.Delta(ctx, ep.Registry, ref.Repository, req)
@@ -535,9 +534,9 @@ func (pl *Puller) save(p *pull) {
 // image named ref in namespace when ref is given (the label ctr-starlight
 // create sets), else the image whose layers (base first) are exactly
 // layers, the most recently pulled if several are.
-func (pl *Puller) findImage(namespace, ref string, layers []digest.Digest) (client.Image, bool) {
+func (pl *Puller) findImage(namespace, ref string, layers []digest.Digest) (api.WorkerImage, bool) {
 	var (
-		best  client.Image
+		best  api.WorkerImage
 		found bool
 	)
 	for _, img := range pl.Images() {

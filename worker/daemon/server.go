@@ -9,7 +9,7 @@ import (
 
 	"github.com/containerd/log"
 
-	"github.com/starlight-project/starlight/worker/client"
+	"github.com/starlight-project/starlight/api"
 )
 
 // progressInterval bounds how often a pull stream reports progress.
@@ -47,13 +47,13 @@ func (d *Daemon) APIHandler() http.Handler {
 			writeError(w, http.StatusInternalServerError, "image removed; garbage collection: "+err.Error())
 			return
 		}
-		writeJSON(w, http.StatusOK, client.RemoveResult{Ref: ref, Layers: res.Layers, Contents: res.Contents, Bytes: res.Bytes})
+		writeJSON(w, http.StatusOK, api.RemoveResult{Ref: ref, Layers: res.Layers, Contents: res.Contents, Bytes: res.Bytes})
 	})
 	mux.HandleFunc("GET /v1/optimize", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, client.OptimizeState{On: d.Tracing.Optimize()})
+		writeJSON(w, http.StatusOK, api.OptimizeState{On: d.Tracing.Optimize()})
 	})
 	mux.HandleFunc("PUT /v1/optimize", func(w http.ResponseWriter, r *http.Request) {
-		var st client.OptimizeState
+		var st api.OptimizeState
 		if !decodeRequest(w, r, &st) {
 			return
 		}
@@ -72,7 +72,7 @@ func (d *Daemon) APIHandler() http.Handler {
 		writeJSON(w, http.StatusOK, traces)
 	})
 	mux.HandleFunc("POST /v1/traces/report", func(w http.ResponseWriter, r *http.Request) {
-		var req client.ReportRequest
+		var req api.ReportRequest
 		if !decodeRequest(w, r, &req) {
 			return
 		}
@@ -98,7 +98,7 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, v any) bool {
 }
 
 func servePull(pl *Puller, w http.ResponseWriter, r *http.Request) {
-	var req client.PullRequest
+	var req api.PullRequest
 	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
@@ -114,7 +114,7 @@ func servePull(pl *Puller, w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	flusher, _ := w.(http.Flusher)
 	enc := json.NewEncoder(w)
-	emit := func(ev client.Event) bool {
+	emit := func(ev api.PullEvent) bool {
 		if err := enc.Encode(ev); err != nil {
 			return false
 		}
@@ -126,17 +126,17 @@ func servePull(pl *Puller, w http.ResponseWriter, r *http.Request) {
 
 	var (
 		lastState    string
-		lastProgress client.Progress
+		lastProgress api.PullProgress
 		lastEmit     time.Time
 	)
 	for {
 		img, changed := p.snapshot()
-		ev := client.Event{Status: img.State, Ref: img.Ref, Progress: img.Progress, Message: img.Error}
+		ev := api.PullEvent{Status: img.State, Ref: img.Ref, PullProgress: img.PullProgress, Message: img.Error}
 		switch {
 		case img.State != lastState:
 			lastState = img.State
-		case img.Progress != lastProgress && time.Since(lastEmit) >= progressInterval:
-			ev.Status = client.EventProgress
+		case img.PullProgress != lastProgress && time.Since(lastEmit) >= progressInterval:
+			ev.Status = api.PullEventProgress
 			ev.Message = ""
 		default:
 			ev.Status = ""
@@ -145,12 +145,12 @@ func servePull(pl *Puller, w http.ResponseWriter, r *http.Request) {
 			if !emit(ev) {
 				return
 			}
-			lastProgress, lastEmit = img.Progress, time.Now()
+			lastProgress, lastEmit = img.PullProgress, time.Now()
 		}
 		switch {
-		case img.State == client.StateFailed, img.State == client.StateComplete:
+		case img.State == api.PullFailed, img.State == api.PullComplete:
 			return
-		case img.State == client.StateReady && !req.Wait:
+		case img.State == api.PullReady && !req.Wait:
 			return
 		}
 		select {
@@ -180,5 +180,5 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func writeError(w http.ResponseWriter, status int, msg string) {
-	writeJSON(w, status, client.ErrorBody{Message: msg})
+	writeJSON(w, status, api.Error{Message: msg})
 }

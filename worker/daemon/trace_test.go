@@ -44,7 +44,7 @@ func ctr(t *testing.T, sock string, args ...string) string {
 }
 
 // waitTraces polls the pending traces until cond holds.
-func waitTraces(t *testing.T, c *client.Client, what string, cond func([]client.Trace) bool) []client.Trace {
+func waitTraces(t *testing.T, c *client.Client, what string, cond func([]api.TraceSummary) bool) []api.TraceSummary {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -62,13 +62,13 @@ func waitTraces(t *testing.T, c *client.Client, what string, cond func([]client.
 	}
 }
 
-func recorded(traces []client.Trace, container string) (client.Trace, bool) {
+func recorded(traces []api.TraceSummary, container string) (api.TraceSummary, bool) {
 	for _, tr := range traces {
 		if tr.Container == container && !tr.Recording {
 			return tr, true
 		}
 	}
-	return client.Trace{}, false
+	return api.TraceSummary{}, false
 }
 
 // accessIndex returns the index of the first access of name, -1 if none.
@@ -121,7 +121,7 @@ func TestTracing(t *testing.T) {
 	w := startWorker(t, dir, config.Registry{Host: host, PlainHTTP: true, Username: "alice", Password: "s3cret"})
 	sock := startContainerd(t, filepath.Join(dir, "ctrd"), w.cfg.Address)
 	ctx := namespaces.WithNamespace(context.Background(), "default")
-	if err := w.client.Pull(ctx, client.PullRequest{Ref: ref, Wait: true}, nil); err != nil {
+	if err := w.client.Pull(ctx, api.PullRequest{Ref: ref, Wait: true}, nil); err != nil {
 		t.Fatalf("pull: %v", err)
 	}
 	cc, err := containerd.New(sock, containerd.WithDefaultNamespace("default"))
@@ -145,12 +145,12 @@ func TestTracing(t *testing.T) {
 	if out := ctr(t, sock, "task", "start", id); out != "one\ntwo\nthree\n4096\n" {
 		t.Fatalf("traced container printed %q", out)
 	}
-	traces := waitTraces(t, w.client, "recording", func(ts []client.Trace) bool { return len(ts) == 1 })
+	traces := waitTraces(t, w.client, "recording", func(ts []api.TraceSummary) bool { return len(ts) == 1 })
 	if tr := traces[0]; !tr.Recording || tr.Container != id || tr.Ref != ref || tr.Files < 5 {
 		t.Fatalf("trace of the running container: %+v", tr)
 	}
 	ctr(t, sock, "container", "rm", id)
-	traces = waitTraces(t, w.client, "trace of "+id+" written", func(ts []client.Trace) bool {
+	traces = waitTraces(t, w.client, "trace of "+id+" written", func(ts []api.TraceSummary) bool {
 		_, ok := recorded(ts, id)
 		return ok
 	})
@@ -160,7 +160,7 @@ func TestTracing(t *testing.T) {
 	reg.mu.Lock()
 	reg.traceFailure = "database on fire"
 	reg.mu.Unlock()
-	res, err := w.client.Report(ctx, client.ReportRequest{})
+	res, err := w.client.Report(ctx, api.ReportRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,7 +173,7 @@ func TestTracing(t *testing.T) {
 	reg.mu.Lock()
 	reg.traceFailure = ""
 	reg.mu.Unlock()
-	res, err = w.client.Report(ctx, client.ReportRequest{})
+	res, err = w.client.Report(ctx, api.ReportRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -223,7 +223,7 @@ func TestTracing(t *testing.T) {
 	if ts, _ := w.client.Traces(ctx); len(ts) != 0 {
 		t.Fatalf("pending after the report: %+v", ts)
 	}
-	if res, err := w.client.Report(ctx, client.ReportRequest{}); err != nil || len(res.Traces) != 0 {
+	if res, err := w.client.Report(ctx, api.ReportRequest{}); err != nil || len(res.Traces) != 0 {
 		t.Fatalf("second report: %+v, %v", res, err)
 	}
 
@@ -238,7 +238,7 @@ func TestTracing(t *testing.T) {
 	if out := ctr(t, sock, "run", "--rm", "--snapshotter", SnapshotterName, ref, run1, "/bin/cat", "/etc/two.txt"); out != "two\n" {
 		t.Fatalf("ctr run printed %q", out)
 	}
-	traces = waitTraces(t, w.client, "trace of "+run1, func(ts []client.Trace) bool {
+	traces = waitTraces(t, w.client, "trace of "+run1, func(ts []api.TraceSummary) bool {
 		_, ok := recorded(ts, run1)
 		return ok
 	})
@@ -250,7 +250,7 @@ func TestTracing(t *testing.T) {
 		t.Fatal("optimize still on")
 	}
 	// --server sends every trace elsewhere.
-	res, err = w.client.Report(ctx, client.ReportRequest{Server: "http://" + otherHost})
+	res, err = w.client.Report(ctx, api.ReportRequest{Server: "http://" + otherHost})
 	if err != nil || len(res.Traces) != 1 || res.Traces[0].Error != "" || res.Traces[0].Container != run1 {
 		t.Fatalf("report --server: %+v, %v", res, err)
 	}
@@ -272,10 +272,10 @@ func TestTracing(t *testing.T) {
 	}
 	ctr(t, sock, "task", "start", "-d", server)
 	t.Cleanup(func() { exec.Command("/usr/bin/ctr", "--address", sock, "task", "kill", "-s", "KILL", server).Run() })
-	waitTraces(t, w.client, "startup of "+server, func(ts []client.Trace) bool {
+	waitTraces(t, w.client, "startup of "+server, func(ts []api.TraceSummary) bool {
 		return len(ts) == 1 && ts[0].Recording && ts[0].Files >= 2
 	})
-	res, err = w.client.Report(ctx, client.ReportRequest{})
+	res, err = w.client.Report(ctx, api.ReportRequest{})
 	if err != nil || len(res.Traces) != 1 || res.Traces[0].Error != "" || !res.Traces[0].Partial || res.Traces[0].Container != server {
 		t.Fatalf("report of a running container: %+v, %v", res, err)
 	}

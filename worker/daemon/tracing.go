@@ -20,7 +20,6 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/starlight-project/starlight/api"
-	"github.com/starlight-project/starlight/worker/client"
 	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/fs"
 	"github.com/starlight-project/starlight/worker/snapshotter"
@@ -64,7 +63,7 @@ type Tracing struct {
 
 // imageFinder finds the image a container's rootfs was made from.
 type imageFinder interface {
-	findImage(namespace, ref string, layers []digest.Digest) (client.Image, bool)
+	findImage(namespace, ref string, layers []digest.Digest) (api.WorkerImage, bool)
 }
 
 // session is the trace of one traced snapshot.
@@ -106,7 +105,7 @@ func NewTracing(root string, cfg *config.Config, layers *Layers, st *store.Store
 	case err != nil:
 		return nil, fmt.Errorf("reading optimize mode: %w", err)
 	default:
-		var st client.OptimizeState
+		var st api.OptimizeState
 		if err := json.Unmarshal(b, &st); err != nil {
 			return nil, fmt.Errorf("reading optimize mode: %s: %w", filepath.Join(root, optimizeFile), err)
 		}
@@ -128,7 +127,7 @@ func (t *Tracing) SetOptimize(on bool) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if err := writeFileAtomic(filepath.Join(t.root, optimizeFile), func(w io.Writer) error {
-		return json.NewEncoder(w).Encode(client.OptimizeState{On: on})
+		return json.NewEncoder(w).Encode(api.OptimizeState{On: on})
 	}); err != nil {
 		return fmt.Errorf("saving optimize mode: %w", err)
 	}
@@ -156,11 +155,11 @@ func baseFirst(layers []digest.Digest) []digest.Digest {
 }
 
 // Trace implements snapshotter.Tracer: a snapshot is traced when its
-// labels ask for it (client.LabelOptimize), or in optimize mode unless
+// labels ask for it (api.LabelOptimize), or in optimize mode unless
 // they refuse it, and only if the worker knows the image, since a trace
 // nobody can attribute cannot be reported.
 func (t *Tracing) Trace(ctx context.Context, key string, labels map[string]string, layers []digest.Digest) bool {
-	switch labels[client.LabelOptimize] {
+	switch labels[api.LabelOptimize] {
 	case "true":
 	case "false":
 		return false
@@ -173,7 +172,7 @@ func (t *Tracing) Trace(ctx context.Context, key string, labels map[string]strin
 	if t.images == nil {
 		return false
 	}
-	if _, ok := t.images.findImage(ns, labels[client.LabelImageRef], baseFirst(layers)); !ok {
+	if _, ok := t.images.findImage(ns, labels[api.LabelImageRef], baseFirst(layers)); !ok {
 		log.G(ctx).WithField("key", key).Warn("not tracing: no image pulled through this worker has these layers")
 		return false
 	}
@@ -230,11 +229,11 @@ func (t *Tracing) session(ctx context.Context, key string, labels map[string]str
 	}
 	ns, name := splitKey(key)
 	var (
-		img client.Image
+		img api.WorkerImage
 		ok  bool
 	)
 	if t.images != nil {
-		img, ok = t.images.findImage(ns, labels[client.LabelImageRef], baseFirst(layers))
+		img, ok = t.images.findImage(ns, labels[api.LabelImageRef], baseFirst(layers))
 	}
 	if !ok {
 		// Known at Trace time; the image record went away since (or the
@@ -396,12 +395,12 @@ func (t *Tracing) Close(ctx context.Context) {
 }
 
 // summary describes a trace for the API.
-func summary(tr *trace.Trace, recording bool) client.Trace {
+func summary(tr *trace.Trace, recording bool) api.TraceSummary {
 	files := make(map[[2]string]bool)
 	for _, a := range tr.Report.Accesses {
 		files[[2]string{a.Layer, a.Name}] = true
 	}
-	return client.Trace{
+	return api.TraceSummary{
 		ID: tr.ID, Ref: tr.Ref, Registry: tr.Registry,
 		Repository: tr.Report.Repository, ManifestDigest: tr.Report.ManifestDigest,
 		Container: tr.Report.Container, StartedAt: tr.Report.StartedAt,
@@ -412,12 +411,12 @@ func summary(tr *trace.Trace, recording bool) client.Trace {
 
 // List returns the traces not yet reported: those on disk, and those of
 // running containers (Recording), oldest first.
-func (t *Tracing) List(ctx context.Context) ([]client.Trace, error) {
+func (t *Tracing) List(ctx context.Context) ([]api.TraceSummary, error) {
 	onDisk, err := t.dir.List()
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("listing traces")
 	}
-	byID := make(map[string]client.Trace)
+	byID := make(map[string]api.TraceSummary)
 	for _, tr := range onDisk {
 		byID[tr.ID] = summary(tr, false)
 	}
@@ -431,11 +430,11 @@ func (t *Tracing) List(ctx context.Context) ([]client.Trace, error) {
 		}
 		s.mu.Unlock()
 	}
-	out := make([]client.Trace, 0, len(byID))
+	out := make([]api.TraceSummary, 0, len(byID))
 	for _, tr := range byID {
 		out = append(out, tr)
 	}
-	slices.SortFunc(out, func(a, b client.Trace) int {
+	slices.SortFunc(out, func(a, b api.TraceSummary) int {
 		if c := a.StartedAt.Compare(b.StartedAt); c != 0 {
 			return c
 		}
@@ -451,7 +450,7 @@ func (t *Tracing) List(ctx context.Context) ([]client.Trace, error) {
 // it (HTTP 200); a failure is recorded in the result, verbatim, and the
 // trace stays for the next report. server, if not empty, overrides the
 // registry of every trace.
-func (t *Tracing) Report(ctx context.Context, server string) (*client.ReportResult, error) {
+func (t *Tracing) Report(ctx context.Context, server string) (*api.ReportResult, error) {
 	var override *config.Registry
 	if server != "" {
 		reg, err := config.ParseRegistryURL(server)
@@ -484,7 +483,7 @@ func (t *Tracing) Report(ctx context.Context, server string) (*client.ReportResu
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("listing traces")
 	}
-	res := &client.ReportResult{Traces: []client.TraceUpload{}}
+	res := &api.ReportResult{Traces: []api.TraceUpload{}}
 	for _, tr := range traces {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -495,8 +494,8 @@ func (t *Tracing) Report(ctx context.Context, server string) (*client.ReportResu
 }
 
 // upload posts one trace and deletes it once the registry has it.
-func (t *Tracing) upload(ctx context.Context, tr *trace.Trace, override *config.Registry) client.TraceUpload {
-	up := client.TraceUpload{Trace: summary(tr, false)}
+func (t *Tracing) upload(ctx context.Context, tr *trace.Trace, override *config.Registry) api.TraceUpload {
+	up := api.TraceUpload{TraceSummary: summary(tr, false)}
 	var reg config.Registry
 	switch {
 	case override != nil:

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/client"
 )
 
@@ -23,7 +24,7 @@ var imagesCmd = &cobra.Command{
 		if err != nil {
 			return err
 		}
-		var shown []client.Image
+		var shown []api.WorkerImage
 		for _, img := range imgs {
 			if global.namespace == "" || img.Namespace == global.namespace {
 				shown = append(shown, img)
@@ -37,7 +38,7 @@ func init() {
 	rootCmd.AddCommand(imagesCmd)
 }
 
-func printImages(out io.Writer, imgs []client.Image) error {
+func printImages(out io.Writer, imgs []api.WorkerImage) error {
 	tw := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
 	fmt.Fprintln(tw, "REF\tDIGEST\tSIZE\tDEDUP\tSENT\tRECEIVED\tSTATE")
 	for _, img := range imgs {
@@ -46,7 +47,7 @@ func printImages(out io.Writer, imgs []client.Image) error {
 			dgst = dgst[:19] // sha256: + 12 hex, like docker's short IDs
 		}
 		received := "-"
-		if img.BytesTotal > 0 || img.State == client.StateReady || img.State == client.StateComplete {
+		if img.BytesTotal > 0 || img.State == api.PullReady || img.State == api.PullComplete {
 			received = fmt.Sprintf("%s (%d%%)", humanBytes(img.BytesReceived), percent(img.BytesReceived, img.BytesTotal))
 		}
 		state := img.State

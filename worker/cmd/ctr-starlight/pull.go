@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/client"
 )
 
@@ -33,7 +34,7 @@ committed in the "starlight" snapshotter) while contents keep streaming; with
 	RunE: func(cmd *cobra.Command, args []string) error {
 		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
-		return runPull(ctx, os.Stdout, term.IsTerminal(int(os.Stdout.Fd())), client.PullRequest{
+		return runPull(ctx, os.Stdout, term.IsTerminal(int(os.Stdout.Fd())), api.PullRequest{
 			Ref:       args[0],
 			PlainHTTP: pullOpts.plainHTTP,
 			Namespace: global.namespace,
@@ -50,27 +51,27 @@ func init() {
 
 // runPull drives a pull. On a terminal it draws a progress bar (bytes,
 // files, rate and time left); otherwise it prints one final line.
-func runPull(ctx context.Context, out io.Writer, tty bool, req client.PullRequest) error {
+func runPull(ctx context.Context, out io.Writer, tty bool, req api.PullRequest) error {
 	c := client.New(global.worker)
 	defer c.Close()
 
 	var (
 		bar  *progressbar.ProgressBar
-		last client.Event
+		last api.PullEvent
 	)
-	describe := func(ev client.Event) string {
+	describe := func(ev api.PullEvent) string {
 		return fmt.Sprintf("%-9s %d/%d files", ev.Status, ev.FilesReceived, ev.FilesTotal)
 	}
-	err := c.Pull(ctx, req, func(ev client.Event) {
-		if ev.Status == client.EventProgress {
+	err := c.Pull(ctx, req, func(ev api.PullEvent) {
+		if ev.Status == api.PullEventProgress {
 			ev.Status = last.Status
 		}
 		last = ev
-		if !tty || ev.Status == client.StateFailed {
+		if !tty || ev.Status == api.PullFailed {
 			return
 		}
 		if bar == nil {
-			if ev.Status == client.StateResolving {
+			if ev.Status == api.PullResolving {
 				fmt.Fprintf(out, "%s: resolving\n", ev.Ref)
 				return
 			}
@@ -90,7 +91,7 @@ func runPull(ctx context.Context, out io.Writer, tty bool, req client.PullReques
 		bar.Set64(ev.BytesReceived)
 	})
 	if bar != nil {
-		if last.Status == client.StateComplete {
+		if last.Status == api.PullComplete {
 			bar.Finish()
 		}
 		fmt.Fprintln(out)
@@ -102,8 +103,8 @@ func runPull(ctx context.Context, out io.Writer, tty bool, req client.PullReques
 	return nil
 }
 
-func summary(ev client.Event) string {
-	if ev.Status == client.StateComplete {
+func summary(ev api.PullEvent) string {
+	if ev.Status == api.PullComplete {
 		return fmt.Sprintf("%s: complete (%s in %d files received)", ev.Ref, humanBytes(ev.BytesTotal), ev.FilesTotal)
 	}
 	return fmt.Sprintf("%s: ready (%s of %s received, %d of %d files; the rest streams in the background)",

@@ -10,11 +10,11 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/starlight-project/starlight/worker/client"
+	"github.com/starlight-project/starlight/api"
 )
 
 // fakeWorker serves the worker API on a unix socket with canned events.
-func fakeWorker(t *testing.T, events []client.Event, images []client.Image) string {
+func fakeWorker(t *testing.T, events []api.PullEvent, images []api.WorkerImage) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "api.sock")
 	l, err := net.Listen("unix", sock)
@@ -23,11 +23,11 @@ func fakeWorker(t *testing.T, events []client.Event, images []client.Image) stri
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/pull", func(w http.ResponseWriter, r *http.Request) {
-		var req client.PullRequest
+		var req api.PullRequest
 		json.NewDecoder(r.Body).Decode(&req)
 		if req.Ref == "bad" {
 			w.WriteHeader(http.StatusBadRequest)
-			json.NewEncoder(w).Encode(client.ErrorBody{Message: "invalid image reference \"bad\""})
+			json.NewEncoder(w).Encode(api.Error{Message: "invalid image reference \"bad\""})
 			return
 		}
 		for _, ev := range events {
@@ -44,11 +44,11 @@ func fakeWorker(t *testing.T, events []client.Event, images []client.Image) stri
 }
 
 func TestRunPull(t *testing.T) {
-	progress := client.Progress{BytesReceived: 1500, BytesTotal: 3000, FramesReceived: 1, FramesTotal: 2, FilesReceived: 1, FilesTotal: 2}
-	done := client.Progress{BytesReceived: 3000, BytesTotal: 3000, FramesReceived: 2, FramesTotal: 2, FilesReceived: 2, FilesTotal: 2}
+	progress := api.PullProgress{BytesReceived: 1500, BytesTotal: 3000, FramesReceived: 1, FramesTotal: 2, FilesReceived: 1, FilesTotal: 2}
+	done := api.PullProgress{BytesReceived: 3000, BytesTotal: 3000, FramesReceived: 2, FramesTotal: 2, FilesReceived: 2, FilesTotal: 2}
 	tests := []struct {
 		name    string
-		events  []client.Event
+		events  []api.PullEvent
 		ref     string
 		wait    bool
 		tty     bool
@@ -57,13 +57,13 @@ func TestRunPull(t *testing.T) {
 	}{
 		{
 			name:   "ready, quiet",
-			events: []client.Event{{Status: "resolving", Ref: "r"}, {Status: "ready", Ref: "r", Progress: client.Progress{BytesTotal: 3000, FilesTotal: 2}}},
+			events: []api.PullEvent{{Status: "resolving", Ref: "r"}, {Status: "ready", Ref: "r", PullProgress: api.PullProgress{BytesTotal: 3000, FilesTotal: 2}}},
 			want:   "r: ready (0 B of 3.0 kB received, 0 of 2 files; the rest streams in the background)\n",
 		},
 		{
 			name: "wait, quiet",
 			wait: true,
-			events: []client.Event{{Status: "ready", Ref: "r"}, {Status: "progress", Ref: "r", Progress: progress},
+			events: []api.PullEvent{{Status: "ready", Ref: "r"}, {Status: "progress", Ref: "r", Progress: progress},
 				{Status: "complete", Ref: "r", Progress: done}},
 			want: "r: complete (3.0 kB in 2 files received)\n",
 		},
@@ -71,12 +71,12 @@ func TestRunPull(t *testing.T) {
 			name:   "terminal shows a bar",
 			wait:   true,
 			tty:    true,
-			events: []client.Event{{Status: "resolving", Ref: "r"}, {Status: "ready", Ref: "r"}, {Status: "progress", Ref: "r", Progress: progress}, {Status: "complete", Ref: "r", Progress: done}},
+			events: []api.PullEvent{{Status: "resolving", Ref: "r"}, {Status: "ready", Ref: "r"}, {Status: "progress", Ref: "r", Progress: progress}, {Status: "complete", Ref: "r", Progress: done}},
 			want:   "2/2 files",
 		},
 		{
 			name:    "failure is verbatim",
-			events:  []client.Event{{Status: "resolving", Ref: "r"}, {Status: "failed", Ref: "r", Message: "r: registry: NOT_FOUND: image r not found"}},
+			events:  []api.PullEvent{{Status: "resolving", Ref: "r"}, {Status: "failed", Ref: "r", Message: "r: registry: NOT_FOUND: image r not found"}},
 			wantErr: "r: registry: NOT_FOUND: image r not found",
 		},
 		{
@@ -86,7 +86,7 @@ func TestRunPull(t *testing.T) {
 		},
 		{
 			name:    "stream ends early",
-			events:  []client.Event{{Status: "resolving", Ref: "r"}},
+			events:  []api.PullEvent{{Status: "resolving", Ref: "r"}},
 			wantErr: "ended the pull stream",
 		},
 	}
@@ -98,7 +98,7 @@ func TestRunPull(t *testing.T) {
 				ref = "r"
 			}
 			var out bytes.Buffer
-			err := runPull(context.Background(), &out, tt.tty, client.PullRequest{Ref: ref, Wait: tt.wait})
+			err := runPull(context.Background(), &out, tt.tty, api.PullRequest{Ref: ref, Wait: tt.wait})
 			if tt.wantErr != "" {
 				if err == nil || err.Error() != tt.wantErr && !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("error = %v, want %q", err, tt.wantErr)
@@ -117,10 +117,10 @@ func TestRunPull(t *testing.T) {
 
 func TestPrintImages(t *testing.T) {
 	var out bytes.Buffer
-	printImages(&out, []client.Image{
+	printImages(&out, []api.WorkerImage{
 		{Ref: "127.0.0.1:5000/app:v1", Digest: "sha256:0123456789abcdef0123", State: "complete", Complete: true,
 			ImageBytes: 2_000_000, DedupBytes: 1_000_000, SendBytes: 1_000_000,
-			Progress: client.Progress{BytesReceived: 1_000_000, BytesTotal: 1_000_000}},
+			PullProgress: api.PullProgress{BytesReceived: 1_000_000, BytesTotal: 1_000_000}},
 		{Ref: "127.0.0.1:5000/app:v2", State: "failed", Error: "registry: NOT_FOUND: no"},
 	})
 	want := "REF                    DIGEST               SIZE    DEDUP   SENT    RECEIVED       STATE\n" +

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/client"
 )
 
@@ -27,7 +28,7 @@ failed stays for the next report.`,
 	RunE: func(cmd *cobra.Command, _ []string) error {
 		c := client.New(global.worker)
 		defer c.Close()
-		res, err := c.Report(cmd.Context(), client.ReportRequest{Server: reportOpts.server})
+		res, err := c.Report(cmd.Context(), api.ReportRequest{Server: reportOpts.server})
 		if err != nil {
 			return err
 		}
@@ -56,7 +57,7 @@ func init() {
 }
 
 // printReport prints one line per trace and fails if any trace failed.
-func printReport(out io.Writer, res *client.ReportResult) error {
+func printReport(out io.Writer, res *api.ReportResult) error {
 	if len(res.Traces) == 0 {
 		fmt.Fprintln(out, "no trace to report")
 		return nil
@@ -81,7 +82,7 @@ func printReport(out io.Writer, res *client.ReportResult) error {
 	return nil
 }
 
-func printTraces(out io.Writer, traces []client.Trace) error {
+func printTraces(out io.Writer, traces []api.TraceSummary) error {
 	if len(traces) == 0 {
 		fmt.Fprintln(out, "no trace pending")
 		return nil

@@ -5,28 +5,28 @@ import (
 	"testing"
 	"time"
 
-	"github.com/starlight-project/starlight/worker/client"
+	"github.com/starlight-project/starlight/api"
 )
 
 func TestPrintReport(t *testing.T) {
-	ok := client.TraceUpload{
-		Trace: client.Trace{ID: "1-a", Ref: "reg/app:v1", Container: "c1", Accesses: 12, Files: 9},
+	ok := api.TraceUpload{
+		Trace: api.TraceSummary{ID: "1-a", Ref: "reg/app:v1", Container: "c1", Accesses: 12, Files: 9},
 		URL:   "http://reg/starlight/v1/traces", Accepted: 12,
 	}
-	failed := client.TraceUpload{
-		Trace: client.Trace{ID: "2-b", Ref: "reg/app:v2", Container: "c2"},
+	failed := api.TraceUpload{
+		Trace: api.TraceSummary{ID: "2-b", Ref: "reg/app:v2", Container: "c2"},
 		Error: "registry: BAD_REQUEST: unknown file etc/x",
 	}
 	tests := []struct {
 		name    string
-		res     client.ReportResult
+		res     api.ReportResult
 		want    string
 		wantErr bool
 	}{
-		{"nothing", client.ReportResult{}, "no trace to report\n", false},
-		{"uploaded", client.ReportResult{Traces: []client.TraceUpload{ok}},
+		{"nothing", api.ReportResult{}, "no trace to report\n", false},
+		{"uploaded", api.ReportResult{Traces: []api.TraceUpload{ok}},
 			"1-a: reg/app:v1 (c1): 12 accesses of 9 files sent to http://reg/starlight/v1/traces\n", false},
-		{"one failed", client.ReportResult{Traces: []client.TraceUpload{ok, failed}},
+		{"one failed", api.ReportResult{Traces: []api.TraceUpload{ok, failed}},
 			"1-a: reg/app:v1 (c1): 12 accesses of 9 files sent to http://reg/starlight/v1/traces\n" +
 				"2-b: reg/app:v2 (c2): failed: registry: BAD_REQUEST: unknown file etc/x\n", true},
 	}
@@ -43,7 +43,7 @@ func TestPrintReport(t *testing.T) {
 
 func TestPrintTraces(t *testing.T) {
 	var out bytes.Buffer
-	printTraces(&out, []client.Trace{
+	printTraces(&out, []api.TraceSummary{
 		{ID: "1-a", Container: "c1", Ref: "reg/app:v1", Files: 3, Accesses: 4, StartedAt: time.Unix(1, 0)},
 		{ID: "2-b", Container: "c2", Ref: "reg/app:v1", Files: 1, Accesses: 1, Recording: true, Partial: true},
 	})

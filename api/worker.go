@@ -1,23 +1,23 @@
-// Package client is the Go client of the starlight-worker API, served over
-// HTTP on the worker's unix socket (--api). It also defines the JSON of
-// that API, so that the worker and its clients share one definition.
+package api
+
+import "time"
+
+// The starlight-worker API, served over HTTP on the worker's unix socket
+// (--api) and used by ctr-starlight (package worker/client).
 //
 // Routes:
 //
-//	POST   /v1/pull            PullRequest → NDJSON stream of Event
-//	GET    /v1/images          → []Image
-//	GET    /v1/images/{ref}    → Image (ref path-escaped; ?namespace= optional)
+//	POST   /v1/pull            PullRequest → NDJSON stream of PullEvent
+//	GET    /v1/images          → []WorkerImage
+//	GET    /v1/images/{ref}    → WorkerImage (ref path-escaped; ?namespace= optional)
 //	DELETE /v1/images/{ref}    → RemoveResult (?namespace=, default "default")
 //	GET    /v1/optimize        → OptimizeState
 //	PUT    /v1/optimize        OptimizeState → OptimizeState
-//	GET    /v1/traces          → []Trace
+//	GET    /v1/traces          → []TraceSummary
 //	POST   /v1/traces/report   ReportRequest → ReportResult
 //
 // Errors outside a pull stream are answered with a non-2xx status and an
-// ErrorBody.
-package client
-
-import "time"
+// Error (the same body as the registry's /starlight/ routes).
 
 // PullRequest is the body of POST /v1/pull.
 type PullRequest struct {
@@ -35,30 +35,30 @@ type PullRequest struct {
 	Wait bool `json:"wait,omitempty"`
 }
 
-// Pull states, in order. An image is usable from StateReady on.
+// Pull states, in order. An image is usable from PullReady on.
 const (
-	StateResolving = "resolving" // asking the registry
-	StateImporting = "importing" // header received, creating the image and snapshots
-	StateReady     = "ready"     // usable; contents are still arriving
-	StateComplete  = "complete"  // every content has arrived
-	StateFailed    = "failed"
+	PullResolving = "resolving" // asking the registry
+	PullImporting = "importing" // header received, creating the image and snapshots
+	PullReady     = "ready"     // usable; contents are still arriving
+	PullComplete  = "complete"  // every content has arrived
+	PullFailed    = "failed"
 )
 
-// Event is one line of the NDJSON answer of POST /v1/pull.
-type Event struct {
+// PullEvent is one line of the NDJSON answer of POST /v1/pull.
+type PullEvent struct {
 	// Status is a pull state, or "progress" for a progress update.
 	Status string `json:"status"`
 	Ref    string `json:"ref"`
 	// Message explains an error (Status "failed").
 	Message string `json:"message,omitempty"`
-	Progress
+	PullProgress
 }
 
-// EventProgress is the Status of an event that only updates counters.
-const EventProgress = "progress"
+// PullEventProgress is the Status of an event that only updates counters.
+const PullEventProgress = "progress"
 
-// Progress counts the contents of a pull's bundle.
-type Progress struct {
+// PullProgress counts the contents of a pull's bundle.
+type PullProgress struct {
 	// Bytes are compressed content bytes of this pull's bundle.
 	BytesReceived int64 `json:"bytesReceived"`
 	BytesTotal    int64 `json:"bytesTotal"`
@@ -70,8 +70,8 @@ type Progress struct {
 	FilesTotal    int `json:"filesTotal"`
 }
 
-// Image is the state of an image pulled through the worker.
-type Image struct {
+// WorkerImage is the state of an image pulled through the worker.
+type WorkerImage struct {
 	Ref       string `json:"ref"`
 	Namespace string `json:"namespace"`
 	// Digest is the (converted) manifest digest.
@@ -82,7 +82,7 @@ type Image struct {
 	// Complete is true when every content of the image is in the store.
 	Complete bool   `json:"complete"`
 	Error    string `json:"error,omitempty"`
-	Progress
+	PullProgress
 	// ImageBytes, DedupBytes and SendBytes are the registry's counters for
 	// the bundle: compressed bytes of all contents of the image, of those
 	// left out because the worker held them, and of those sent.
@@ -97,11 +97,6 @@ type Image struct {
 	Started   time.Time  `json:"started"`
 	Ready     *time.Time `json:"ready,omitempty"`
 	Completed *time.Time `json:"completed,omitempty"`
-}
-
-// ErrorBody is the JSON answer of a failed API request.
-type ErrorBody struct {
-	Message string `json:"message"`
 }
 
 // Snapshot labels of a Starlight container (set by ctr-starlight create).
@@ -123,8 +118,8 @@ type OptimizeState struct {
 	On bool `json:"on"`
 }
 
-// Trace describes a trace the worker holds: recorded, not yet reported.
-type Trace struct {
+// TraceSummary describes a trace the worker holds: recorded, not yet reported.
+type TraceSummary struct {
 	ID             string    `json:"id"`
 	Ref            string    `json:"ref"`
 	Registry       string    `json:"registry"`
@@ -157,7 +152,7 @@ type ReportResult struct {
 
 // TraceUpload is the outcome of one trace's upload.
 type TraceUpload struct {
-	Trace
+	TraceSummary
 	URL string `json:"url"` // where it was posted
 	// ReportID, Accepted and Existing are the registry's answer.
 	ReportID string `json:"reportId,omitempty"`
