@@ -63,15 +63,15 @@ func TestRunPull(t *testing.T) {
 		{
 			name: "wait, quiet",
 			wait: true,
-			events: []api.PullEvent{{Status: "ready", Ref: "r"}, {Status: "progress", Ref: "r", Progress: progress},
-				{Status: "complete", Ref: "r", Progress: done}},
+			events: []api.PullEvent{{Status: "ready", Ref: "r"}, {Status: "progress", Ref: "r", PullProgress: progress},
+				{Status: "complete", Ref: "r", PullProgress: done}},
 			want: "r: complete (3.0 kB in 2 files received)\n",
 		},
 		{
 			name:   "terminal shows a bar",
 			wait:   true,
 			tty:    true,
-			events: []api.PullEvent{{Status: "resolving", Ref: "r"}, {Status: "ready", Ref: "r"}, {Status: "progress", Ref: "r", Progress: progress}, {Status: "complete", Ref: "r", Progress: done}},
+			events: []api.PullEvent{{Status: "resolving", Ref: "r"}, {Status: "ready", Ref: "r"}, {Status: "progress", Ref: "r", PullProgress: progress}, {Status: "complete", Ref: "r", PullProgress: done}},
 			want:   "2/2 files",
 		},
 		{
