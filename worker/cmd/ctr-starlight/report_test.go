@@ -10,12 +10,12 @@ import (
 
 func TestPrintReport(t *testing.T) {
 	ok := api.TraceUpload{
-		Trace: api.TraceSummary{ID: "1-a", Ref: "reg/app:v1", Container: "c1", Accesses: 12, Files: 9},
-		URL:   "http://reg/starlight/v1/traces", Accepted: 12,
+		TraceSummary: api.TraceSummary{ID: "1-a", Ref: "reg/app:v1", Container: "c1", Accesses: 12, Files: 9},
+		URL:          "http://reg/starlight/v1/traces", Accepted: 12,
 	}
 	failed := api.TraceUpload{
-		Trace: api.TraceSummary{ID: "2-b", Ref: "reg/app:v2", Container: "c2"},
-		Error: "registry: BAD_REQUEST: unknown file etc/x",
+		TraceSummary: api.TraceSummary{ID: "2-b", Ref: "reg/app:v2", Container: "c2"},
+		Error:        "registry: BAD_REQUEST: unknown file etc/x",
 	}
 	tests := []struct {
 		name    string
