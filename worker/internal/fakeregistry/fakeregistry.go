@@ -1,4 +1,9 @@
-package daemon
+// Package fakeregistry is a test double of a Starlight registry for the
+// worker's tests: converted images described by their layer trees and raw
+// gzip members, served as delta bundles, ranged blob GETs and trace
+// uploads, with knobs to break, delay or corrupt the answers. The real
+// registry is tested end to end in integration/.
+package fakeregistry
 
 import (
 	"bytes"
@@ -21,33 +26,34 @@ import (
 	"github.com/starlight-project/starlight/api/bundle"
 )
 
-// testImage is a converted image as a registry would describe it: layer
+// Image is a converted image as a registry would describe it: layer
 // trees, and the raw gzip member of every chunk.
-type testImage struct {
-	manifest, config []byte
-	manifestDigest   digest.Digest
-	layers           []api.LayerTree
-	members          map[string][]byte // content digest @ offset → gzip member
-	chunkData        map[string][]byte // same key → uncompressed chunk
-	// others are layers of other images the registry knows: a worker
+type Image struct {
+	Manifest, Config []byte
+	ManifestDigest   digest.Digest
+	Layers           []api.LayerTree
+	Members          map[string][]byte // content digest @ offset → gzip member
+	ChunkData        map[string][]byte // same key → uncompressed chunk
+	// Others are layers of other images the registry knows: a worker
 	// that holds them is not sent the contents they list.
-	others []api.LayerTree
+	Others []api.LayerTree
 }
 
-// testFile describes a file of a test layer.
-type testFile struct {
-	name, typ, link string
-	mode            uint32
-	data            []byte
+// File describes a file of a test layer.
+type File struct {
+	Name, Type, Link string
+	Mode             uint32
+	Data             []byte
 }
 
-func memberKey(d string, off int64) string { return fmt.Sprintf("%s@%d", d, off) }
+// MemberKey keys Members and ChunkData: a content digest and a chunk offset.
+func MemberKey(d string, off int64) string { return fmt.Sprintf("%s@%d", d, off) }
 
-// buildImage makes an image from layers of files. Regular files are cut in
+// BuildImage makes an image from layers of files. Regular files are cut in
 // chunks of chunkSize, each its own gzip member, as in eStargz.
-func buildImage(t testing.TB, chunkSize int64, layers ...[]testFile) *testImage {
+func BuildImage(t testing.TB, chunkSize int64, layers ...[]File) *Image {
 	t.Helper()
-	img := &testImage{members: map[string][]byte{}, chunkData: map[string][]byte{}}
+	img := &Image{Members: map[string][]byte{}, ChunkData: map[string][]byte{}}
 	var diffIDs []digest.Digest
 	var descs []ocispec.Descriptor
 	mtime := time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)
@@ -60,12 +66,12 @@ func buildImage(t testing.TB, chunkSize int64, layers ...[]testFile) *testImage 
 		tree := api.LayerTree{Digest: blob.String(), DiffID: diffID.String(), Size: 1000}
 		var off int64
 		for _, f := range files {
-			e := api.Entry{Name: f.name, Type: f.typ, Mode: f.mode, ModTime: mtime, LinkName: f.link}
-			if f.typ == api.TypeReg && len(f.data) > 0 {
-				e.Size = int64(len(f.data))
-				e.Digest = digest.FromBytes(f.data).String()
+			e := api.Entry{Name: f.Name, Type: f.Type, Mode: f.Mode, ModTime: mtime, LinkName: f.Link}
+			if f.Type == api.TypeReg && len(f.Data) > 0 {
+				e.Size = int64(len(f.Data))
+				e.Digest = digest.FromBytes(f.Data).String()
 				for co := int64(0); co < e.Size; co += chunkSize {
-					chunk := f.data[co:min(co+chunkSize, e.Size)]
+					chunk := f.Data[co:min(co+chunkSize, e.Size)]
 					var buf bytes.Buffer
 					zw := gzip.NewWriter(&buf)
 					zw.Write(chunk)
@@ -75,8 +81,8 @@ func buildImage(t testing.TB, chunkSize int64, layers ...[]testFile) *testImage 
 						CompressedOffset: off, CompressedSize: int64(buf.Len()),
 					})
 					off += int64(buf.Len())
-					img.members[memberKey(e.Digest, co)] = buf.Bytes()
-					img.chunkData[memberKey(e.Digest, co)] = chunk
+					img.Members[MemberKey(e.Digest, co)] = buf.Bytes()
+					img.ChunkData[MemberKey(e.Digest, co)] = chunk
 				}
 			}
 			if err := e.Validate(); err != nil {
@@ -84,7 +90,7 @@ func buildImage(t testing.TB, chunkSize int64, layers ...[]testFile) *testImage 
 			}
 			tree.Entries = append(tree.Entries, e)
 		}
-		img.layers = append(img.layers, tree)
+		img.Layers = append(img.Layers, tree)
 		diffIDs = append(diffIDs, diffID)
 		descs = append(descs, ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: blob, Size: tree.Size})
 	}
@@ -93,23 +99,23 @@ func buildImage(t testing.TB, chunkSize int64, layers ...[]testFile) *testImage 
 		Config:   ocispec.ImageConfig{Cmd: []string{"/bin/cat", "/etc/hello.txt"}},
 		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: diffIDs},
 	}
-	img.config, _ = json.Marshal(cfg)
+	img.Config, _ = json.Marshal(cfg)
 	m := ocispec.Manifest{
 		Versioned: specs.Versioned{SchemaVersion: 2},
 		MediaType: ocispec.MediaTypeImageManifest,
-		Config:    ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromBytes(img.config), Size: int64(len(img.config))},
+		Config:    ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromBytes(img.Config), Size: int64(len(img.Config))},
 		Layers:    descs,
 	}
-	img.manifest, _ = json.Marshal(m)
-	img.manifestDigest = digest.FromBytes(img.manifest)
+	img.Manifest, _ = json.Marshal(m)
+	img.ManifestDigest = digest.FromBytes(img.Manifest)
 	return img
 }
 
-// header plans the bundle for a worker that holds the layers in have:
+// Header plans the bundle for a worker that holds the layers in have:
 // every content of the image it lacks, once, in layer order.
-func (img *testImage) header(have []string) *api.BundleHeader {
+func (img *Image) Header(have []string) *api.BundleHeader {
 	held := map[string]bool{}
-	for _, l := range slices.Concat(img.layers, img.others) {
+	for _, l := range slices.Concat(img.Layers, img.Others) {
 		for _, h := range have {
 			if h == l.Digest {
 				for _, e := range l.Entries {
@@ -120,22 +126,22 @@ func (img *testImage) header(have []string) *api.BundleHeader {
 	}
 	h := &api.BundleHeader{
 		Repository:        "app",
-		ManifestDigest:    img.manifestDigest.String(),
+		ManifestDigest:    img.ManifestDigest.String(),
 		ManifestMediaType: ocispec.MediaTypeImageManifest,
-		Manifest:          img.manifest,
-		ConfigDigest:      digest.FromBytes(img.config).String(),
-		Config:            img.config,
-		Layers:            img.layers,
+		Manifest:          img.Manifest,
+		ConfigDigest:      digest.FromBytes(img.Config).String(),
+		Config:            img.Config,
+		Layers:            img.Layers,
 	}
 	sent := map[string]bool{}
-	for _, l := range img.layers {
+	for _, l := range img.Layers {
 		for _, e := range l.Entries {
 			if e.Digest == "" || sent[e.Digest] {
 				continue
 			}
 			sent[e.Digest] = true
 			for _, c := range e.Chunks {
-				size := int64(len(img.members[memberKey(e.Digest, c.Offset)]))
+				size := int64(len(img.Members[MemberKey(e.Digest, c.Offset)]))
 				h.Stats.ImageBytes += size
 				if held[e.Digest] {
 					h.Stats.DedupBytes += size
@@ -149,43 +155,45 @@ func (img *testImage) header(have []string) *api.BundleHeader {
 	return h
 }
 
-// fakeRegistry serves POST /starlight/delta for one image.
-type fakeRegistry struct {
-	t        *testing.T
-	img      *testImage
-	user     string
-	password string
+// Registry serves POST /starlight/delta for one image.
+type Registry struct {
+	Image    *Image
+	User     string
+	Password string
+
+	t *testing.T
 
 	mu       sync.Mutex
 	requests []api.DeltaRequest
-	// gate, if set, is waited for after the header of the first request.
-	gate chan struct{}
-	// headerGate, if set, is waited for before the header of the first
+	// Gate, if set, is waited for after the header of the first request.
+	Gate chan struct{}
+	// HeaderGate, if set, is waited for before the header of the first
 	// request: the registry is still planning.
-	headerGate chan struct{}
-	// breakAfter, if > 0, ends the first response after that many frames
-	// and half of the next one; with alwaysBreak every response.
-	breakAfter  int
-	alwaysBreak bool
+	HeaderGate chan struct{}
+	// BreakAfter, if > 0, ends the first response after that many frames
+	// and half of the next one; with AlwaysBreak every response.
+	BreakAfter  int
+	AlwaysBreak bool
 
-	// traces are the reports POSTed to /starlight/v1/traces;
-	// traceFailure, if set, is answered (500) instead.
-	traces       []api.TraceReport
-	traceFailure string
-	// refs are further references answered with the image (besides
+	// TraceFailure, if set, is answered (500) to trace reports.
+	TraceFailure string
+	// Refs are further references answered with the image (besides
 	// app:v1), e.g. "app@<pushed manifest digest>".
-	refs []string
+	Refs []string
+	// CorruptBlobs flips a byte of every blob served.
+	CorruptBlobs bool
 
-	// blobRanges are the Range headers of the blob GETs served;
-	// corruptBlobs flips a byte of every blob served.
-	blobRanges   []string
-	corruptBlobs bool
+	// traces are the reports POSTed to /starlight/v1/traces.
+	traces []api.TraceReport
+
+	// blobRanges are the Range headers of the blob GETs served.
+	blobRanges []string
 }
 
-// blob returns the bytes of a layer blob of the image: its gzip members in
+// Blob returns the bytes of a layer blob of the image: its gzip members in
 // compressed-offset order (the test blobs hold nothing else).
-func (img *testImage) blob(d string) ([]byte, bool) {
-	for _, l := range img.layers {
+func (img *Image) Blob(d string) ([]byte, bool) {
+	for _, l := range img.Layers {
 		if l.Digest != d {
 			continue
 		}
@@ -207,7 +215,7 @@ func (img *testImage) blob(d string) ([]byte, bool) {
 			if chunks[i].CompressedOffset != int64(len(blob)) {
 				continue // a content repeated in the layer: stored once
 			}
-			blob = append(blob, img.members[memberKey(digests[i], chunks[i].Offset)]...)
+			blob = append(blob, img.Members[MemberKey(digests[i], chunks[i].Offset)]...)
 		}
 		return blob, true
 	}
@@ -215,9 +223,9 @@ func (img *testImage) blob(d string) ([]byte, bool) {
 }
 
 // serveBlob answers GET /v2/<repo>/blobs/<digest>, with Range support.
-func (f *fakeRegistry) serveBlob(w http.ResponseWriter, r *http.Request) {
+func (f *Registry) serveBlob(w http.ResponseWriter, r *http.Request) {
 	d := r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:]
-	blob, ok := f.img.blob(d)
+	blob, ok := f.Image.Blob(d)
 	if !ok || !strings.HasPrefix(r.URL.Path, "/v2/app/blobs/") {
 		w.WriteHeader(http.StatusNotFound)
 		json.NewEncoder(w).Encode(api.Error{Code: "BLOB_UNKNOWN", Message: "blob unknown to registry"})
@@ -225,7 +233,7 @@ func (f *fakeRegistry) serveBlob(w http.ResponseWriter, r *http.Request) {
 	}
 	f.mu.Lock()
 	f.blobRanges = append(f.blobRanges, r.Header.Get("Range"))
-	if f.corruptBlobs {
+	if f.CorruptBlobs {
 		blob = slices.Clone(blob)
 		for i := range blob {
 			blob[i] ^= 0x55
@@ -235,13 +243,14 @@ func (f *fakeRegistry) serveBlob(w http.ResponseWriter, r *http.Request) {
 	http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(blob))
 }
 
-func (f *fakeRegistry) BlobRanges() []string {
+// BlobRanges are the Range headers of the blob GETs served so far.
+func (f *Registry) BlobRanges() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return slices.Clone(f.blobRanges)
 }
 
-func (f *fakeRegistry) serveTrace(w http.ResponseWriter, r *http.Request) {
+func (f *Registry) serveTrace(w http.ResponseWriter, r *http.Request) {
 	var rep api.TraceReport
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
@@ -252,9 +261,9 @@ func (f *fakeRegistry) serveTrace(w http.ResponseWriter, r *http.Request) {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.traceFailure != "" {
+	if f.TraceFailure != "" {
 		w.WriteHeader(http.StatusInternalServerError)
-		json.NewEncoder(w).Encode(api.Error{Code: "INTERNAL", Message: f.traceFailure})
+		json.NewEncoder(w).Encode(api.Error{Code: "INTERNAL", Message: f.TraceFailure})
 		return
 	}
 	f.traces = append(f.traces, rep)
@@ -263,19 +272,21 @@ func (f *fakeRegistry) serveTrace(w http.ResponseWriter, r *http.Request) {
 	json.NewEncoder(w).Encode(api.TraceResult{ID: digest.FromBytes(b).String(), Accepted: len(rep.Accesses)})
 }
 
-func (f *fakeRegistry) Traces() []api.TraceReport {
+// Traces are the reports uploaded so far.
+func (f *Registry) Traces() []api.TraceReport {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return append([]api.TraceReport(nil), f.traces...)
 }
 
-func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+// ServeHTTP serves the delta, blob and trace routes.
+func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	isBlob := r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/v2/")
 	if !isBlob && (r.Method != http.MethodPost || r.URL.Path != "/starlight/delta" && r.URL.Path != "/starlight/v1/traces") {
 		http.Error(w, `{"code":"NOT_FOUND","message":"no such route"}`, http.StatusNotFound)
 		return
 	}
-	if u, p, ok := r.BasicAuth(); f.user != "" && (!ok || u != f.user || p != f.password) {
+	if u, p, ok := r.BasicAuth(); f.User != "" && (!ok || u != f.User || p != f.Password) {
 		w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
 		w.WriteHeader(http.StatusUnauthorized)
 		json.NewEncoder(w).Encode(api.Error{Code: "UNAUTHORIZED", Message: "authentication required"})
@@ -298,19 +309,19 @@ func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.requests = append(f.requests, req)
 	first := len(f.requests) == 1
 	f.mu.Unlock()
-	if req.Reference != "app:v1" && req.Reference != "broken:v1" && !slices.Contains(f.refs, req.Reference) {
+	if req.Reference != "app:v1" && req.Reference != "broken:v1" && !slices.Contains(f.Refs, req.Reference) {
 		w.WriteHeader(http.StatusNotFound)
 		json.NewEncoder(w).Encode(api.Error{Code: "NOT_FOUND", Message: "image " + req.Reference + " not found"})
 		return
 	}
-	if first && f.headerGate != nil {
+	if first && f.HeaderGate != nil {
 		select {
-		case <-f.headerGate:
+		case <-f.HeaderGate:
 		case <-r.Context().Done():
 			return
 		}
 	}
-	h := f.img.header(req.Have)
+	h := f.Image.Header(req.Have)
 	h.Resume = req.Resume
 	w.Header().Set("Content-Type", api.MediaTypeBundle)
 	bw, err := bundle.NewWriter(w, h)
@@ -319,16 +330,16 @@ func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.(http.Flusher).Flush()
-	if first && f.gate != nil {
+	if first && f.Gate != nil {
 		select {
-		case <-f.gate:
+		case <-f.Gate:
 		case <-r.Context().Done():
 			return
 		}
 	}
 	for i, fr := range bw.Remaining() {
-		m := f.img.members[memberKey(fr.Digest, fr.Offset)]
-		if (first || f.alwaysBreak) && f.breakAfter > 0 && i == f.breakAfter {
+		m := f.Image.Members[MemberKey(fr.Digest, fr.Offset)]
+		if (first || f.AlwaysBreak) && f.BreakAfter > 0 && i == f.BreakAfter {
 			w.Write(m[:len(m)/2])
 			return // the stream ends in the middle of a frame
 		}
@@ -339,13 +350,15 @@ func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (f *fakeRegistry) Requests() []api.DeltaRequest {
+// Requests are the delta requests received so far.
+func (f *Registry) Requests() []api.DeltaRequest {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return append([]api.DeltaRequest(nil), f.requests...)
 }
 
-func startFakeRegistry(t *testing.T, f *fakeRegistry) (host string) {
+// Start serves f on an ephemeral loopback port until the test ends.
+func Start(t *testing.T, f *Registry) (host string) {
 	f.t = t
 	srv := httptest.NewServer(f)
 	t.Cleanup(srv.Close)

@@ -1,4 +1,8 @@
-package daemon
+// Package layers is the worker's registry of converted layers: the file
+// tree of every layer a bundle header described, which of them are
+// complete, the pushed layers they replace, and their FUSE views, mounted
+// while a snapshot uses them. It implements snapshotter.Layers.
+package layers
 
 import (
 	"context"
@@ -13,6 +17,7 @@ import (
 	"sync"
 
 	"github.com/containerd/containerd/snapshots"
+	"github.com/containerd/continuity"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 
@@ -35,7 +40,7 @@ type contentSyncer interface {
 	Sync() error
 }
 
-// Layers is the worker's registry of converted layers. For every layer a
+// Registry is the worker's registry of converted layers. For every layer a
 // bundle header described it keeps, under root/<hex>/:
 //
 //	tree.json        the layer's file tree (api.LayerTree), written once
@@ -48,7 +53,7 @@ type contentSyncer interface {
 // It implements snapshotter.Layers: the snapshotter resolves a Prepare to a
 // known layer and asks for its directory when it mounts a rootfs. The
 // complete layers form the inventory a delta request sends as Have.
-type Layers struct {
+type Registry struct {
 	root   string
 	store  ContentChecker
 	mount  Mounter
@@ -57,22 +62,12 @@ type Layers struct {
 	// originals maps a pushed layer digest to the converted layer that
 	// replaces it.
 	originals map[digest.Digest]digest.Digest
-	// epoch counts Resolve and Unpin calls; see removeIdle.
+	// epoch counts Resolve and Unpin calls; see RemoveIdle.
 	epoch uint64
-	// OnRelease, if set, is called after a layer was released (no
-	// snapshot uses it any more): the garbage collector's cue.
-	OnRelease func(digest.Digest)
-	// Fetcher, if set, is asked for the layers of an image a CRI pull is
-	// unpacking when its layer is not known yet.
-	Fetcher CRIFetcher
-}
-
-// CRIFetcher fetches the bundle header of the image a Kubernetes (CRI)
-// pull is unpacking, so that its layers and their pushed digests become
-// known. FetchCRI returns once they are recorded (the contents keep
-// streaming in the background), or with the reason it cannot provide them.
-type CRIFetcher interface {
-	FetchCRI(ctx context.Context, imageRef string, manifest digest.Digest) error
+	// released receives (without blocking, coalesced) whenever a layer
+	// was released: no snapshot uses it any more, the garbage
+	// collector's cue.
+	released chan struct{}
 }
 
 type layer struct {
@@ -82,26 +77,26 @@ type layer struct {
 	complete bool
 	mnt      io.Closer
 	// pins counts Resolves whose snapshot is not committed yet; epoch is
-	// the Layers epoch of the last Resolve or Unpin; removing is set
-	// while the collector removes the layer. All three under Layers.mu.
+	// the Registry epoch of the last Resolve or Unpin; removing is set
+	// while the collector removes the layer. All three under Registry.mu.
 	pins     int
 	epoch    uint64
 	removing bool
 }
 
-var _ snapshotter.Layers = (*Layers)(nil)
-var _ snapshotter.LayerUsager = (*Layers)(nil)
-var _ snapshotter.LayerUnpinner = (*Layers)(nil)
+var _ snapshotter.Layers = (*Registry)(nil)
+var _ snapshotter.LayerUsager = (*Registry)(nil)
+var _ snapshotter.LayerUnpinner = (*Registry)(nil)
 
-// OpenLayers loads the layer registry at root. Trees that do not parse are
+// Open loads the layer registry at root. Trees that do not parse are
 // reported and ignored (they are written atomically, so that only happens
 // if someone edited them).
-func OpenLayers(ctx context.Context, root string, store ContentChecker, mount Mounter) (*Layers, error) {
+func Open(ctx context.Context, root string, store ContentChecker, mount Mounter) (*Registry, error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("opening layer registry: %w", err)
 	}
-	l := &Layers{root: root, store: store, mount: mount, layers: make(map[digest.Digest]*layer),
-		originals: make(map[digest.Digest]digest.Digest)}
+	l := &Registry{root: root, store: store, mount: mount, layers: make(map[digest.Digest]*layer),
+		originals: make(map[digest.Digest]digest.Digest), released: make(chan struct{}, 1)}
 	dirs, err := os.ReadDir(root)
 	if err != nil {
 		return nil, fmt.Errorf("opening layer registry: %w", err)
@@ -111,7 +106,7 @@ func OpenLayers(ctx context.Context, root string, store ContentChecker, mount Mo
 		if d.Validate() != nil {
 			continue
 		}
-		tree, err := l.readTree(d)
+		tree, err := l.ReadTree(d)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
@@ -136,12 +131,13 @@ func OpenLayers(ctx context.Context, root string, store ContentChecker, mount Mo
 // layer replaces.
 const originalMarker = "original-"
 
-func (l *Layers) path(d digest.Digest, elem ...string) string {
+func (l *Registry) path(d digest.Digest, elem ...string) string {
 	// d is always a validated sha256 digest here: its hex is a safe name.
 	return filepath.Join(append([]string{l.root, d.Encoded()}, elem...)...)
 }
 
-func (l *Layers) readTree(d digest.Digest) (*api.LayerTree, error) {
+// ReadTree reads the recorded tree of layer d, validated.
+func (l *Registry) ReadTree(d digest.Digest) (*api.LayerTree, error) {
 	b, err := os.ReadFile(l.path(d, "tree.json"))
 	if err != nil {
 		return nil, err
@@ -171,7 +167,7 @@ func treeUsage(t *api.LayerTree) snapshots.Usage {
 
 // Add records a layer's tree (validated by the bundle decoder). A layer is
 // content addressed, so a tree already known is kept as is.
-func (l *Layers) Add(t *api.LayerTree) error {
+func (l *Registry) Add(t *api.LayerTree) error {
 	d, err := api.ParseDigest(t.Digest)
 	if err != nil {
 		return fmt.Errorf("adding layer: %w", err)
@@ -189,9 +185,11 @@ func (l *Layers) Add(t *api.LayerTree) error {
 		if err := os.MkdirAll(l.path(d), 0o700); err != nil {
 			return fmt.Errorf("adding layer %s: %w", d, err)
 		}
-		if err := writeFileAtomic(l.path(d, "tree.json"), func(w io.Writer) error {
-			return json.NewEncoder(w).Encode(t)
-		}); err != nil {
+		b, err := json.Marshal(t)
+		if err != nil {
+			return fmt.Errorf("adding layer %s: %w", d, err)
+		}
+		if err := continuity.AtomicWriteFile(l.path(d, "tree.json"), b, 0o600); err != nil {
 			return fmt.Errorf("adding layer %s: %w", d, err)
 		}
 	}
@@ -214,14 +212,14 @@ func (l *Layers) Add(t *api.LayerTree) error {
 }
 
 // Known reports whether the layer's tree is recorded.
-func (l *Layers) Known(d digest.Digest) bool {
+func (l *Registry) Known(d digest.Digest) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	_, ok := l.layers[d]
 	return ok
 }
 
-func (l *Layers) get(d digest.Digest) (*layer, bool) {
+func (l *Registry) get(d digest.Digest) (*layer, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	ly, ok := l.layers[d]
@@ -230,19 +228,14 @@ func (l *Layers) get(d digest.Digest) (*layer, bool) {
 
 // Resolve implements snapshotter.Layers: the Prepare labels name a layer
 // whose tree is known. Through containerd only "containerd.io/snapshot/"
-// labels arrive, hence the inherited form.
-//
-// A Kubernetes (CRI) pull names the layer by its pushed digest
-// (cri.layer-digest), with the image being unpacked (cri.image-ref,
-// cri.manifest-digest). A pushed digest a bundle header mapped to a
-// converted layer resolves to that layer. Otherwise the Fetcher fetches the
-// image's header from its Starlight registry (the first layer of an image
-// waits for it, the others find their mapping), and when it cannot,
-// Resolve declines and containerd downloads and unpacks the layer itself.
+// labels arrive, hence the inherited form. A Kubernetes (CRI) pull names
+// the layer by its pushed digest (cri.layer-digest): a pushed digest a
+// bundle header mapped to a converted layer resolves to that layer (package
+// cri fetches the header of an image whose layers are not known yet).
 //
 // A resolved layer is pinned until Unpin, so that the garbage collector
 // does not remove it before its snapshot exists.
-func (l *Layers) Resolve(ctx context.Context, labels map[string]string) (digest.Digest, bool) {
+func (l *Registry) Resolve(ctx context.Context, labels map[string]string) (digest.Digest, bool) {
 	for _, key := range []string{snapshotter.LabelLayerDigest, snapshotter.LabelInheritedLayerDigest} {
 		v, ok := labels[key]
 		if !ok {
@@ -264,35 +257,12 @@ func (l *Layers) Resolve(ctx context.Context, labels map[string]string) (digest.
 		log.G(ctx).WithError(err).WithField("label", snapshotter.LabelCRILayerDigest).Debug("ignoring invalid layer label")
 		return "", false
 	}
-	if c, ok := l.pin(d, true); ok {
-		return c, true
-	}
-	ref, manifest := labels[snapshotter.LabelCRIImageRef], labels[snapshotter.LabelCRIManifestDigest]
-	logger := log.G(ctx).WithFields(log.Fields{"layer": d, "image": ref, "manifest": manifest})
-	if l.Fetcher == nil || ref == "" || manifest == "" {
-		logger.Debug("CRI layer unknown, containerd unpacks it")
-		return "", false
-	}
-	md, err := api.ParseDigest(manifest)
-	if err != nil {
-		logger.WithError(err).Info("invalid CRI manifest digest, containerd unpacks the layer")
-		return "", false
-	}
-	if err := l.Fetcher.FetchCRI(ctx, ref, md); err != nil {
-		logger.WithError(err).Info("Starlight cannot provide the layer, containerd downloads and unpacks it")
-		return "", false
-	}
-	if c, ok := l.pin(d, true); ok {
-		logger.WithField("converted", c).Debug("CRI layer resolved")
-		return c, true
-	}
-	logger.Info("the Starlight image does not name this pushed layer (registry without originalDigest?), containerd downloads and unpacks it")
-	return "", false
+	return l.pin(d, true)
 }
 
 // pin returns the known layer d designates (d itself, or with original
 // the converted layer replacing the pushed layer d) and pins it.
-func (l *Layers) pin(d digest.Digest, original bool) (digest.Digest, bool) {
+func (l *Registry) pin(d digest.Digest, original bool) (digest.Digest, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	ly, ok := l.layers[d]
@@ -313,7 +283,7 @@ func (l *Layers) pin(d digest.Digest, original bool) (digest.Digest, bool) {
 
 // Unpin implements snapshotter.LayerUnpinner: the snapshot of a resolved
 // layer is committed (or failed to be).
-func (l *Layers) Unpin(ctx context.Context, d digest.Digest) {
+func (l *Registry) Unpin(ctx context.Context, d digest.Digest) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if ly, ok := l.layers[d]; ok && ly.pins > 0 {
@@ -324,7 +294,7 @@ func (l *Layers) Unpin(ctx context.Context, d digest.Digest) {
 }
 
 // Original returns the converted layer that replaces the pushed layer d.
-func (l *Layers) Original(d digest.Digest) (digest.Digest, bool) {
+func (l *Registry) Original(d digest.Digest) (digest.Digest, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	c, ok := l.originals[d]
@@ -332,9 +302,9 @@ func (l *Layers) Original(d digest.Digest) (digest.Digest, bool) {
 }
 
 // Epoch returns the current resolve epoch. A collection takes it before it
-// lists the snapshots; removeIdle then spares every layer resolved since,
+// lists the snapshots; RemoveIdle then spares every layer resolved since,
 // whose snapshot the listing may have missed.
-func (l *Layers) Epoch() uint64 {
+func (l *Registry) Epoch() uint64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.epoch
@@ -342,7 +312,7 @@ func (l *Layers) Epoch() uint64 {
 
 // Dir implements snapshotter.Layers: it mounts the layer's view if it is
 // not mounted yet.
-func (l *Layers) Dir(ctx context.Context, d digest.Digest) (string, error) {
+func (l *Registry) Dir(ctx context.Context, d digest.Digest) (string, error) {
 	ly, ok := l.get(d)
 	if !ok {
 		return "", fmt.Errorf("layer %s is not known to this worker", d)
@@ -353,7 +323,7 @@ func (l *Layers) Dir(ctx context.Context, d digest.Digest) (string, error) {
 	if ly.mnt != nil {
 		return mnt, nil
 	}
-	tree, err := l.readTree(d)
+	tree, err := l.ReadTree(d)
 	if err != nil {
 		return "", err
 	}
@@ -371,14 +341,12 @@ func (l *Layers) Dir(ctx context.Context, d digest.Digest) (string, error) {
 
 // Release implements snapshotter.Layers: no snapshot uses the layer any
 // more, so its view is unmounted. The tree stays known.
-func (l *Layers) Release(ctx context.Context, d digest.Digest) {
+func (l *Registry) Release(ctx context.Context, d digest.Digest) {
 	ly, ok := l.get(d)
 	if !ok {
 		return
 	}
-	if l.OnRelease != nil {
-		defer l.OnRelease(d)
-	}
+	defer l.notifyReleased()
 	ly.mu.Lock()
 	defer ly.mu.Unlock()
 	if ly.mnt == nil {
@@ -391,17 +359,28 @@ func (l *Layers) Release(ctx context.Context, d digest.Digest) {
 	ly.mnt = nil
 }
 
+func (l *Registry) notifyReleased() {
+	select {
+	case l.released <- struct{}{}:
+	default:
+	}
+}
+
+// Released receives after a layer was released (no snapshot uses it any
+// more); releases that happen before the receiver is ready coalesce.
+func (l *Registry) Released() <-chan struct{} { return l.released }
+
 // Remove forgets a layer: it is unmounted and its tree deleted. The
 // caller (the garbage collector) makes sure nothing uses it.
-func (l *Layers) Remove(ctx context.Context, d digest.Digest) error {
-	_, err := l.removeIdle(ctx, d, ^uint64(0))
+func (l *Registry) Remove(ctx context.Context, d digest.Digest) error {
+	_, err := l.RemoveIdle(ctx, d, ^uint64(0))
 	return err
 }
 
-// removeIdle removes the layer like Remove unless it is pinned or was
+// RemoveIdle removes the layer like Remove unless it is pinned or was
 // resolved or unpinned after epoch (a snapshot of it may exist that the
 // caller did not see), and reports whether it did.
-func (l *Layers) removeIdle(ctx context.Context, d digest.Digest, epoch uint64) (bool, error) {
+func (l *Registry) RemoveIdle(ctx context.Context, d digest.Digest, epoch uint64) (bool, error) {
 	ly, ok := l.get(d)
 	if !ok {
 		return false, nil
@@ -441,7 +420,7 @@ func (l *Layers) removeIdle(ctx context.Context, d digest.Digest, epoch uint64) 
 }
 
 // Usage implements snapshotter.LayerUsager from the recorded tree.
-func (l *Layers) Usage(ctx context.Context, d digest.Digest) (snapshots.Usage, error) {
+func (l *Registry) Usage(ctx context.Context, d digest.Digest) (snapshots.Usage, error) {
 	ly, ok := l.get(d)
 	if !ok {
 		return snapshots.Usage{}, fmt.Errorf("layer %s is not known to this worker", d)
@@ -451,8 +430,8 @@ func (l *Layers) Usage(ctx context.Context, d digest.Digest) (snapshots.Usage, e
 
 // MountAll mounts every known layer, as at worker start: snapshots made
 // before a restart point at these directories.
-func (l *Layers) MountAll(ctx context.Context) {
-	for _, d := range l.digests(false) {
+func (l *Registry) MountAll(ctx context.Context) {
+	for _, d := range l.Digests(false) {
 		if _, err := l.Dir(ctx, d); err != nil {
 			log.G(ctx).WithError(err).WithField("layer", d).Warn("remounting layer")
 		}
@@ -460,9 +439,9 @@ func (l *Layers) MountAll(ctx context.Context) {
 }
 
 // Close unmounts every view this registry mounted.
-func (l *Layers) Close() error {
+func (l *Registry) Close() error {
 	var errs []error
-	for _, d := range l.digests(false) {
+	for _, d := range l.Digests(false) {
 		ly, _ := l.get(d)
 		ly.mu.Lock()
 		if ly.mnt != nil {
@@ -477,7 +456,9 @@ func (l *Layers) Close() error {
 	return errors.Join(errs...)
 }
 
-func (l *Layers) digests(completeOnly bool) []digest.Digest {
+// Digests lists the known layers (only the complete ones with
+// completeOnly), sorted.
+func (l *Registry) Digests(completeOnly bool) []digest.Digest {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var out []digest.Digest
@@ -491,8 +472,8 @@ func (l *Layers) digests(completeOnly bool) []digest.Digest {
 }
 
 // Inventory lists the complete layers, the Have of a delta request.
-func (l *Layers) Inventory() []string {
-	ds := l.digests(true)
+func (l *Registry) Inventory() []string {
+	ds := l.Digests(true)
 	out := make([]string, len(ds))
 	for i, d := range ds {
 		out[i] = d.String()
@@ -501,7 +482,7 @@ func (l *Layers) Inventory() []string {
 }
 
 // Complete reports whether the layer is marked complete.
-func (l *Layers) Complete(d digest.Digest) bool {
+func (l *Registry) Complete(d digest.Digest) bool {
 	ly, ok := l.get(d)
 	if !ok {
 		return false
@@ -513,7 +494,7 @@ func (l *Layers) Complete(d digest.Digest) bool {
 
 // CheckComplete marks the layer complete if every content of its tree is
 // in the store, and reports whether it is.
-func (l *Layers) CheckComplete(t *api.LayerTree) (bool, error) {
+func (l *Registry) CheckComplete(t *api.LayerTree) (bool, error) {
 	d, err := api.ParseDigest(t.Digest)
 	if err != nil {
 		return false, err
@@ -550,27 +531,4 @@ func (l *Layers) CheckComplete(t *api.LayerTree) (bool, error) {
 	ly.complete = true
 	l.mu.Unlock()
 	return true, nil
-}
-
-// writeFileAtomic writes a file through a temporary file and a rename, so
-// that a crash never leaves a partial file under the final name.
-func writeFileAtomic(path string, fill func(io.Writer) error) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := fill(f); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }

@@ -1,4 +1,9 @@
-package daemon
+// Package importer makes a Starlight image usable in containerd the way
+// containerd's own pull-and-unpack leaves an image: manifest and config in
+// its content store (the layer blobs stay remote), the committed snapshot
+// chain in the starlight snapshotter, and the image record. It also runs
+// the standard containerd pull a host without Starlight falls back to.
+package importer
 
 import (
 	"bytes"
@@ -16,14 +21,13 @@ import (
 	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/images"
 	"github.com/containerd/containerd/leases"
-	"github.com/containerd/containerd/remotes/docker"
+	"github.com/containerd/containerd/remotes"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/starlight-project/starlight/api"
-	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/snapshotter"
 )
 
@@ -31,52 +35,62 @@ import (
 // ([proxy_plugins.starlight]).
 const SnapshotterName = "starlight"
 
-// containerdConn connects to containerd at the first use, so that the
+// Importer talks to containerd. It connects at the first use, so that the
 // worker can start before containerd does.
-type containerdConn struct {
+type Importer struct {
 	address string
 	mu      sync.Mutex
 	c       *containerd.Client
 }
 
-func (cc *containerdConn) get(ctx context.Context) (*containerd.Client, error) {
-	cc.mu.Lock()
-	defer cc.mu.Unlock()
-	if cc.c != nil {
-		return cc.c, nil
+// New returns an importer for the containerd at address (its socket).
+func New(address string) *Importer {
+	return &Importer{address: address}
+}
+
+// Client returns the containerd client, connecting on first use.
+func (im *Importer) Client(ctx context.Context) (*containerd.Client, error) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.c != nil {
+		return im.c, nil
 	}
-	c, err := containerd.New(cc.address, containerd.WithTimeout(10*time.Second))
+	c, err := containerd.New(im.address, containerd.WithTimeout(10*time.Second))
 	if err != nil {
-		return nil, fmt.Errorf("connecting to containerd at %s: %w", cc.address, err)
+		return nil, fmt.Errorf("connecting to containerd at %s: %w", im.address, err)
 	}
-	cc.c = c
+	im.c = c
 	return c, nil
 }
 
-func (cc *containerdConn) Close() error {
-	cc.mu.Lock()
-	defer cc.mu.Unlock()
-	if cc.c == nil {
+// Close closes the connection to containerd, if one was made.
+func (im *Importer) Close() error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.c == nil {
 		return nil
 	}
-	err := cc.c.Close()
-	cc.c = nil
+	err := im.c.Close()
+	im.c = nil
 	return err
 }
 
-// imagePlan is what a bundle header says about the image, checked for
+// Plan is what a bundle header says about the image, checked for
 // consistency: the manifest and config are the ones the digests name and
 // the layers are the manifest's, in order.
-type imagePlan struct {
-	manifest     ocispec.Descriptor
-	config       ocispec.Descriptor
-	layers       []digest.Digest
+type Plan struct {
+	manifest ocispec.Descriptor
+	config   ocispec.Descriptor
+	// Layers are the converted layer digests, base first.
+	Layers       []digest.Digest
 	chainIDs     []digest.Digest
 	manifestBlob []byte
 	configBlob   []byte
 }
 
-func planImage(h *api.BundleHeader) (*imagePlan, error) {
+// PlanImage checks a bundle header's manifest, config and layer trees
+// against each other.
+func PlanImage(h *api.BundleHeader) (*Plan, error) {
 	md, err := api.ParseDigest(h.ManifestDigest)
 	if err != nil {
 		return nil, fmt.Errorf("bundle header: manifest: %w", err)
@@ -120,7 +134,7 @@ func planImage(h *api.BundleHeader) (*imagePlan, error) {
 	if len(m.Layers) == 0 {
 		return nil, fmt.Errorf("bundle header: the image has no layers")
 	}
-	p := &imagePlan{
+	p := &Plan{
 		manifest:     ocispec.Descriptor{MediaType: mediaType, Digest: md, Size: int64(len(h.Manifest))},
 		config:       m.Config,
 		manifestBlob: h.Manifest,
@@ -137,19 +151,23 @@ func planImage(h *api.BundleHeader) (*imagePlan, error) {
 		if err := img.RootFS.DiffIDs[i].Validate(); err != nil {
 			return nil, fmt.Errorf("bundle header: config: diff ID %d: %w", i, err)
 		}
-		p.layers = append(p.layers, l.Digest)
+		p.Layers = append(p.Layers, l.Digest)
 	}
 	p.chainIDs = identity.ChainIDs(append([]digest.Digest(nil), img.RootFS.DiffIDs...))
 	return p, nil
 }
 
-// importImage makes the image usable in containerd, the way containerd's
+// Import makes the image usable in containerd, the way containerd's
 // own pull-and-unpack leaves it: manifest and config in the content store
 // with GC labels (the layer blobs stay remote, like a remote snapshotter's),
 // the image record named name, and the committed snapshot chain in the
 // starlight snapshotter. Everything is created under a lease, so the
 // garbage collector cannot take pieces before the image references them.
-func importImage(ctx context.Context, c *containerd.Client, name string, p *imagePlan) error {
+func (im *Importer) Import(ctx context.Context, name string, p *Plan) error {
+	c, err := im.Client(ctx)
+	if err != nil {
+		return err
+	}
 	ctx, done, err := c.WithLease(ctx, leases.WithRandomID(), leases.WithExpiration(time.Hour))
 	if err != nil {
 		return fmt.Errorf("creating containerd lease: %w", err)
@@ -165,7 +183,7 @@ func importImage(ctx context.Context, c *containerd.Client, name string, p *imag
 		return err
 	}
 	manifestLabels := map[string]string{"containerd.io/gc.ref.content.config": p.config.Digest.String()}
-	for i, l := range p.layers {
+	for i, l := range p.Layers {
 		manifestLabels["containerd.io/gc.ref.content.l."+strconv.Itoa(i)] = l.String()
 	}
 	if err := writeBlob(ctx, cs, p.manifest, p.manifestBlob, manifestLabels); err != nil {
@@ -211,7 +229,7 @@ func writeBlob(ctx context.Context, cs content.Store, desc ocispec.Descriptor, b
 // the remote-snapshotter protocol: each Prepare carries the target chain
 // ID and the layer digest, and the starlight snapshotter answers
 // "already exists" after committing the target itself.
-func createChain(ctx context.Context, sn snapshots.Snapshotter, p *imagePlan) error {
+func createChain(ctx context.Context, sn snapshots.Snapshotter, p *Plan) error {
 	var parent string
 	for i, chainID := range p.chainIDs {
 		if _, err := sn.Stat(ctx, chainID.String()); err == nil {
@@ -223,19 +241,19 @@ func createChain(ctx context.Context, sn snapshots.Snapshotter, p *imagePlan) er
 		key := fmt.Sprintf("extract-%s-%s", randomID(), chainID)
 		labels := map[string]string{
 			snapshotter.LabelSnapshotRef:          chainID.String(),
-			snapshotter.LabelInheritedLayerDigest: p.layers[i].String(),
+			snapshotter.LabelInheritedLayerDigest: p.Layers[i].String(),
 		}
 		err := prepareRetrying(ctx, sn, key, parent, labels)
 		if err == nil {
 			// The snapshotter made an empty active snapshot instead: it
 			// does not know the layer. Nothing would fill it.
 			if rerr := sn.Remove(ctx, key); rerr != nil {
-				return fmt.Errorf("layer %s was not accepted by the %s snapshotter (and removing %s: %v)", p.layers[i], SnapshotterName, key, rerr)
+				return fmt.Errorf("layer %s was not accepted by the %s snapshotter (and removing %s: %v)", p.Layers[i], SnapshotterName, key, rerr)
 			}
-			return fmt.Errorf("layer %s was not accepted by the %s snapshotter", p.layers[i], SnapshotterName)
+			return fmt.Errorf("layer %s was not accepted by the %s snapshotter", p.Layers[i], SnapshotterName)
 		}
 		if !errdefs.IsAlreadyExists(err) {
-			return fmt.Errorf("preparing snapshot %s of layer %s: %w", chainID, p.layers[i], err)
+			return fmt.Errorf("preparing snapshot %s of layer %s: %w", chainID, p.Layers[i], err)
 		}
 		parent = chainID.String()
 	}
@@ -248,23 +266,38 @@ func randomID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// plainPull is the fallback for a host that is not a Starlight registry: a
-// standard containerd pull, unpacked by containerd's default snapshotter.
-func plainPull(ctx context.Context, c *containerd.Client, r Ref, reg config.Registry) (images.Image, error) {
-	hostOpts := []docker.RegistryOpt{}
-	if reg.PlainHTTP {
-		hostOpts = append(hostOpts, docker.WithPlainHTTP(docker.MatchAllHosts))
-	}
-	if reg.Username != "" {
-		hostOpts = append(hostOpts, docker.WithAuthorizer(docker.NewDockerAuthorizer(
-			docker.WithAuthCreds(func(string) (string, string, error) { return reg.Username, reg.Password, nil }))))
-	}
-	resolver := docker.NewResolver(docker.ResolverOptions{Hosts: docker.ConfigureDefaultRegistries(hostOpts...)})
-	img, err := c.Pull(ctx, r.Normalized, containerd.WithResolver(resolver), containerd.WithPullUnpack)
+// PullPlain is the fallback for a host that is not a Starlight registry: a
+// standard containerd pull of ref (fully qualified, as containerd's
+// resolver wants it) through resolver, unpacked by containerd's default
+// snapshotter.
+func (im *Importer) PullPlain(ctx context.Context, ref string, resolver remotes.Resolver) (images.Image, error) {
+	c, err := im.Client(ctx)
 	if err != nil {
-		return images.Image{}, fmt.Errorf("pulling %s: %w", r.Name, err)
+		return images.Image{}, err
+	}
+	img, err := c.Pull(ctx, ref, containerd.WithResolver(resolver), containerd.WithPullUnpack)
+	if err != nil {
+		return images.Image{}, fmt.Errorf("pulling %s: %w", ref, err)
 	}
 	return img.Metadata(), nil
+}
+
+// Delete removes the image record name from containerd and waits for
+// containerd's garbage collector, so that the snapshots only it used are
+// gone when Delete returns. found is false when containerd does not know
+// the image.
+func (im *Importer) Delete(ctx context.Context, name string) (found bool, err error) {
+	c, err := im.Client(ctx)
+	if err != nil {
+		return false, err
+	}
+	if err := c.ImageService().Delete(ctx, name, images.SynchronousDelete()); err != nil {
+		if errdefs.IsNotFound(err) {
+			return false, nil
+		}
+		return false, fmt.Errorf("removing %s from containerd: %w", name, err)
+	}
+	return true, nil
 }
 
 // prepareRetrying calls Prepare, retrying while containerd reports the

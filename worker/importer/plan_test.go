@@ -1,4 +1,4 @@
-package daemon
+package importer
 
 import (
 	"encoding/json"
@@ -10,24 +10,25 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
 )
 
 func TestPlanImage(t *testing.T) {
-	img := buildImage(t, 1<<20,
-		[]testFile{{name: "a", typ: api.TypeReg, mode: 0o644, data: []byte("a")}},
-		[]testFile{{name: "b", typ: api.TypeReg, mode: 0o644, data: []byte("b")}},
+	img := fakeregistry.BuildImage(t, 1<<20,
+		[]fakeregistry.File{{Name: "a", Type: api.TypeReg, Mode: 0o644, Data: []byte("a")}},
+		[]fakeregistry.File{{Name: "b", Type: api.TypeReg, Mode: 0o644, Data: []byte("b")}},
 	)
 	var cfg ocispec.Image
-	json.Unmarshal(img.config, &cfg)
+	json.Unmarshal(img.Config, &cfg)
 
-	p, err := planImage(img.header(nil))
+	p, err := PlanImage(img.Header(nil))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if want := identity.ChainIDs(cfg.RootFS.DiffIDs); len(p.chainIDs) != 2 || p.chainIDs[1] != want[1] {
 		t.Fatalf("chain IDs %v, want %v", p.chainIDs, want)
 	}
-	if p.manifest.Digest != img.manifestDigest || p.manifest.MediaType != ocispec.MediaTypeImageManifest {
+	if p.manifest.Digest != img.ManifestDigest || p.manifest.MediaType != ocispec.MediaTypeImageManifest {
 		t.Fatalf("manifest descriptor %+v", p.manifest)
 	}
 
@@ -46,10 +47,10 @@ func TestPlanImage(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			h := img.header(nil)
+			h := img.Header(nil)
 			h.Layers = append([]api.LayerTree(nil), h.Layers...)
 			tt.mutate(h)
-			_, err := planImage(h)
+			_, err := PlanImage(h)
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 				t.Fatalf("error = %v, want one containing %q", err, tt.wantErr)
 			}

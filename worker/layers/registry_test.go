@@ -1,4 +1,4 @@
-package daemon
+package layers
 
 import (
 	"context"
@@ -11,6 +11,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
 	"github.com/starlight-project/starlight/worker/snapshotter"
 )
 
@@ -32,16 +33,16 @@ func (c closer) Close() error { return c() }
 func TestLayers(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	img := buildImage(t, 1<<20,
-		[]testFile{{name: "a", typ: api.TypeReg, mode: 0o644, data: []byte("a")}, {name: "e", typ: api.TypeReg, mode: 0o644}},
-		[]testFile{{name: "b", typ: api.TypeReg, mode: 0o644, data: []byte("b")}},
+	img := fakeregistry.BuildImage(t, 1<<20,
+		[]fakeregistry.File{{Name: "a", Type: api.TypeReg, Mode: 0o644, Data: []byte("a")}, {Name: "e", Type: api.TypeReg, Mode: 0o644}},
+		[]fakeregistry.File{{Name: "b", Type: api.TypeReg, Mode: 0o644, Data: []byte("b")}},
 	)
-	l0, l1 := img.layers[0], img.layers[1]
+	l0, l1 := img.Layers[0], img.Layers[1]
 	d0, d1 := digest.Digest(l0.Digest), digest.Digest(l1.Digest)
 	contents := fakeContents{}
 	fm := &fakeMount{mounted: map[string]bool{}}
 
-	l, err := OpenLayers(ctx, root, contents, fm.mount)
+	l, err := Open(ctx, root, contents, fm.mount)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +96,7 @@ func TestLayers(t *testing.T) {
 	}
 
 	// Everything survives a restart; MountAll remounts every layer.
-	l2, err := OpenLayers(ctx, root, contents, fm.mount)
+	l2, err := Open(ctx, root, contents, fm.mount)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +111,7 @@ func TestLayers(t *testing.T) {
 
 	// A tree edited on disk to describe another layer is ignored.
 	os.WriteFile(filepath.Join(root, d1.Encoded(), "tree.json"), []byte(`{"digest":"`+l0.Digest+`"}`), 0o600)
-	l3, err := OpenLayers(ctx, root, contents, fm.mount)
+	l3, err := Open(ctx, root, contents, fm.mount)
 	if err != nil || l3.Known(d1) {
 		t.Fatalf("tampered tree accepted: %v", err)
 	}
