@@ -193,23 +193,34 @@ func (s *Store) Tag(ctx context.Context, dst string, desc ocispec.Descriptor) er
 // readManifest reads a manifest from the source, or from the destination
 // where the conversion pushed it.
 func (s *Store) readManifest(ctx context.Context, desc ocispec.Descriptor) ([]byte, error) {
-	rc, err := s.Fetch(ctx, desc)
+	// A fetcher opens lazily: a manifest missing from the source shows
+	// when it is read.
+	b, err := readVerified(ctx, s.Fetch, desc)
 	if err != nil {
-		var dst remotes.Fetcher
-		if dst, err = s.opts.Client.Resolver().Fetcher(ctx, s.dstRepo); err == nil {
-			rc, err = dst.Fetch(ctx, desc)
+		dst, derr := s.opts.Client.Resolver().Fetcher(ctx, s.dstRepo)
+		if derr == nil {
+			b, derr = readVerified(ctx, dst.Fetch, desc)
+		}
+		if derr != nil {
+			return nil, fmt.Errorf("fetching %s: from the source: %v; from the destination: %w", desc.Digest, err, derr)
 		}
 	}
+	return b, nil
+}
+
+// readVerified reads a manifest with fetch and checks its digest.
+func readVerified(ctx context.Context, fetch func(context.Context, ocispec.Descriptor) (io.ReadCloser, error), desc ocispec.Descriptor) ([]byte, error) {
+	rc, err := fetch(ctx, desc)
 	if err != nil {
-		return nil, fmt.Errorf("fetching %s: %w", desc.Digest, err)
+		return nil, err
 	}
 	defer rc.Close()
 	b, err := io.ReadAll(io.LimitReader(rc, convert.MaxManifestSize+1))
 	if err != nil {
-		return nil, fmt.Errorf("fetching %s: %w", desc.Digest, err)
+		return nil, err
 	}
 	if digest.FromBytes(b) != desc.Digest {
-		return nil, fmt.Errorf("fetching %s: content does not match its digest", desc.Digest)
+		return nil, errors.New("content does not match its digest")
 	}
 	return b, nil
 }
