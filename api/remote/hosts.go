@@ -30,7 +30,7 @@ func StaticHosts(lookup func(host string) HostConfig) docker.RegistryHosts {
 	if lookup == nil {
 		lookup = func(string) HostConfig { return HostConfig{} }
 	}
-	client := NewHTTPClient()
+	client := newHTTPClient()
 	// The Authorizer asks for the credentials of the endpoint's host.
 	creds := func(host string) (string, string, error) {
 		hc := lookup(host)
@@ -59,13 +59,14 @@ func StaticHosts(lookup func(host string) HostConfig) docker.RegistryHosts {
 	}
 }
 
-// NewHTTPClient returns the HTTP client StaticHosts uses: a transport
+// newHTTPClient returns the HTTP client of StaticHosts: a transport
 // prepared by UpdateClient.
-func NewHTTPClient() *http.Client {
+func newHTTPClient() *http.Client {
 	c := &http.Client{Transport: &http.Transport{
 		Proxy:               http.ProxyFromEnvironment,
 		DialContext:         (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     90 * time.Second,
 	}}
 	UpdateClient(c) //nolint:errcheck // an *http.Transport
 	return c
