@@ -107,12 +107,6 @@ type ImageStatus struct {
 	UpdatedAt       time.Time `json:"updatedAt"`
 }
 
-// Error is the JSON body of every 4xx/5xx answer of the /starlight/ API.
-type Error struct {
-	Code    string `json:"code"`    // machine-readable: NOT_FOUND, BAD_REQUEST, UNAUTHORIZED, ...
-	Message string `json:"message"` // human-readable
-}
-
 // DeltaRequest is the body of POST /starlight/delta.
 type DeltaRequest struct {
 	// Reference is the image as pushed, without the registry host:

@@ -18,11 +18,15 @@ import (
 	specs "github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/starlight-project/starlight/api"
 )
 
-// MaxManifestSize bounds the manifests, indexes and configs ConvertImage
-// reads into memory.
-const MaxManifestSize = 8 << 20
+// MaxManifestSize bounds the manifests and indexes ConvertImage reads
+// into memory (configs: api.MaxConfigSize).
+//
+// Deprecated: use api.MaxManifestSize.
+const MaxManifestSize = api.MaxManifestSize
 
 // ConvertImage converts the image src (a manifest or an index) in store:
 // every layer not yet in eStargz is converted and pushed, then the configs,
@@ -47,7 +51,7 @@ func ConvertImage(ctx context.Context, store Store, src ocispec.Descriptor, opts
 }
 
 func convertIndex(ctx context.Context, store Store, src ocispec.Descriptor, opts Options) (*ImageResult, error) {
-	raw, err := readManifest(ctx, store, src)
+	raw, err := readManifest(ctx, store, src, api.MaxManifestSize)
 	if err != nil {
 		return nil, err
 	}
@@ -92,7 +96,7 @@ func convertIndex(ctx context.Context, store Store, src ocispec.Descriptor, opts
 // convertManifest converts one platform manifest. platform is the index's
 // platform of the manifest, nil for a single-manifest image.
 func convertManifest(ctx context.Context, store Store, src ocispec.Descriptor, platform *ocispec.Platform, opts Options) (*ManifestResult, error) {
-	raw, err := readManifest(ctx, store, src)
+	raw, err := readManifest(ctx, store, src, api.MaxManifestSize)
 	if err != nil {
 		return nil, err
 	}
@@ -105,7 +109,7 @@ func convertManifest(ctx context.Context, store Store, src ocispec.Descriptor, p
 	default:
 		return nil, invalid(fmt.Errorf("manifest %s: config media type %q is not a container image config", src.Digest, m.Config.MediaType))
 	}
-	cfgRaw, err := readManifest(ctx, store, m.Config)
+	cfgRaw, err := readManifest(ctx, store, m.Config, api.MaxConfigSize)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
@@ -320,12 +324,12 @@ func (v *verifier) Read(p []byte) (int, error) {
 }
 
 // readManifest reads a small JSON blob (manifest, index, config), bounded
-// and verified.
-func readManifest(ctx context.Context, store Store, desc ocispec.Descriptor) ([]byte, error) {
+// by limit and verified.
+func readManifest(ctx context.Context, store Store, desc ocispec.Descriptor, limit int64) ([]byte, error) {
 	if err := desc.Digest.Validate(); err != nil {
 		return nil, fmt.Errorf("%s: %w", desc.MediaType, err)
 	}
-	if desc.Size < 0 || desc.Size > MaxManifestSize {
+	if desc.Size < 0 || desc.Size > limit {
 		return nil, invalid(fmt.Errorf("%s %s: size %d out of range", desc.MediaType, desc.Digest, desc.Size))
 	}
 	rc, err := store.Fetch(ctx, desc)

@@ -1,7 +1,6 @@
 package registryext
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,7 +8,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 
 	"github.com/containerd/log"
@@ -28,10 +26,6 @@ import (
 // PathPrefix is where the extension's routes live on the registry's
 // listener.
 const PathPrefix = "/starlight/"
-
-// maxDeltaRequest bounds the body of POST /starlight/delta: MaxHave
-// digests of ~75 bytes each fit with room to spare.
-const maxDeltaRequest = 2 << 20
 
 // Handler wraps the registry's HTTP handler next: requests under
 // /starlight/ are served by the extension of the database configured in
@@ -60,10 +54,10 @@ func Handler(config *configuration.Configuration, next http.Handler) http.Handle
 	r.Handle("/starlight/delta", h.route(h.delta)).Methods(http.MethodPost)
 	r.Handle("/starlight/v1/traces", h.route(h.traces)).Methods(http.MethodPost)
 	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "NOT_FOUND", "no such route: "+r.URL.Path)
+		api.WriteError(w, http.StatusNotFound, api.CodeNotFound, "no such route: "+r.URL.Path)
 	})
 	r.MethodNotAllowedHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusMethodNotAllowed, "METHOD_NOT_ALLOWED", r.Method+" is not allowed on "+r.URL.Path)
+		api.WriteError(w, http.StatusMethodNotAllowed, api.CodeMethodNotAllowed, r.Method+" is not allowed on "+r.URL.Path)
 	})
 	h.router = r
 	return h
@@ -101,13 +95,13 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // apiError is an error with the HTTP status and code it is answered with.
 type apiError struct {
 	status int
-	code   string
+	code   api.ErrorCode
 	msg    string
 }
 
 func (e *apiError) Error() string { return e.msg }
 
-func errorf(status int, code, format string, args ...any) error {
+func errorf(status int, code api.ErrorCode, format string, args ...any) error {
 	return &apiError{status: status, code: code, msg: fmt.Sprintf(format, args...)}
 }
 
@@ -117,12 +111,12 @@ func (h *handler) route(fn func(w http.ResponseWriter, r *http.Request, x *Exten
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx := r.Context()
 		if h.initErr != nil {
-			writeError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "the starlight extension is not configured correctly")
+			api.WriteError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "the starlight extension is not configured correctly")
 			return
 		}
 		x := Lookup(h.opts.Database)
 		if x == nil || x.namespace() == nil {
-			writeError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "the starlight extension is not running")
+			api.WriteError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "the starlight extension is not running")
 			return
 		}
 		err := fn(w, r, x)
@@ -134,34 +128,17 @@ func (h *handler) route(fn func(w http.ResponseWriter, r *http.Request, x *Exten
 		switch {
 		case errors.As(err, &ch):
 			ch.SetHeaders(r, w)
-			writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
+			api.WriteError(w, http.StatusUnauthorized, api.CodeUnauthorized, "authentication required")
 		case errors.As(err, &ae):
 			if ae.status >= 500 {
 				log.G(ctx).WithError(err).WithField("path", r.URL.Path).Error("starlight: request failed")
 			}
-			writeError(w, ae.status, ae.code, ae.msg)
+			api.WriteError(w, ae.status, ae.code, ae.msg)
 		default:
 			log.G(ctx).WithError(err).WithField("path", r.URL.Path).Error("starlight: request failed")
-			writeError(w, http.StatusInternalServerError, "INTERNAL", "internal error; see the registry log")
+			api.WriteError(w, http.StatusInternalServerError, api.CodeInternal, "internal error; see the registry log")
 		}
 	})
-}
-
-func writeError(w http.ResponseWriter, status int, code, msg string) {
-	writeJSON(w, status, api.Error{Code: code, Message: msg})
-}
-
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	var buf bytes.Buffer
-	if err := json.NewEncoder(&buf).Encode(v); err != nil {
-		status = http.StatusInternalServerError
-		buf.Reset()
-		buf.WriteString(`{"code":"INTERNAL","message":"encoding the response failed"}` + "\n")
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
-	w.WriteHeader(status)
-	w.Write(buf.Bytes()) //nolint:errcheck // the client went away
 }
 
 // authorize checks access to resource with the registry's access
@@ -181,7 +158,7 @@ func (h *handler) authorize(r *http.Request, access ...auth.Access) error {
 	// Like distribution: a controller failure is not explained to the
 	// client.
 	log.G(r.Context()).WithError(err).Error("starlight: checking authorization")
-	return errorf(http.StatusBadRequest, "UNAUTHORIZED", "authorization failed")
+	return errorf(http.StatusBadRequest, api.CodeUnauthorized, "authorization failed")
 }
 
 func repositoryAccess(name, action string) auth.Access {
@@ -192,7 +169,7 @@ func repositoryAccess(name, action string) auth.Access {
 func parseRepository(name string) (reference.Named, error) {
 	named, err := reference.WithName(name)
 	if err != nil {
-		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid repository name %q", name)
+		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid repository name %q", name)
 	}
 	return named, nil
 }
@@ -202,12 +179,12 @@ func (x *Extension) resolve(ctx context.Context, named reference.Named, ref stri
 	if strings.Contains(ref, ":") {
 		d, err := api.ParseDigest(ref)
 		if err != nil {
-			return "", errorf(http.StatusBadRequest, "BAD_REQUEST", "%v", err)
+			return "", errorf(http.StatusBadRequest, api.CodeBadRequest, "%v", err)
 		}
 		return d, nil
 	}
 	if _, err := reference.WithTag(named, ref); err != nil {
-		return "", errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid tag %q", ref)
+		return "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid tag %q", ref)
 	}
 	repo, err := x.namespace().Repository(ctx, named)
 	if err != nil {
@@ -218,7 +195,7 @@ func (x *Extension) resolve(ctx context.Context, named reference.Named, ref stri
 		var unknown distribution.ErrTagUnknown
 		var unknownRepo distribution.ErrRepositoryUnknown
 		if errors.As(err, &unknown) || errors.As(err, &unknownRepo) {
-			return "", errorf(http.StatusNotFound, "NOT_FOUND", "tag %s:%s not found", named.Name(), ref)
+			return "", errorf(http.StatusNotFound, api.CodeNotFound, "tag %s:%s not found", named.Name(), ref)
 		}
 		return "", fmt.Errorf("resolving %s:%s: %w", named.Name(), ref, err)
 	}
@@ -249,7 +226,7 @@ func (x *Extension) findImage(ctx context.Context, repository string, dgst diges
 	}
 	im, err = x.db.ImageByConverted(ctx, repository, dgst.String())
 	if errors.Is(err, schema.ErrNotFound) {
-		return nil, errorf(http.StatusNotFound, "NOT_FOUND", "image %s@%s is not indexed", repository, dgst)
+		return nil, errorf(http.StatusNotFound, api.CodeNotFound, "image %s@%s is not indexed", repository, dgst)
 	}
 	return im, err
 }
@@ -304,7 +281,7 @@ func (h *handler) imageStatus(w http.ResponseWriter, r *http.Request, x *Extensi
 	if st.Layers, st.Files, err = x.db.ImageCounts(ctx, im.Repository, im.Digest); err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, st)
+	api.WriteJSON(w, http.StatusOK, st)
 	return nil
 }
 
@@ -317,14 +294,14 @@ func (h *handler) jobs(w http.ResponseWriter, r *http.Request, x *Extension) err
 	}
 	q, err := url.ParseQuery(r.URL.RawQuery)
 	if err != nil {
-		return errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid query")
+		return errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid query")
 	}
 	states := q["state"]
 	for _, s := range states {
 		switch s {
 		case api.StateQueued, api.StateConverting, api.StateReady, api.StateFailed:
 		default:
-			return errorf(http.StatusBadRequest, "BAD_REQUEST", "unknown state %q", s)
+			return errorf(http.StatusBadRequest, api.CodeBadRequest, "unknown state %q", s)
 		}
 	}
 	if len(states) == 0 {
@@ -348,7 +325,7 @@ func (h *handler) jobs(w http.ResponseWriter, r *http.Request, x *Extension) err
 		out = append(out, jobJSON{Repository: j.Repository, Digest: j.Digest, Tag: j.Tag, State: j.State,
 			Attempts: j.Attempts, Error: j.Error, UpdatedAt: j.UpdatedAt.Format("2006-01-02T15:04:05.000Z07:00")})
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"jobs": out})
+	api.WriteJSON(w, http.StatusOK, map[string]any{"jobs": out})
 	return nil
 }
 
@@ -374,7 +351,7 @@ func (h *handler) delta(w http.ResponseWriter, r *http.Request, x *Extension) er
 	}
 	planner := x.deltaPlanner()
 	if planner == nil {
-		return errorf(http.StatusServiceUnavailable, "UNAVAILABLE", "the delta planner is not running")
+		return errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "the delta planner is not running")
 	}
 	planner.ServeDelta(w, r, req, manifest, named.Name())
 	return nil
@@ -385,56 +362,56 @@ func (h *handler) delta(w http.ResponseWriter, r *http.Request, x *Extension) er
 func parseDeltaRequest(w http.ResponseWriter, r *http.Request) (api.DeltaRequest, reference.Named, string, error) {
 	var req api.DeltaRequest
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
-		return req, nil, "", errorf(http.StatusUnsupportedMediaType, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
+		return req, nil, "", errorf(http.StatusUnsupportedMediaType, api.CodeUnsupportedMediaType, "Content-Type must be application/json")
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxDeltaRequest))
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, api.MaxDeltaRequestSize))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			return req, nil, "", errorf(http.StatusRequestEntityTooLarge, "BAD_REQUEST", "request body larger than %d bytes", maxDeltaRequest)
+			return req, nil, "", errorf(http.StatusRequestEntityTooLarge, api.CodeBadRequest, "request body larger than %d bytes", api.MaxDeltaRequestSize)
 		}
-		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid request body: %v", err)
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid request body: %v", err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid request body: trailing data after the JSON object")
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid request body: trailing data after the JSON object")
 	}
 	parsed, err := reference.Parse(req.Reference)
 	if err != nil {
-		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid reference %q: %v", req.Reference, err)
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid reference %q: %v", req.Reference, err)
 	}
 	named, ok := parsed.(reference.Named)
 	if !ok {
-		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "reference %q has no repository", req.Reference)
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "reference %q has no repository", req.Reference)
 	}
 	var ref string
 	switch p := parsed.(type) {
 	case reference.Canonical:
 		ref = p.Digest().String()
 		if _, err := api.ParseDigest(ref); err != nil {
-			return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "%v", err)
+			return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "%v", err)
 		}
 	case reference.Tagged:
 		ref = p.Tag()
 	default:
-		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "reference %q has neither a tag nor a digest", req.Reference)
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "reference %q has neither a tag nor a digest", req.Reference)
 	}
 	if (req.Platform.OS == "") != (req.Platform.Architecture == "") || (req.Platform.Variant != "" && req.Platform.OS == "") {
-		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "platform needs both os and architecture")
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "platform needs both os and architecture")
 	}
 	if req.Platform.OS == "" {
 		req.Platform = api.Platform{OS: "linux", Architecture: "amd64"}
 	}
 	if len(req.Have) > delta.MaxHave {
-		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "more than %d layers in have", delta.MaxHave)
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "more than %d layers in have", delta.MaxHave)
 	}
 	for _, h := range req.Have {
 		if _, err := api.ParseDigest(h); err != nil {
-			return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "have: %v", err)
+			return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "have: %v", err)
 		}
 	}
 	if req.Resume < 0 {
-		return req, nil, "", errorf(http.StatusBadRequest, "BAD_REQUEST", "resume must not be negative")
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "resume must not be negative")
 	}
 	// The repository as stored by distribution: the reference's full name,
 	// with no normalisation (no docker.io/library/ prefix).
@@ -454,7 +431,7 @@ func (x *Extension) convertedManifest(ctx context.Context, repository string, dg
 		if im.Error != "" {
 			msg += ": " + im.Error
 		}
-		return "", errorf(http.StatusConflict, "NOT_READY", "%s", msg)
+		return "", errorf(http.StatusConflict, api.CodeNotReady, "%s", msg)
 	}
 	manifests, err := x.db.ImageManifests(ctx, repository, im.Digest)
 	if err != nil {
@@ -483,5 +460,5 @@ func (x *Extension) convertedManifest(ctx context.Context, repository string, dg
 	if len(byArch) == 1 {
 		return digest.Digest(byArch[0].ManifestDigest), nil
 	}
-	return "", errorf(http.StatusNotFound, "NOT_FOUND", "image %s@%s has no %s manifest", repository, im.Digest, want)
+	return "", errorf(http.StatusNotFound, api.CodeNotFound, "image %s@%s has no %s manifest", repository, im.Digest, want)
 }

@@ -696,6 +696,10 @@ func TestAPIErrors(t *testing.T) {
 			if resp.StatusCode != tc.code {
 				t.Errorf("status %d, want %d: %s", resp.StatusCode, tc.code, body)
 			}
+			// Each status has one code here (docs/BUNDLE.md §2).
+			if want := map[int]api.ErrorCode{400: api.CodeBadRequest, 404: api.CodeNotFound, 405: api.CodeMethodNotAllowed}[tc.code]; e.Code != want {
+				t.Errorf("code %q, want %q", e.Code, want)
+			}
 			if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
 				t.Errorf("Content-Type %q", ct)
 			}
@@ -746,7 +750,7 @@ func TestAuth(t *testing.T) {
 				}
 				if tc.code == 401 {
 					var e api.Error
-					if resp.Header.Get("WWW-Authenticate") == "" || json.Unmarshal(body, &e) != nil || e.Code != "UNAUTHORIZED" {
+					if resp.Header.Get("WWW-Authenticate") == "" || json.Unmarshal(body, &e) != nil || e.Code != api.CodeUnauthorized {
 						t.Errorf("%s %s: 401 without challenge or JSON: %v %s", req.method, req.path, resp.Header, body)
 					}
 				}

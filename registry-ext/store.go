@@ -13,12 +13,9 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/convert"
 )
-
-// maxManifestSize bounds a manifest read into memory; distribution itself
-// refuses larger ones.
-const maxManifestSize = 4 << 20
 
 // isManifestType reports whether mediaType is stored by distribution as a
 // manifest (through the manifest service) rather than as a blob.
@@ -91,12 +88,12 @@ func (s *repoStore) Push(ctx context.Context, desc ocispec.Descriptor, r io.Read
 }
 
 func (s *repoStore) pushManifest(ctx context.Context, desc ocispec.Descriptor, r io.Reader) error {
-	payload, err := io.ReadAll(io.LimitReader(r, maxManifestSize+1))
+	payload, err := io.ReadAll(io.LimitReader(r, api.MaxManifestSize+1))
 	if err != nil {
 		return fmt.Errorf("push manifest %s: %w", desc.Digest, err)
 	}
-	if len(payload) > maxManifestSize {
-		return fmt.Errorf("push manifest %s: larger than %d bytes", desc.Digest, maxManifestSize)
+	if len(payload) > api.MaxManifestSize {
+		return fmt.Errorf("push manifest %s: larger than %d bytes", desc.Digest, api.MaxManifestSize)
 	}
 	if got := digest.FromBytes(payload); got != desc.Digest {
 		return fmt.Errorf("push manifest %s: content has digest %s", desc.Digest, got)

@@ -19,15 +19,9 @@ import (
 	"github.com/starlight-project/starlight/schema"
 )
 
-// Bounds on POST /starlight/v1/traces.
+// Bounds on POST /starlight/v1/traces, besides the body size and access
+// count of the API (api.MaxTraceReportSize, api.MaxTraceAccesses).
 const (
-	// maxTraceBody bounds the request body. An access takes about 250
-	// bytes of JSON, so a full report of MaxTraceAccesses fits.
-	maxTraceBody = 64 << 20
-	// MaxTraceAccesses bounds the accesses of one report; it equals the
-	// worker recorder's own bound, so a worker never records more than
-	// the registry accepts.
-	MaxTraceAccesses = 1 << 18
 	// maxTraceLabel bounds the free-form worker and container names.
 	maxTraceLabel = 256
 	// maxTraceTime bounds TimeNS (about 11 days), which keeps the merge's
@@ -99,30 +93,30 @@ func (h *handler) traces(w http.ResponseWriter, r *http.Request, x *Extension) (
 	log.G(ctx).WithFields(log.Fields{"repository": rep.Repository, "manifest": rep.ManifestDigest,
 		"trace": res.ID, "accesses": res.Accepted, "existing": res.Existing, "worker": rep.Worker}).
 		Info("starlight: trace report")
-	writeJSON(w, status, res)
+	api.WriteJSON(w, status, res)
 	return nil
 }
 
 // decodeTraceReport reads, checks and canonicalises the body.
 func decodeTraceReport(w http.ResponseWriter, r *http.Request) (*api.TraceReport, error) {
 	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
-		return nil, errorf(http.StatusUnsupportedMediaType, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
+		return nil, errorf(http.StatusUnsupportedMediaType, api.CodeUnsupportedMediaType, "Content-Type must be application/json")
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxTraceBody))
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, api.MaxTraceReportSize))
 	dec.DisallowUnknownFields()
 	var rep api.TraceReport
 	if err := dec.Decode(&rep); err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			return nil, errorf(http.StatusRequestEntityTooLarge, "BAD_REQUEST", "trace report larger than %d bytes", maxTraceBody)
+			return nil, errorf(http.StatusRequestEntityTooLarge, api.CodeBadRequest, "trace report larger than %d bytes", api.MaxTraceReportSize)
 		}
-		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid trace report: %v", err)
+		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid trace report: %v", err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid trace report: trailing data after the JSON object")
+		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid trace report: trailing data after the JSON object")
 	}
 	if err := canonicalizeReport(&rep); err != nil {
-		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "invalid trace report: %v", err)
+		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid trace report: %v", err)
 	}
 	return &rep, nil
 }
@@ -141,8 +135,8 @@ func canonicalizeReport(rep *api.TraceReport) error {
 	}
 	if n := len(rep.Accesses); n == 0 {
 		return errors.New("no accesses")
-	} else if n > MaxTraceAccesses {
-		return fmt.Errorf("%d accesses, at most %d are accepted", n, MaxTraceAccesses)
+	} else if n > api.MaxTraceAccesses {
+		return fmt.Errorf("%d accesses, at most %d are accepted", n, api.MaxTraceAccesses)
 	}
 	rep.StartedAt = rep.StartedAt.UTC()
 	for i := range rep.Accesses {
@@ -207,7 +201,7 @@ func (x *Extension) ingestTrace(ctx context.Context, rep *api.TraceReport) (*api
 		return nil, fmt.Errorf("hashing trace report: %w", err)
 	}
 	if _, _, err := x.db.TraceTarget(ctx, rep.Repository, rep.ManifestDigest); errors.Is(err, schema.ErrNotFound) {
-		return nil, errorf(http.StatusNotFound, "NOT_FOUND", "%s@%s is not a converted platform manifest of a ready image",
+		return nil, errorf(http.StatusNotFound, api.CodeNotFound, "%s@%s is not a converted platform manifest of a ready image",
 			rep.Repository, rep.ManifestDigest)
 	} else if err != nil {
 		return nil, err
@@ -300,7 +294,7 @@ func (x *Extension) resolveAccesses(ctx context.Context, layers []string, access
 		if bad > len(offenders) {
 			more = fmt.Sprintf(" (and %d more)", bad-len(offenders))
 		}
-		return nil, errorf(http.StatusBadRequest, "BAD_REQUEST", "%d of %d accesses do not match the image: %s%s",
+		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "%d of %d accesses do not match the image: %s%s",
 			bad, len(accesses), strings.Join(offenders, "; "), more)
 	}
 	return out, nil

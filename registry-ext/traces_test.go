@@ -244,7 +244,7 @@ func TestTraceReportValidation(t *testing.T) {
 		{"bad name", func(rep *api.TraceReport) { rep.Accesses[1].Name = "../etc/passwd" }, 400, "access 1"},
 		{"no accesses", func(rep *api.TraceReport) { rep.Accesses = nil }, 400, "no accesses"},
 		{"too many accesses", func(rep *api.TraceReport) {
-			rep.Accesses = make([]api.TraceAccess, MaxTraceAccesses+1)
+			rep.Accesses = make([]api.TraceAccess, api.MaxTraceAccesses+1)
 			for i := range rep.Accesses {
 				rep.Accesses[i] = api.TraceAccess{Layer: "sha256:" + strings.Repeat("a", 64), Name: "f"}
 			}
@@ -274,7 +274,7 @@ func TestTraceReportValidation(t *testing.T) {
 		{"not JSON", "text/plain", "{}", http.StatusUnsupportedMediaType},
 		{"unknown field", "application/json", `{"repository":"library/app","bogus":1}`, 400},
 		{"trailing data", "application/json", `{"repository":"library/app"} {}`, 400},
-		{"oversized", "application/json", `{"repository":"` + strings.Repeat("a", maxTraceBody) + `"}`, http.StatusRequestEntityTooLarge},
+		{"oversized", "application/json", `{"repository":"` + strings.Repeat("a", api.MaxTraceReportSize) + `"}`, http.StatusRequestEntityTooLarge},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			resp, raw := r.do(http.MethodPost, "/starlight/v1/traces", tc.contentType, []byte(tc.body))
@@ -394,7 +394,7 @@ func TestTraceReportAuth(t *testing.T) {
 			if code != tc.code {
 				t.Errorf("%d %+v, want %d", code, e, tc.code)
 			}
-			if code == 401 && e.Code != "UNAUTHORIZED" {
+			if code == 401 && e.Code != api.CodeUnauthorized {
 				t.Errorf("401 with code %q", e.Code)
 			}
 		})

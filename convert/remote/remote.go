@@ -1,6 +1,7 @@
 // Package remote implements convert.Store over two repositories of standard
-// registries (containerd's remotes/docker resolver), so that an image can be
-// converted for a registry without the Starlight extension.
+// registries, read and written through the resolver of an api/remote
+// Client, so that an image can be converted for a registry without the
+// Starlight extension.
 package remote
 
 import (
@@ -14,20 +15,20 @@ import (
 
 	"github.com/containerd/containerd/images"
 	"github.com/containerd/containerd/remotes"
-	"github.com/containerd/containerd/remotes/docker"
 	"github.com/containerd/errdefs"
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	registry "github.com/starlight-project/starlight/api/remote"
 	"github.com/starlight-project/starlight/convert"
 )
 
-// Options configure access to the registries.
+// Options configure a Store.
 type Options struct {
-	PlainHTTP bool   // talk HTTP instead of HTTPS to every registry
-	Username  string // credentials for every registry, if not empty
-	Password  string
+	// Client reaches the registries (hosts, TLS, credentials). nil means
+	// HTTPS without credentials.
+	Client *registry.Client
 	// Progress, if set, receives one line per blob copied or pushed.
 	Progress io.Writer
 }
@@ -59,8 +60,11 @@ func New(ctx context.Context, src, dst string, opts Options) (*Store, ocispec.De
 	if err != nil {
 		return nil, ocispec.Descriptor{}, fmt.Errorf("destination %q: %w", dst, err)
 	}
+	if opts.Client == nil {
+		opts.Client = registry.New(registry.Options{})
+	}
 	s := &Store{opts: opts, src: srcRef.String(), dstRepo: reference.TrimNamed(dstRef).String(), local: map[digest.Digest][]byte{}}
-	r := s.resolver()
+	r := s.opts.Client.Resolver()
 	name, desc, err := r.Resolve(ctx, s.src)
 	if err != nil {
 		return nil, ocispec.Descriptor{}, fmt.Errorf("resolving %s: %w", s.src, err)
@@ -72,19 +76,6 @@ func New(ctx context.Context, src, dst string, opts Options) (*Store, ocispec.De
 		return nil, ocispec.Descriptor{}, err
 	}
 	return s, desc, nil
-}
-
-func (s *Store) resolver() remotes.Resolver {
-	var hostOpts []docker.RegistryOpt
-	if s.opts.PlainHTTP {
-		hostOpts = append(hostOpts, docker.WithPlainHTTP(docker.MatchAllHosts))
-	}
-	if s.opts.Username != "" {
-		user, pass := s.opts.Username, s.opts.Password
-		hostOpts = append(hostOpts, docker.WithAuthorizer(docker.NewDockerAuthorizer(
-			docker.WithAuthCreds(func(string) (string, string, error) { return user, pass, nil }))))
-	}
-	return docker.NewResolver(docker.ResolverOptions{Hosts: docker.ConfigureDefaultRegistries(hostOpts...)})
 }
 
 // Fetch reads a blob or manifest of the source.
@@ -188,7 +179,7 @@ func (s *Store) Tag(ctx context.Context, dst string, desc ocispec.Descriptor) er
 	}
 	// A fresh resolver: the first one's tracker already marks this digest
 	// as pushed and would skip the tag.
-	p, err := s.resolver().Pusher(ctx, ref.String())
+	p, err := s.opts.Client.Resolver().Pusher(ctx, ref.String())
 	if err != nil {
 		return err
 	}
@@ -202,23 +193,34 @@ func (s *Store) Tag(ctx context.Context, dst string, desc ocispec.Descriptor) er
 // readManifest reads a manifest from the source, or from the destination
 // where the conversion pushed it.
 func (s *Store) readManifest(ctx context.Context, desc ocispec.Descriptor) ([]byte, error) {
-	rc, err := s.Fetch(ctx, desc)
+	// A fetcher opens lazily: a manifest missing from the source shows
+	// when it is read.
+	b, err := readVerified(ctx, s.Fetch, desc)
 	if err != nil {
-		var dst remotes.Fetcher
-		if dst, err = s.resolver().Fetcher(ctx, s.dstRepo); err == nil {
-			rc, err = dst.Fetch(ctx, desc)
+		dst, derr := s.opts.Client.Resolver().Fetcher(ctx, s.dstRepo)
+		if derr == nil {
+			b, derr = readVerified(ctx, dst.Fetch, desc)
+		}
+		if derr != nil {
+			return nil, fmt.Errorf("fetching %s: from the source: %v; from the destination: %w", desc.Digest, err, derr)
 		}
 	}
+	return b, nil
+}
+
+// readVerified reads a manifest with fetch and checks its digest.
+func readVerified(ctx context.Context, fetch func(context.Context, ocispec.Descriptor) (io.ReadCloser, error), desc ocispec.Descriptor) ([]byte, error) {
+	rc, err := fetch(ctx, desc)
 	if err != nil {
-		return nil, fmt.Errorf("fetching %s: %w", desc.Digest, err)
+		return nil, err
 	}
 	defer rc.Close()
 	b, err := io.ReadAll(io.LimitReader(rc, convert.MaxManifestSize+1))
 	if err != nil {
-		return nil, fmt.Errorf("fetching %s: %w", desc.Digest, err)
+		return nil, err
 	}
 	if digest.FromBytes(b) != desc.Digest {
-		return nil, fmt.Errorf("fetching %s: content does not match its digest", desc.Digest)
+		return nil, errors.New("content does not match its digest")
 	}
 	return b, nil
 }

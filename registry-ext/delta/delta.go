@@ -20,6 +20,8 @@ import (
 	"io"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/starlight-project/starlight/api"
 )
 
 // BlobOpener opens a stored layer blob for random access (the registry's
@@ -46,10 +48,9 @@ const (
 	// maxParams bounds the parameters of one SQL statement: SQLite's
 	// historical limit is 999, PostgreSQL's 65535.
 	maxParams = 500
-	// maxManifestSize and maxConfigSize bound the JSON read from storage;
-	// distribution itself refuses manifests over 4 MiB.
-	maxManifestSize = 4 << 20
-	maxConfigSize   = 8 << 20
+	// maxManifestSize and maxConfigSize bound the JSON read from storage.
+	maxManifestSize = api.MaxManifestSize
+	maxConfigSize   = api.MaxConfigSize
 )
 
 // Errors a Plan may wrap; ServeDelta maps them to HTTP statuses.

@@ -451,13 +451,13 @@ func TestDeltaBadRequests(t *testing.T) {
 		status   int
 		code     string
 	}{
-		{"malformed have digest", s.app, api.DeltaRequest{Have: []string{"sha256:xyz"}}, 400, "BAD_REQUEST"},
-		{"non-sha256 have digest", s.app, api.DeltaRequest{Have: []string{digest.SHA512.FromString("x").String()}}, 400, "BAD_REQUEST"},
-		{"path in have digest", s.app, api.DeltaRequest{Have: []string{"sha256:../../etc/passwd"}}, 400, "BAD_REQUEST"},
-		{"too many have", s.app, api.DeltaRequest{Have: tooMany}, 400, "BAD_REQUEST"},
-		{"negative resume", s.app, api.DeltaRequest{Resume: -1}, 400, "BAD_REQUEST"},
-		{"resume past the end", s.app, api.DeltaRequest{Resume: 1000}, 400, "BAD_REQUEST"},
-		{"unknown manifest", digest.FromString("nope"), api.DeltaRequest{}, 404, "NOT_FOUND"},
+		{"malformed have digest", s.app, api.DeltaRequest{Have: []string{"sha256:xyz"}}, 400, api.CodeBadRequest},
+		{"non-sha256 have digest", s.app, api.DeltaRequest{Have: []string{digest.SHA512.FromString("x").String()}}, 400, api.CodeBadRequest},
+		{"path in have digest", s.app, api.DeltaRequest{Have: []string{"sha256:../../etc/passwd"}}, 400, api.CodeBadRequest},
+		{"too many have", s.app, api.DeltaRequest{Have: tooMany}, 400, api.CodeBadRequest},
+		{"negative resume", s.app, api.DeltaRequest{Resume: -1}, 400, api.CodeBadRequest},
+		{"resume past the end", s.app, api.DeltaRequest{Resume: 1000}, 400, api.CodeBadRequest},
+		{"unknown manifest", digest.FromString("nope"), api.DeltaRequest{}, 404, api.CodeNotFound},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -501,7 +501,7 @@ func TestDeltaStorageFailures(t *testing.T) {
 			t.Fatalf("status %d, want 500", resp.StatusCode)
 		}
 		var e api.Error
-		if err := json.NewDecoder(resp.Body).Decode(&e); err != nil || e.Code == "" {
+		if err := json.NewDecoder(resp.Body).Decode(&e); err != nil || e.Code != api.CodeInternal {
 			t.Errorf("body %+v, %v", e, err)
 		}
 	})

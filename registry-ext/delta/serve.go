@@ -2,7 +2,6 @@ package delta
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -128,21 +127,17 @@ func abort(ctx context.Context, logger *log.Entry, err error) {
 // writeError answers with an api.Error body whose status follows the
 // error's kind. Details of server-side failures are logged, not sent.
 func writeError(ctx context.Context, w http.ResponseWriter, err error) {
-	status, body := http.StatusInternalServerError, api.Error{Code: "INTERNAL_ERROR", Message: "computing the delta bundle failed"}
 	switch {
 	case errors.Is(err, ErrBadRequest):
-		status, body = http.StatusBadRequest, api.Error{Code: "BAD_REQUEST", Message: err.Error()}
+		api.WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err.Error())
 	case errors.Is(err, ErrNotFound):
-		status, body = http.StatusNotFound, api.Error{Code: "NOT_FOUND", Message: err.Error()}
+		api.WriteError(w, http.StatusNotFound, api.CodeNotFound, err.Error())
 	case ctx.Err() != nil:
 		// The client has gone; the answer goes nowhere.
-		return
 	default:
 		log.G(ctx).WithError(err).Error("delta bundle failed")
+		api.WriteError(w, http.StatusInternalServerError, api.CodeInternal, "computing the delta bundle failed")
 	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(body)
 }
 
 // flushWriter counts what is written to an HTTP response and flushes it

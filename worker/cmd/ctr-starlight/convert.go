@@ -15,6 +15,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
+	registry "github.com/starlight-project/starlight/api/remote"
 	"github.com/starlight-project/starlight/convert"
 	"github.com/starlight-project/starlight/convert/remote"
 )
@@ -58,15 +59,20 @@ func runConvert(ctx context.Context, o convertOptions, src, dst string) error {
 		ctx = context.Background()
 	}
 	start := time.Now()
-	ropts := remote.Options{PlainHTTP: o.plainHTTP, Progress: os.Stderr}
+	// --plain-http and --user apply to both registries.
+	hc := registry.HostConfig{PlainHTTP: o.plainHTTP}
 	if o.user != "" {
 		user, pass, ok := strings.Cut(o.user, ":")
 		if !ok {
 			return fmt.Errorf("--user: want user:password")
 		}
-		ropts.Username, ropts.Password = user, pass
+		hc.Username, hc.Password = user, pass
 	}
-	store, root, err := remote.New(ctx, src, dst, ropts)
+	client := registry.New(registry.Options{
+		Hosts:     registry.StaticHosts(func(string) registry.HostConfig { return hc }),
+		UserAgent: "ctr-starlight",
+	})
+	store, root, err := remote.New(ctx, src, dst, remote.Options{Client: client, Progress: os.Stderr})
 	if err != nil {
 		return err
 	}
