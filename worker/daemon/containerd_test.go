@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -21,6 +23,9 @@ import (
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/client"
 	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/importer"
+	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
+	"github.com/starlight-project/starlight/worker/pull"
 )
 
 // requireRuntime skips (loudly) a test that needs root, FUSE and
@@ -159,12 +164,11 @@ func startWorker(t *testing.T, dir string, registries ...config.Registry) *testW
 	cfg.Registries = registries
 	cfg.PullRetries = 2
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := New(ctx, cfg)
+	d, err := New(ctx, cfg, WithPullBackoff(10*time.Millisecond))
 	if err != nil {
 		cancel()
 		t.Fatal(err)
 	}
-	d.Puller.Backoff = 10 * time.Millisecond
 	ready := make(chan struct{})
 	done := make(chan error, 1)
 	go func() { done <- d.Serve(ctx, func() { close(ready) }) }()
@@ -225,34 +229,34 @@ func TestPullRunsInContainerd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img := buildImage(t, 256<<10,
-		[]testFile{
-			{name: "bin", typ: api.TypeDir, mode: 0o755},
-			{name: "bin/busybox", typ: api.TypeReg, mode: 0o755, data: busybox},
-			{name: "bin/cat", typ: api.TypeSymlink, link: "busybox", mode: 0o777},
-			{name: "bin/sh", typ: api.TypeSymlink, link: "busybox", mode: 0o777},
-			{name: "etc", typ: api.TypeDir, mode: 0o755},
-			{name: "etc/old.txt", typ: api.TypeReg, mode: 0o644, data: []byte("removed by the next layer\n")},
+	img := fakeregistry.BuildImage(t, 256<<10,
+		[]fakeregistry.File{
+			{Name: "bin", Type: api.TypeDir, Mode: 0o755},
+			{Name: "bin/busybox", Type: api.TypeReg, Mode: 0o755, Data: busybox},
+			{Name: "bin/cat", Type: api.TypeSymlink, Link: "busybox", Mode: 0o777},
+			{Name: "bin/sh", Type: api.TypeSymlink, Link: "busybox", Mode: 0o777},
+			{Name: "etc", Type: api.TypeDir, Mode: 0o755},
+			{Name: "etc/old.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("removed by the next layer\n")},
 		},
-		[]testFile{
-			{name: "etc", typ: api.TypeDir, mode: 0o755},
-			{name: "etc/.wh.old.txt", typ: api.TypeReg, mode: 0o644},
-			{name: "etc/hello.txt", typ: api.TypeReg, mode: 0o644, data: []byte("hello from starlight\n")},
-			{name: "etc/empty", typ: api.TypeReg, mode: 0o600},
+		[]fakeregistry.File{
+			{Name: "etc", Type: api.TypeDir, Mode: 0o755},
+			{Name: "etc/.wh.old.txt", Type: api.TypeReg, Mode: 0o644},
+			{Name: "etc/hello.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("hello from starlight\n")},
+			{Name: "etc/empty", Type: api.TypeReg, Mode: 0o600},
 		},
 	)
-	reg := &fakeRegistry{img: img, user: "alice", password: "s3cret", gate: make(chan struct{}), breakAfter: 2}
-	host := startFakeRegistry(t, reg)
+	reg := &fakeregistry.Registry{Image: img, User: "alice", Password: "s3cret", Gate: make(chan struct{}), BreakAfter: 2}
+	host := fakeregistry.Start(t, reg)
 	ref := host + "/app:v1"
 
 	// A registry whose bundle keeps breaking.
 	data := bytes.Repeat([]byte("lost "), 100000)
-	broken := buildImage(t, 64<<10, []testFile{
-		{name: "small", typ: api.TypeReg, mode: 0o644, data: []byte("arrives\n")}, // the first frame
-		{name: "data", typ: api.TypeReg, mode: 0o644, data: data},
+	broken := fakeregistry.BuildImage(t, 64<<10, []fakeregistry.File{
+		{Name: "small", Type: api.TypeReg, Mode: 0o644, Data: []byte("arrives\n")}, // the first frame
+		{Name: "data", Type: api.TypeReg, Mode: 0o644, Data: data},
 	})
-	breg := &fakeRegistry{img: broken, breakAfter: 1, alwaysBreak: true}
-	bhost := startFakeRegistry(t, breg)
+	breg := &fakeregistry.Registry{Image: broken, BreakAfter: 1, AlwaysBreak: true}
+	bhost := fakeregistry.Start(t, breg)
 
 	w := startWorker(t, dir, config.Registry{Host: host, PlainHTTP: true, Username: "alice", Password: "s3cret"},
 		config.Registry{Host: bhost, PlainHTTP: true})
@@ -280,10 +284,10 @@ func TestPullRunsInContainerd(t *testing.T) {
 	if err != nil {
 		t.Fatalf("image not in containerd: %v", err)
 	}
-	if cimg.Target().Digest != img.manifestDigest {
-		t.Fatalf("image target %s, want %s", cimg.Target().Digest, img.manifestDigest)
+	if cimg.Target().Digest != img.ManifestDigest {
+		t.Fatalf("image target %s, want %s", cimg.Target().Digest, img.ManifestDigest)
 	}
-	unpacked, err := cimg.IsUnpacked(ctx, SnapshotterName)
+	unpacked, err := cimg.IsUnpacked(ctx, importer.SnapshotterName)
 	if err != nil || !unpacked {
 		t.Fatalf("IsUnpacked(starlight) = %v, %v", unpacked, err)
 	}
@@ -297,7 +301,7 @@ func TestPullRunsInContainerd(t *testing.T) {
 
 	// A container starts while nothing has arrived: its reads block in
 	// the FUSE views until the frames they need are in.
-	ctrRun := exec.Command("/usr/bin/ctr", "--address", sock, "run", "--rm", "--snapshotter", SnapshotterName,
+	ctrRun := exec.Command("/usr/bin/ctr", "--address", sock, "run", "--rm", "--snapshotter", importer.SnapshotterName,
 		ref, "sl-test-"+randomID(), "/bin/sh", "-c", "cat /etc/hello.txt; ls /etc; wc -c < /etc/empty")
 	var out bytes.Buffer
 	ctrRun.Stdout, ctrRun.Stderr = &out, &out
@@ -314,7 +318,7 @@ func TestPullRunsInContainerd(t *testing.T) {
 		}
 	})
 
-	close(reg.gate)
+	close(reg.Gate)
 	st2 := waitImage(t, w.client, ref, func(i api.WorkerImage) bool {
 		return i.State == api.PullComplete || i.State == api.PullFailed
 	})
@@ -323,7 +327,7 @@ func TestPullRunsInContainerd(t *testing.T) {
 		t.Fatalf("final status: %+v", st2)
 	}
 	reqs := reg.Requests()
-	if len(reqs) != 2 || reqs[1].Resume != 2 || reqs[0].Platform != DefaultPlatform {
+	if len(reqs) != 2 || reqs[1].Resume != 2 || reqs[0].Platform != pull.DefaultPlatform {
 		t.Fatalf("delta requests %+v, want the second resuming at frame 2", reqs)
 	}
 
@@ -374,7 +378,7 @@ func TestPullRunsInContainerd(t *testing.T) {
 	if bst.State != api.PullFailed || bst.Ready == nil || bst.Complete || bst.Resumes != 2 || len(breg.Requests()) != 3 {
 		t.Fatalf("status %+v after %d requests", bst, len(breg.Requests()))
 	}
-	ldir, err := w.d.Layers.Dir(ctx, digest.Digest(broken.layers[0].Digest))
+	ldir, err := w.d.Layers.Dir(ctx, digest.Digest(broken.Layers[0].Digest))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -389,4 +393,11 @@ func TestPullRunsInContainerd(t *testing.T) {
 	if err != nil || len(imgs) != 3 {
 		t.Fatalf("images: %+v, %v", imgs, err)
 	}
+}
+
+// randomID makes container and snapshot names unique across test runs.
+func randomID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }

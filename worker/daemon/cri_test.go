@@ -15,22 +15,23 @@ import (
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
 	"github.com/starlight-project/starlight/worker/snapshotter"
 )
 
 // criImage is a converted test image whose layers replace pushed (gzip)
 // layers of a pushed manifest, as the registry's bundle header says.
-func criImage(t *testing.T) (img *testImage, pushedManifest digest.Digest, pushedLayers []digest.Digest) {
-	img = buildImage(t, 256<<10,
-		[]testFile{
-			{name: "etc", typ: api.TypeDir, mode: 0o755},
-			{name: "etc/hello.txt", typ: api.TypeReg, mode: 0o644, data: []byte("hello from the base\n")},
+func criImage(t *testing.T) (img *fakeregistry.Image, pushedManifest digest.Digest, pushedLayers []digest.Digest) {
+	img = fakeregistry.BuildImage(t, 256<<10,
+		[]fakeregistry.File{
+			{Name: "etc", Type: api.TypeDir, Mode: 0o755},
+			{Name: "etc/hello.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("hello from the base\n")},
 		},
-		[]testFile{{name: "app.txt", typ: api.TypeReg, mode: 0o644, data: []byte("the app\n")}},
+		[]fakeregistry.File{{Name: "app.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("the app\n")}},
 	)
-	for i := range img.layers {
+	for i := range img.Layers {
 		o := digest.FromString(fmt.Sprintf("pushed gzip layer %d of %s", i, t.Name()))
-		img.layers[i].OriginalDigest = o.String()
+		img.Layers[i].OriginalDigest = o.String()
 		pushedLayers = append(pushedLayers, o)
 	}
 	return img, digest.FromString("pushed manifest of " + t.Name()), pushedLayers
@@ -65,8 +66,8 @@ func TestCRIPrepareFetchesImage(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 
 	img, pushed, pushedLayers := criImage(t)
-	reg := &fakeRegistry{img: img, refs: []string{"app@" + pushed.String()}, headerGate: make(chan struct{})}
-	host := startFakeRegistry(t, reg)
+	reg := &fakeregistry.Registry{Image: img, Refs: []string{"app@" + pushed.String()}, HeaderGate: make(chan struct{})}
+	host := fakeregistry.Start(t, reg)
 	w := startWorker(t, dir, config.Registry{Host: host, PlainHTTP: true})
 	ref := host + "/app:v1"
 	ctx := namespaces.WithNamespace(context.Background(), "k8s.io")
@@ -87,7 +88,7 @@ func TestCRIPrepareFetchesImage(t *testing.T) {
 	for len(reg.Requests()) == 0 {
 		time.Sleep(10 * time.Millisecond)
 	}
-	close(reg.headerGate)
+	close(reg.HeaderGate)
 	wg.Wait()
 	for i, err := range errs {
 		if err != nil {
@@ -110,8 +111,8 @@ func TestCRIPrepareFetchesImage(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := info.Labels[snapshotter.LabelLayerDigest]; got != img.layers[i].Digest {
-			t.Errorf("layer %d committed as %q, want converted %s", i, got, img.layers[i].Digest)
+		if got := info.Labels[snapshotter.LabelLayerDigest]; got != img.Layers[i].Digest {
+			t.Errorf("layer %d committed as %q, want converted %s", i, got, img.Layers[i].Digest)
 		}
 		parent = target
 	}
@@ -119,7 +120,7 @@ func TestCRIPrepareFetchesImage(t *testing.T) {
 		t.Errorf("%d delta requests, want 1", len(reg.Requests()))
 	}
 	got := waitImage(t, w.client, ref, func(i api.WorkerImage) bool { return i.State == api.PullComplete })
-	if !got.Complete || got.Namespace != "k8s.io" || got.Digest != img.manifestDigest.String() || len(got.Layers) != 2 {
+	if !got.Complete || got.Namespace != "k8s.io" || got.Digest != img.ManifestDigest.String() || len(got.Layers) != 2 {
 		t.Errorf("worker's record of the CRI image: %+v", got)
 	}
 

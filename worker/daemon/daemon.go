@@ -1,7 +1,8 @@
-// Package daemon is the heart of starlight-worker: it pulls images through
-// Starlight registries (one delta bundle per image), keeps the registry of
-// converted layers the snapshotter mounts, and serves the containerd
-// snapshotter API, the worker API and metrics.
+// Package daemon wires starlight-worker together and serves it: it builds
+// the content store, the layer registry, the puller, the tracer, the
+// snapshotter and the garbage collector from the configuration, and serves
+// the containerd snapshotter API (gRPC), the worker API (HTTP) and the
+// metrics until it is stopped.
 package daemon
 
 import (
@@ -17,68 +18,122 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/contrib/snapshotservice"
+	"github.com/containerd/containerd/remotes/docker"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/log"
-	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
+	"github.com/starlight-project/starlight/api/remote"
 	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/cri"
+	"github.com/starlight-project/starlight/worker/demand"
+	"github.com/starlight-project/starlight/worker/gc"
+	"github.com/starlight-project/starlight/worker/importer"
+	"github.com/starlight-project/starlight/worker/layers"
+	"github.com/starlight-project/starlight/worker/pull"
 	"github.com/starlight-project/starlight/worker/snapshotter"
 	"github.com/starlight-project/starlight/worker/store"
+	"github.com/starlight-project/starlight/worker/tracer"
 )
 
 // Daemon is a running worker's state.
 type Daemon struct {
 	cfg         *config.Config
 	Store       *store.Store
-	Layers      *Layers
+	Layers      *layers.Registry
 	Snapshotter snapshots.Snapshotter
-	Puller      *Puller
-	Metrics     *Metrics
-	Tracing     *Tracing
-	Collector   *Collector
+	Puller      *pull.Puller
+	Tracer      *tracer.Tracer
+	Collector   *gc.Collector
+	importer    *importer.Importer
+	metrics     *prometheus.Registry
+	// cancel stops what New started in the background (on-demand
+	// fetches).
+	cancel context.CancelFunc
+}
+
+// Option changes how New builds the daemon.
+type Option func(*options)
+
+type options struct {
+	pullBackoff time.Duration
+}
+
+// WithPullBackoff sets the wait before the first resume of a broken bundle
+// stream (tests shorten it).
+func WithPullBackoff(d time.Duration) Option {
+	return func(o *options) { o.pullBackoff = d }
 }
 
 // New opens the worker's state under cfg.Root: the content store
 // (store/), the layer registry (layers/), the snapshotter (snapshots/),
 // the image records (images/) and the traces (traces/). It remounts the
 // known layers, so that snapshots made before a restart work again.
-func New(ctx context.Context, cfg *config.Config) (*Daemon, error) {
+func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, err error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	if err := os.MkdirAll(cfg.Root, 0o711); err != nil {
 		return nil, fmt.Errorf("creating root: %w", err)
 	}
-	st, err := store.Open(filepath.Join(cfg.Root, "store"))
-	if err != nil {
+	d = &Daemon{cfg: cfg, metrics: prometheus.NewRegistry()}
+	var bg context.Context
+	bg, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer func() {
+		if err != nil {
+			d.close(ctx)
+		}
+	}()
+	if d.Store, err = store.Open(filepath.Join(cfg.Root, "store")); err != nil {
 		return nil, err
 	}
-	layers, err := OpenLayers(ctx, filepath.Join(cfg.Root, "layers"), st, FUSEMounter(st, nil))
-	if err != nil {
+	if d.Layers, err = layers.Open(ctx, filepath.Join(cfg.Root, "layers"), d.Store, layers.FUSEMounter(d.Store, nil)); err != nil {
 		return nil, err
 	}
-	remote := NewRemote()
-	tracing, err := NewTracing(filepath.Join(cfg.Root, "traces"), cfg, layers, st, remote)
-	if err != nil {
+	rc := remote.New(remote.Options{UserAgent: "starlight-worker", Hosts: registryHosts(cfg)})
+	var fetcher *demand.Fetcher
+	if cfg.DemandFetches > 0 {
+		fetcher = demand.New(bg, d.Store, cfg.DemandFetches, d.metrics)
+	}
+	d.importer = importer.New(cfg.Containerd)
+	if d.Puller, err = pull.New(cfg, pull.Deps{
+		Store: d.Store, Layers: d.Layers, Remote: rc, Importer: d.importer, Demand: fetcher,
+		Metrics: pull.NewMetrics(d.metrics), RecordDir: filepath.Join(cfg.Root, "images"), Backoff: o.pullBackoff,
+	}); err != nil {
 		return nil, err
 	}
-	sn, err := snapshotter.New(filepath.Join(cfg.Root, "snapshots"), layers, snapshotter.WithTracer(tracing))
-	if err != nil {
+	if d.Tracer, err = tracer.New(filepath.Join(cfg.Root, "traces"), cfg, d.Layers, d.Store, rc, d.Puller); err != nil {
+		return nil, err
+	}
+	// The snapshotter sees the layer registry through the CRI resolver: a
+	// Kubernetes pull of an image the worker does not know fetches it.
+	if d.Snapshotter, err = snapshotter.New(filepath.Join(cfg.Root, "snapshots"),
+		cri.NewResolver(d.Layers, d.Puller), snapshotter.WithTracer(d.Tracer)); err != nil {
 		return nil, fmt.Errorf("opening snapshotter: %w", err)
 	}
-	metrics := NewMetrics(func() float64 { return float64(st.Pending()) })
-	puller, err := NewPuller(cfg, st, layers, remote, metrics, filepath.Join(cfg.Root, "images"))
-	if err != nil {
-		sn.Close()
-		return nil, err
-	}
-	tracing.images = puller
-	collector := NewCollector(layers, st, sn, puller)
-	layers.OnRelease = func(digest.Digest) { collector.Trigger() }
-	// A CRI pull of an image the worker does not know yet fetches it.
-	layers.Fetcher = puller
-	layers.MountAll(ctx)
-	return &Daemon{cfg: cfg, Store: st, Layers: layers, Snapshotter: sn, Puller: puller, Metrics: metrics,
-		Tracing: tracing, Collector: collector}, nil
+	d.Collector = gc.New(d.Layers, d.Store, d.Snapshotter, d.Puller)
+	d.metrics.MustRegister(
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "starlight", Subsystem: "worker", Name: "pending_contents",
+			Help: "Contents expected and not arrived yet; reads of them wait.",
+		}, func() float64 { return float64(d.Store.Pending()) }))
+	d.Layers.MountAll(ctx)
+	return d, nil
+}
+
+// registryHosts resolves the hosts of image references to the configured
+// Starlight registries (address scheme and credentials); other hosts are
+// reached over HTTPS without credentials.
+func registryHosts(cfg *config.Config) docker.RegistryHosts {
+	return remote.StaticHosts(func(host string) remote.HostConfig {
+		reg, _ := cfg.Registry(host)
+		return remote.HostConfig{PlainHTTP: reg.PlainHTTP, Username: reg.Username, Password: reg.Password}
+	})
 }
 
 // listenUnix listens on a unix socket, replacing a stale socket file.
@@ -142,7 +197,7 @@ func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 	defer os.Remove(d.cfg.API)
 	apiSrv := &http.Server{Handler: d.APIHandler(), ReadHeaderTimeout: 10 * time.Second}
 	wg.Add(2)
-	go func() { defer wg.Done(); d.Tracing.Run(ctx) }()
+	go func() { defer wg.Done(); d.Tracer.Run(ctx) }()
 	go func() { defer wg.Done(); d.Collector.Run(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); fail("API", apiSrv.Serve(apil)) }()
@@ -154,7 +209,7 @@ func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 			fail("metrics", err)
 		} else {
 			mux := http.NewServeMux()
-			mux.Handle("/metrics", promhttp.HandlerFor(d.Metrics.Registry, promhttp.HandlerOpts{}))
+			mux.Handle("/metrics", promhttp.HandlerFor(d.metrics, promhttp.HandlerOpts{}))
 			metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 			wg.Add(1)
 			go func() { defer wg.Done(); fail("metrics", metricsSrv.Serve(ml)) }()
@@ -190,17 +245,34 @@ func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 	return serveErr
 }
 
-// close releases what New opened, unmounting every layer view.
+// close releases what New opened, unmounting every layer view. It runs
+// on a partly built daemon too (New failed).
 func (d *Daemon) close(ctx context.Context) {
-	d.Puller.Close()
-	d.Tracing.Close(ctx)
-	if err := d.Snapshotter.Close(); err != nil {
-		log.G(ctx).WithError(err).Warn("closing snapshotter")
+	d.cancel()
+	if d.Puller != nil {
+		d.Puller.Close()
 	}
-	if err := d.Layers.Close(); err != nil {
-		log.G(ctx).WithError(err).Warn("unmounting layers")
+	if d.Tracer != nil {
+		d.Tracer.Close(ctx)
 	}
-	if err := d.Store.Close(); err != nil {
-		log.G(ctx).WithError(err).Warn("closing the content store")
+	if d.Snapshotter != nil {
+		if err := d.Snapshotter.Close(); err != nil {
+			log.G(ctx).WithError(err).Warn("closing snapshotter")
+		}
+	}
+	if d.Layers != nil {
+		if err := d.Layers.Close(); err != nil {
+			log.G(ctx).WithError(err).Warn("unmounting layers")
+		}
+	}
+	if d.importer != nil {
+		if err := d.importer.Close(); err != nil {
+			log.G(ctx).WithError(err).Warn("closing the containerd connection")
+		}
+	}
+	if d.Store != nil {
+		if err := d.Store.Close(); err != nil {
+			log.G(ctx).WithError(err).Warn("closing the content store")
+		}
 	}
 }

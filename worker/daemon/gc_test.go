@@ -15,6 +15,8 @@ import (
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/client"
 	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/importer"
+	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
 )
 
 // TestRemoveImageKeepsSharedContents removes one of two images that share
@@ -32,21 +34,21 @@ func TestRemoveImageKeepsSharedContents(t *testing.T) {
 	shared := []byte("shared by both images\n")
 	onlyA := []byte("only in image A\n")
 	onlyB := []byte("only in image B\n")
-	imgA := buildImage(t, 256<<10, append(busyboxLayer(t),
-		testFile{name: "etc", typ: api.TypeDir, mode: 0o755},
-		testFile{name: "etc/shared.txt", typ: api.TypeReg, mode: 0o644, data: shared},
-		testFile{name: "etc/a.txt", typ: api.TypeReg, mode: 0o644, data: onlyA},
+	imgA := fakeregistry.BuildImage(t, 256<<10, append(busyboxLayer(t),
+		fakeregistry.File{Name: "etc", Type: api.TypeDir, Mode: 0o755},
+		fakeregistry.File{Name: "etc/shared.txt", Type: api.TypeReg, Mode: 0o644, Data: shared},
+		fakeregistry.File{Name: "etc/a.txt", Type: api.TypeReg, Mode: 0o644, Data: onlyA},
 	))
-	imgB := buildImage(t, 256<<10, append(busyboxLayer(t),
-		testFile{name: "etc", typ: api.TypeDir, mode: 0o755},
-		testFile{name: "etc/shared.txt", typ: api.TypeReg, mode: 0o644, data: shared},
-		testFile{name: "etc/b.txt", typ: api.TypeReg, mode: 0o644, data: onlyB},
+	imgB := fakeregistry.BuildImage(t, 256<<10, append(busyboxLayer(t),
+		fakeregistry.File{Name: "etc", Type: api.TypeDir, Mode: 0o755},
+		fakeregistry.File{Name: "etc/shared.txt", Type: api.TypeReg, Mode: 0o644, Data: shared},
+		fakeregistry.File{Name: "etc/b.txt", Type: api.TypeReg, Mode: 0o644, Data: onlyB},
 	))
-	if imgA.layers[0].Digest == imgB.layers[0].Digest {
+	if imgA.Layers[0].Digest == imgB.Layers[0].Digest {
 		t.Fatal("test images share their layer")
 	}
-	hostA := startFakeRegistry(t, &fakeRegistry{img: imgA})
-	hostB := startFakeRegistry(t, &fakeRegistry{img: imgB})
+	hostA := fakeregistry.Start(t, &fakeregistry.Registry{Image: imgA})
+	hostB := fakeregistry.Start(t, &fakeregistry.Registry{Image: imgB})
 	refA, refB := hostA+"/app:v1", hostB+"/app:v1"
 	w := startWorker(t, dir, config.Registry{Host: hostA, PlainHTTP: true}, config.Registry{Host: hostB, PlainHTTP: true})
 	sock := startContainerd(t, filepath.Join(dir, "ctrd"), w.cfg.Address)
@@ -57,7 +59,7 @@ func TestRemoveImageKeepsSharedContents(t *testing.T) {
 		}
 	}
 	// A container of A has come and gone.
-	if out := ctr(t, sock, "run", "--rm", "--snapshotter", SnapshotterName, refA, "a-"+randomID(), "/bin/cat", "/etc/a.txt"); out != string(onlyA) {
+	if out := ctr(t, sock, "run", "--rm", "--snapshotter", importer.SnapshotterName, refA, "a-"+randomID(), "/bin/cat", "/etc/a.txt"); out != string(onlyA) {
 		t.Fatalf("container of A printed %q", out)
 	}
 	has := func(data []byte) bool { return w.d.Store.Has(digest.FromBytes(data)) }
@@ -79,10 +81,10 @@ func TestRemoveImageKeepsSharedContents(t *testing.T) {
 	if !has(shared) || !has(onlyB) || !has(busybox) {
 		t.Error("a content B uses was removed")
 	}
-	if w.d.Layers.Known(digest.Digest(imgA.layers[0].Digest)) || !w.d.Layers.Known(digest.Digest(imgB.layers[0].Digest)) {
+	if w.d.Layers.Known(digest.Digest(imgA.Layers[0].Digest)) || !w.d.Layers.Known(digest.Digest(imgB.Layers[0].Digest)) {
 		t.Error("layer registry after rmi: want A's layer gone and B's kept")
 	}
-	if _, err := os.Stat(filepath.Join(w.cfg.Root, "layers", digest.Digest(imgA.layers[0].Digest).Encoded())); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(w.cfg.Root, "layers", digest.Digest(imgA.Layers[0].Digest).Encoded())); !os.IsNotExist(err) {
 		t.Errorf("A's layer directory: %v", err)
 	}
 	if _, err := w.client.Image(ctx, refA, ""); err == nil {
@@ -96,7 +98,7 @@ func TestRemoveImageKeepsSharedContents(t *testing.T) {
 	if _, err := cc.GetImage(ctx, refA); !errdefs.IsNotFound(err) {
 		t.Errorf("A in containerd: %v", err)
 	}
-	if out := ctr(t, sock, "run", "--rm", "--snapshotter", SnapshotterName, refB, "b-"+randomID(), "/bin/cat", "/etc/shared.txt", "/etc/b.txt"); out != string(shared)+string(onlyB) {
+	if out := ctr(t, sock, "run", "--rm", "--snapshotter", importer.SnapshotterName, refB, "b-"+randomID(), "/bin/cat", "/etc/shared.txt", "/etc/b.txt"); out != string(shared)+string(onlyB) {
 		t.Fatalf("container of B printed %q", out)
 	}
 	// B is complete and dedups against what is left.
@@ -109,21 +111,21 @@ func TestRemoveImageKeepsSharedContents(t *testing.T) {
 
 	// An image whose container still exists keeps its layer until the
 	// container goes.
-	cB, err := client.NewContainer(ctx, cc, client.ContainerOptions{Ref: refB, ID: "b-" + randomID(), Snapshotter: SnapshotterName})
+	cB, err := client.NewContainer(ctx, cc, client.ContainerOptions{Ref: refB, ID: "b-" + randomID(), Snapshotter: importer.SnapshotterName})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if res, err := w.client.RemoveImage(ctx, refB, "default"); err != nil || res.Layers != 0 {
 		t.Fatalf("rmi of an image in use: %+v, %v", res, err)
 	}
-	if !has(onlyB) || !w.d.Layers.Known(digest.Digest(imgB.layers[0].Digest)) {
+	if !has(onlyB) || !w.d.Layers.Known(digest.Digest(imgB.Layers[0].Digest)) {
 		t.Fatal("the layer of a container was collected")
 	}
 	if err := cB.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(60 * time.Second)
-	for has(onlyB) || has(shared) || w.d.Layers.Known(digest.Digest(imgB.layers[0].Digest)) {
+	for has(onlyB) || has(shared) || w.d.Layers.Known(digest.Digest(imgB.Layers[0].Digest)) {
 		if time.Now().After(deadline) {
 			t.Fatal("B's layer and contents outlived its last container")
 		}
@@ -144,18 +146,18 @@ func TestCollectSparesContentsAPullReliesOn(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 
 	shared := []byte("shared by both images\n")
-	imgA := buildImage(t, 256<<10, []testFile{
-		{name: "shared.txt", typ: api.TypeReg, mode: 0o644, data: shared},
-		{name: "a.txt", typ: api.TypeReg, mode: 0o644, data: []byte("only in A\n")},
+	imgA := fakeregistry.BuildImage(t, 256<<10, []fakeregistry.File{
+		{Name: "shared.txt", Type: api.TypeReg, Mode: 0o644, Data: shared},
+		{Name: "a.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("only in A\n")},
 	})
-	imgB := buildImage(t, 256<<10, []testFile{
-		{name: "shared.txt", typ: api.TypeReg, mode: 0o644, data: shared},
-		{name: "b.txt", typ: api.TypeReg, mode: 0o644, data: []byte("only in B\n")},
+	imgB := fakeregistry.BuildImage(t, 256<<10, []fakeregistry.File{
+		{Name: "shared.txt", Type: api.TypeReg, Mode: 0o644, Data: shared},
+		{Name: "b.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("only in B\n")},
 	})
-	imgB.others = imgA.layers
-	regB := &fakeRegistry{img: imgB, headerGate: make(chan struct{})}
-	hostA := startFakeRegistry(t, &fakeRegistry{img: imgA})
-	hostB := startFakeRegistry(t, regB)
+	imgB.Others = imgA.Layers
+	regB := &fakeregistry.Registry{Image: imgB, HeaderGate: make(chan struct{})}
+	hostA := fakeregistry.Start(t, &fakeregistry.Registry{Image: imgA})
+	hostB := fakeregistry.Start(t, regB)
 	refA, refB := hostA+"/app:v1", hostB+"/app:v1"
 	w := startWorker(t, dir, config.Registry{Host: hostA, PlainHTTP: true}, config.Registry{Host: hostB, PlainHTTP: true})
 	startContainerd(t, filepath.Join(dir, "ctrd"), w.cfg.Address)
@@ -169,7 +171,7 @@ func TestCollectSparesContentsAPullReliesOn(t *testing.T) {
 	for len(regB.Requests()) == 0 {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if have := regB.Requests()[0].Have; len(have) != 1 || have[0] != imgA.layers[0].Digest {
+	if have := regB.Requests()[0].Have; len(have) != 1 || have[0] != imgA.Layers[0].Digest {
 		t.Fatalf("B's request Have = %v, want A's layer", have)
 	}
 	rmiDone := make(chan error, 1)
@@ -184,7 +186,7 @@ func TestCollectSparesContentsAPullReliesOn(t *testing.T) {
 		t.Fatalf("rmi finished while a pull relied on A's layer: %v", err)
 	case <-time.After(500 * time.Millisecond):
 	}
-	close(regB.headerGate)
+	close(regB.HeaderGate)
 	if err := <-pullDone; err != nil {
 		t.Fatalf("pull of B: %v", err)
 	}

@@ -7,10 +7,12 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/containerd/log"
-
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/worker/pull"
 )
+
+// maxRequestSize bounds the JSON body of a worker API request.
+const maxRequestSize = 1 << 20
 
 // progressInterval bounds how often a pull stream reports progress.
 const progressInterval = 250 * time.Millisecond
@@ -21,93 +23,93 @@ func (d *Daemon) APIHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/pull", func(w http.ResponseWriter, r *http.Request) { servePull(pl, w, r) })
 	mux.HandleFunc("GET /v1/images", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, pl.Images())
+		api.WriteJSON(w, http.StatusOK, pl.Images())
 	})
 	mux.HandleFunc("GET /v1/images/{ref...}", func(w http.ResponseWriter, r *http.Request) {
 		ref := r.PathValue("ref")
 		img, ok := pl.Image(ref, r.URL.Query().Get("namespace"))
 		if !ok {
-			writeError(w, http.StatusNotFound, "image "+ref+" was not pulled through this worker")
+			api.WriteError(w, http.StatusNotFound, api.CodeNotFound, "image "+ref+" was not pulled through this worker")
 			return
 		}
-		writeJSON(w, http.StatusOK, img)
+		api.WriteJSON(w, http.StatusOK, img)
 	})
 	mux.HandleFunc("DELETE /v1/images/{ref...}", func(w http.ResponseWriter, r *http.Request) {
 		ref := r.PathValue("ref")
 		if err := pl.Remove(r.Context(), ref, r.URL.Query().Get("namespace")); err != nil {
-			status := http.StatusInternalServerError
-			if errors.Is(err, ErrImageNotFound) {
-				status = http.StatusNotFound
+			if errors.Is(err, pull.ErrImageNotFound) {
+				api.WriteError(w, http.StatusNotFound, api.CodeNotFound, err.Error())
+				return
 			}
-			writeError(w, status, err.Error())
+			api.WriteError(w, http.StatusInternalServerError, api.CodeInternal, err.Error())
 			return
 		}
 		res, err := d.Collector.Collect(r.Context())
 		if err != nil {
-			writeError(w, http.StatusInternalServerError, "image removed; garbage collection: "+err.Error())
+			api.WriteError(w, http.StatusInternalServerError, api.CodeInternal, "image removed; garbage collection: "+err.Error())
 			return
 		}
-		writeJSON(w, http.StatusOK, api.RemoveResult{Ref: ref, Layers: res.Layers, Contents: res.Contents, Bytes: res.Bytes})
+		api.WriteJSON(w, http.StatusOK, api.RemoveResult{Ref: ref, Layers: res.Layers, Contents: res.Contents, Bytes: res.Bytes})
 	})
 	mux.HandleFunc("GET /v1/optimize", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, api.OptimizeState{On: d.Tracing.Optimize()})
+		api.WriteJSON(w, http.StatusOK, api.OptimizeState{On: d.Tracer.Optimize()})
 	})
 	mux.HandleFunc("PUT /v1/optimize", func(w http.ResponseWriter, r *http.Request) {
 		var st api.OptimizeState
 		if !decodeRequest(w, r, &st) {
 			return
 		}
-		if err := d.Tracing.SetOptimize(st.On); err != nil {
-			writeError(w, http.StatusInternalServerError, err.Error())
+		if err := d.Tracer.SetOptimize(st.On); err != nil {
+			api.WriteError(w, http.StatusInternalServerError, api.CodeInternal, err.Error())
 			return
 		}
-		writeJSON(w, http.StatusOK, st)
+		api.WriteJSON(w, http.StatusOK, st)
 	})
 	mux.HandleFunc("GET /v1/traces", func(w http.ResponseWriter, r *http.Request) {
-		traces, err := d.Tracing.List(r.Context())
+		traces, err := d.Tracer.List(r.Context())
 		if err != nil {
-			writeError(w, http.StatusInternalServerError, err.Error())
+			api.WriteError(w, http.StatusInternalServerError, api.CodeInternal, err.Error())
 			return
 		}
-		writeJSON(w, http.StatusOK, traces)
+		api.WriteJSON(w, http.StatusOK, traces)
 	})
 	mux.HandleFunc("POST /v1/traces/report", func(w http.ResponseWriter, r *http.Request) {
 		var req api.ReportRequest
 		if !decodeRequest(w, r, &req) {
 			return
 		}
-		res, err := d.Tracing.Report(r.Context(), req.Server)
+		res, err := d.Tracer.Report(r.Context(), req.Server)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, err.Error())
+			api.WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err.Error())
 			return
 		}
-		writeJSON(w, http.StatusOK, res)
+		api.WriteJSON(w, http.StatusOK, res)
 	})
 	return mux
 }
 
 // decodeRequest decodes a small JSON request body, answering 400 on error.
 func decodeRequest(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxRequestSize))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		writeError(w, http.StatusBadRequest, "invalid request: "+err.Error())
+		api.WriteError(w, http.StatusBadRequest, api.CodeBadRequest, "invalid request: "+err.Error())
 		return false
 	}
 	return true
 }
 
-func servePull(pl *Puller, w http.ResponseWriter, r *http.Request) {
+func servePull(pl *pull.Puller, w http.ResponseWriter, r *http.Request) {
 	var req api.PullRequest
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxRequestSize))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, "invalid pull request: "+err.Error())
+		api.WriteError(w, http.StatusBadRequest, api.CodeBadRequest, "invalid pull request: "+err.Error())
 		return
 	}
 	p, err := pl.Start(req)
 	if err != nil {
-		writeError(w, http.StatusBadRequest, err.Error())
+		api.WriteError(w, http.StatusBadRequest, api.CodeBadRequest, err.Error())
 		return
 	}
 	w.Header().Set("Content-Type", "application/x-ndjson")
@@ -130,7 +132,7 @@ func servePull(pl *Puller, w http.ResponseWriter, r *http.Request) {
 		lastEmit     time.Time
 	)
 	for {
-		img, changed := p.snapshot()
+		img, changed := p.Snapshot()
 		ev := api.PullEvent{Status: img.State, Ref: img.Ref, PullProgress: img.PullProgress, Message: img.Error}
 		switch {
 		case img.State != lastState:
@@ -169,16 +171,4 @@ func servePull(pl *Puller, w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
-}
-
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	if err := json.NewEncoder(w).Encode(v); err != nil && !errors.Is(err, http.ErrHandlerTimeout) {
-		log.L.WithError(err).Debug("writing API answer")
-	}
-}
-
-func writeError(w http.ResponseWriter, status int, msg string) {
-	writeJSON(w, status, api.Error{Message: msg})
 }

@@ -18,6 +18,8 @@ import (
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/client"
 	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/importer"
+	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
 )
 
 // ctr runs the ctr command line against the test's containerd.
@@ -76,17 +78,17 @@ func accessIndex(acc []api.TraceAccess, name string) int {
 	return slices.IndexFunc(acc, func(a api.TraceAccess) bool { return a.Name == name })
 }
 
-func busyboxLayer(t *testing.T) []testFile {
+func busyboxLayer(t *testing.T) []fakeregistry.File {
 	busybox, err := os.ReadFile("/bin/busybox")
 	if err != nil {
 		t.Fatal(err)
 	}
-	return []testFile{
-		{name: "bin", typ: api.TypeDir, mode: 0o755},
-		{name: "bin/busybox", typ: api.TypeReg, mode: 0o755, data: busybox},
-		{name: "bin/cat", typ: api.TypeSymlink, link: "busybox", mode: 0o777},
-		{name: "bin/sh", typ: api.TypeSymlink, link: "busybox", mode: 0o777},
-		{name: "bin/dd", typ: api.TypeSymlink, link: "busybox", mode: 0o777},
+	return []fakeregistry.File{
+		{Name: "bin", Type: api.TypeDir, Mode: 0o755},
+		{Name: "bin/busybox", Type: api.TypeReg, Mode: 0o755, Data: busybox},
+		{Name: "bin/cat", Type: api.TypeSymlink, Link: "busybox", Mode: 0o777},
+		{Name: "bin/sh", Type: api.TypeSymlink, Link: "busybox", Mode: 0o777},
+		{Name: "bin/dd", Type: api.TypeSymlink, Link: "busybox", Mode: 0o777},
 	}
 }
 
@@ -103,19 +105,19 @@ func TestTracing(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 
 	big := bytes.Repeat([]byte("0123456789abcdef"), 128<<10) // 2 MiB, 8 chunks
-	img := buildImage(t, 256<<10, busyboxLayer(t), []testFile{
-		{name: "etc", typ: api.TypeDir, mode: 0o755},
-		{name: "etc/one.txt", typ: api.TypeReg, mode: 0o644, data: []byte("one\n")},
-		{name: "etc/two.txt", typ: api.TypeReg, mode: 0o644, data: []byte("two\n")},
-		{name: "etc/three.txt", typ: api.TypeReg, mode: 0o644, data: []byte("three\n")},
-		{name: "etc/unread.txt", typ: api.TypeReg, mode: 0o644, data: []byte("never read\n")},
-		{name: "data", typ: api.TypeDir, mode: 0o755},
-		{name: "data/big", typ: api.TypeReg, mode: 0o644, data: big},
+	img := fakeregistry.BuildImage(t, 256<<10, busyboxLayer(t), []fakeregistry.File{
+		{Name: "etc", Type: api.TypeDir, Mode: 0o755},
+		{Name: "etc/one.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("one\n")},
+		{Name: "etc/two.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("two\n")},
+		{Name: "etc/three.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("three\n")},
+		{Name: "etc/unread.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("never read\n")},
+		{Name: "data", Type: api.TypeDir, Mode: 0o755},
+		{Name: "data/big", Type: api.TypeReg, Mode: 0o644, Data: big},
 	})
-	reg := &fakeRegistry{img: img, user: "alice", password: "s3cret"}
-	host := startFakeRegistry(t, reg)
-	other := &fakeRegistry{img: img}
-	otherHost := startFakeRegistry(t, other)
+	reg := &fakeregistry.Registry{Image: img, User: "alice", Password: "s3cret"}
+	host := fakeregistry.Start(t, reg)
+	other := &fakeregistry.Registry{Image: img}
+	otherHost := fakeregistry.Start(t, other)
 	ref := host + "/app:v1"
 
 	w := startWorker(t, dir, config.Registry{Host: host, PlainHTTP: true, Username: "alice", Password: "s3cret"})
@@ -134,14 +136,14 @@ func TestTracing(t *testing.T) {
 	// (its fifth chunk).
 	id := "traced-" + randomID()
 	if _, err := client.NewContainer(ctx, cc, client.ContainerOptions{
-		Ref: ref, ID: id, Snapshotter: SnapshotterName, Optimize: true,
+		Ref: ref, ID: id, Snapshotter: importer.SnapshotterName, Optimize: true,
 		Args: []string{"/bin/sh", "-c", "cat /etc/one.txt /etc/two.txt /etc/three.txt; dd if=/data/big bs=4096 skip=300 count=1 2>/dev/null | wc -c"},
 	}); err != nil {
 		t.Fatal(err)
 	}
 	// An untraced container of the same image running at the same time
 	// adds nothing to the trace.
-	ctr(t, sock, "run", "--rm", "--snapshotter", SnapshotterName, ref, "plain-"+randomID(), "/bin/cat", "/etc/unread.txt")
+	ctr(t, sock, "run", "--rm", "--snapshotter", importer.SnapshotterName, ref, "plain-"+randomID(), "/bin/cat", "/etc/unread.txt")
 	if out := ctr(t, sock, "task", "start", id); out != "one\ntwo\nthree\n4096\n" {
 		t.Fatalf("traced container printed %q", out)
 	}
@@ -157,9 +159,7 @@ func TestTracing(t *testing.T) {
 
 	// Reporting to a registry that fails keeps the trace, with the
 	// registry's message verbatim.
-	reg.mu.Lock()
-	reg.traceFailure = "database on fire"
-	reg.mu.Unlock()
+	reg.SetTraceFailure("database on fire")
 	res, err := w.client.Report(ctx, api.ReportRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -170,9 +170,7 @@ func TestTracing(t *testing.T) {
 	if ts, _ := w.client.Traces(ctx); len(ts) != 1 {
 		t.Fatalf("after a failed report: %+v", ts)
 	}
-	reg.mu.Lock()
-	reg.traceFailure = ""
-	reg.mu.Unlock()
+	reg.SetTraceFailure("")
 	res, err = w.client.Report(ctx, api.ReportRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -185,7 +183,7 @@ func TestTracing(t *testing.T) {
 		t.Fatalf("registry got %d traces", len(got))
 	}
 	rep := got[0]
-	if rep.Repository != "app" || rep.ManifestDigest != img.manifestDigest.String() || rep.Container != id || rep.StartedAt.IsZero() {
+	if rep.Repository != "app" || rep.ManifestDigest != img.ManifestDigest.String() || rep.Container != id || rep.StartedAt.IsZero() {
 		t.Fatalf("report header: %+v", rep)
 	}
 	names := make([]string, len(rep.Accesses))
@@ -197,7 +195,7 @@ func TestTracing(t *testing.T) {
 	if i1 < 0 || !(i1 < i2 && i2 < i3) || accessIndex(rep.Accesses, "bin/busybox") > i1 || accessIndex(rep.Accesses, "etc/unread.txt") >= 0 {
 		t.Fatalf("accesses in order %q: want bin/busybox, then etc/one.txt, etc/two.txt, etc/three.txt, and never etc/unread.txt", names)
 	}
-	layerOf := map[string]string{"bin/busybox": img.layers[0].Digest, "etc/one.txt": img.layers[1].Digest, "data/big": img.layers[1].Digest}
+	layerOf := map[string]string{"bin/busybox": img.Layers[0].Digest, "etc/one.txt": img.Layers[1].Digest, "data/big": img.Layers[1].Digest}
 	var last int64
 	bigChunks := map[int64]bool{}
 	for _, a := range rep.Accesses {
@@ -235,7 +233,7 @@ func TestTracing(t *testing.T) {
 		t.Fatal(err)
 	}
 	run1 := "run-" + randomID()
-	if out := ctr(t, sock, "run", "--rm", "--snapshotter", SnapshotterName, ref, run1, "/bin/cat", "/etc/two.txt"); out != "two\n" {
+	if out := ctr(t, sock, "run", "--rm", "--snapshotter", importer.SnapshotterName, ref, run1, "/bin/cat", "/etc/two.txt"); out != "two\n" {
 		t.Fatalf("ctr run printed %q", out)
 	}
 	traces = waitTraces(t, w.client, "trace of "+run1, func(ts []api.TraceSummary) bool {
@@ -245,7 +243,7 @@ func TestTracing(t *testing.T) {
 	if err := w.client.SetOptimize(ctx, false); err != nil {
 		t.Fatal(err)
 	}
-	ctr(t, sock, "run", "--rm", "--snapshotter", SnapshotterName, ref, "run-"+randomID(), "/bin/cat", "/etc/one.txt")
+	ctr(t, sock, "run", "--rm", "--snapshotter", importer.SnapshotterName, ref, "run-"+randomID(), "/bin/cat", "/etc/one.txt")
 	if on, _ := w.client.Optimize(ctx); on {
 		t.Fatal("optimize still on")
 	}
@@ -265,7 +263,7 @@ func TestTracing(t *testing.T) {
 	// container records nothing more, so its run is reported once.
 	server := "server-" + randomID()
 	if _, err := client.NewContainer(ctx, cc, client.ContainerOptions{
-		Ref: ref, ID: server, Snapshotter: SnapshotterName, Optimize: true,
+		Ref: ref, ID: server, Snapshotter: importer.SnapshotterName, Optimize: true,
 		Args: []string{"/bin/sh", "-c", "cat /etc/three.txt >/dev/null; sleep 600"},
 	}); err != nil {
 		t.Fatal(err)
@@ -283,7 +281,7 @@ func TestTracing(t *testing.T) {
 	ctr(t, sock, "task", "delete", "-f", server)
 	ctr(t, sock, "container", "rm", server)
 	deadline := time.Now().Add(60 * time.Second)
-	for len(w.d.Tracing.live()) > 0 {
+	for w.d.Tracer.Active() > 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the traced container's snapshot was not removed")
 		}

@@ -364,3 +364,11 @@ func Start(t *testing.T, f *Registry) (host string) {
 	t.Cleanup(srv.Close)
 	return strings.TrimPrefix(srv.URL, "http://")
 }
+
+// SetTraceFailure makes the registry answer trace reports with a 500 and
+// msg from now on ("" accepts them again).
+func (f *Registry) SetTraceFailure(msg string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.TraceFailure = msg
+}

@@ -1,4 +1,4 @@
-package daemon
+package tracer
 
 import (
 	"context"
@@ -7,13 +7,15 @@ import (
 	"time"
 
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/api/remote"
 	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
 	"github.com/starlight-project/starlight/worker/trace"
 )
 
 // addSession starts a session by hand, as TracedDirs would, without
 // mounting anything.
-func addSession(tr *Tracing, key, host string, start time.Time) *session {
+func addSession(tr *Tracer, key, host string, start time.Time) *session {
 	s := &session{key: key, dir: filepath.Join(tr.root, "mnt", "x"), rec: trace.NewRecorder(start), mounts: nil}
 	s.t = trace.Trace{ID: trace.NewID(start), Ref: host + "/app:v1", Registry: host, PlainHTTP: true,
 		Report: api.TraceReport{Repository: "app", ManifestDigest: "sha256:m", Container: key, StartedAt: start}}
@@ -27,10 +29,10 @@ func addSession(tr *Tracing, key, host string, start time.Time) *session {
 // containers (partial, replaced as they grow), the final write when the
 // container goes, and reporting, which seals running containers.
 func TestTraceStorage(t *testing.T) {
-	reg := &fakeRegistry{}
-	host := startFakeRegistry(t, reg)
+	reg := &fakeregistry.Registry{}
+	host := fakeregistry.Start(t, reg)
 	cfg := config.Default()
-	tr, err := NewTracing(t.TempDir(), cfg, nil, nil, NewRemote())
+	tr, err := New(t.TempDir(), cfg, nil, nil, remote.New(remote.Options{}), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

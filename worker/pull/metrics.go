@@ -1,13 +1,11 @@
-package daemon
+package pull
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 )
 
-// Metrics are the worker's Prometheus metrics.
+// Metrics are the pulls' Prometheus metrics.
 type Metrics struct {
-	Registry       *prometheus.Registry
 	BytesReceived  prometheus.Counter
 	FramesReceived prometheus.Counter
 	Pulls          *prometheus.CounterVec   // result: ready, complete, failed
@@ -16,11 +14,9 @@ type Metrics struct {
 	ActivePulls    prometheus.Gauge
 }
 
-// NewMetrics creates the metrics. pending reports the contents expected
-// and not yet arrived: the reads that may block on them.
-func NewMetrics(pending func() float64) *Metrics {
+// NewMetrics creates the metrics and registers them with reg (if not nil).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
-		Registry: prometheus.NewRegistry(),
 		BytesReceived: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "starlight", Subsystem: "worker", Name: "received_bytes_total",
 			Help: "Compressed content bytes received in delta bundles.",
@@ -47,13 +43,8 @@ func NewMetrics(pending func() float64) *Metrics {
 			Help: "Pulls whose bundle is still streaming.",
 		}),
 	}
-	m.Registry.MustRegister(m.BytesReceived, m.FramesReceived, m.Pulls, m.PullSeconds, m.Resumes, m.ActivePulls,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if pending != nil {
-		m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Namespace: "starlight", Subsystem: "worker", Name: "pending_contents",
-			Help: "Contents expected and not arrived yet; reads of them wait.",
-		}, pending))
+	if reg != nil {
+		reg.MustRegister(m.BytesReceived, m.FramesReceived, m.Pulls, m.PullSeconds, m.Resumes, m.ActivePulls)
 	}
 	return m
 }

@@ -1,4 +1,9 @@
-package daemon
+// Package pull runs the worker's pulls: one delta request per image, the
+// image made usable in containerd as soon as the bundle header arrives, the
+// contents received in the background, a broken stream resumed. It keeps
+// the image records (`ctr-starlight images`) and fetches the images a
+// Kubernetes (CRI) pull unpacks into the starlight snapshotter.
+package pull
 
 import (
 	"context"
@@ -15,18 +20,19 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containerd/containerd"
-	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/identifiers"
-	"github.com/containerd/containerd/images"
 	"github.com/containerd/containerd/namespaces"
+	"github.com/containerd/continuity"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/api/bundle"
+	"github.com/starlight-project/starlight/api/remote"
 	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/worker/demand"
+	"github.com/starlight-project/starlight/worker/importer"
+	"github.com/starlight-project/starlight/worker/layers"
 	"github.com/starlight-project/starlight/worker/store"
 )
 
@@ -37,21 +43,21 @@ var DefaultPlatform = api.Platform{OS: "linux", Architecture: "amd64"}
 // containerd as soon as the bundle header arrives, the contents received in
 // the background, a broken stream resumed.
 type Puller struct {
-	cfg     *config.Config
-	store   *store.Store
-	layers  *Layers
-	remote  *Remote
-	ctrd    *containerdConn
-	metrics *Metrics
+	cfg      *config.Config
+	store    *store.Store
+	layers   *layers.Registry
+	remote   *remote.Client
+	importer *importer.Importer
+	metrics  *Metrics
 	// demand fetches the chunks blocked reads wait for ahead of the
 	// bundle stream; nil when disabled.
-	demand *DemandFetcher
-	// recordDir holds one JSON record per image (api.WorkerImage), so that
-	// `ctr-starlight images` survives a worker restart.
+	demand *demand.Fetcher
+	// recordDir holds one JSON record per image (api.WorkerImage), so
+	// that `ctr-starlight images` survives a worker restart.
 	recordDir string
-	// Backoff is the wait before the first resume of a broken stream;
+	// backoff is the wait before the first resume of a broken stream;
 	// it doubles on every further attempt, up to 30s.
-	Backoff time.Duration
+	backoff time.Duration
 
 	sem    chan struct{}
 	ctx    context.Context
@@ -59,7 +65,7 @@ type Puller struct {
 	wg     sync.WaitGroup
 
 	mu    sync.Mutex
-	pulls map[string]*pull
+	pulls map[string]*Job
 	// cri holds the CRI fetches by manifest digest, so that the Prepares
 	// of every layer of an image share one pull.
 	cri map[digest.Digest]*criFetch
@@ -68,13 +74,34 @@ type Puller struct {
 	// sends the layers it holds (Have) until the layers it receives are
 	// recorded: the registry leaves out the contents of Have, so they
 	// must still be there when the bundle arrives. Pulls share it; a
-	// collection takes it alone.
+	// collection takes it alone (BlockPulls).
 	gcLock sync.RWMutex
 }
 
-// pull is one image's state. Its watchers wait on changed, which is closed
-// and replaced at every update.
-type pull struct {
+// Deps are what a Puller works with.
+type Deps struct {
+	Store    *store.Store
+	Layers   *layers.Registry
+	Remote   *remote.Client
+	Importer *importer.Importer
+	// Demand, if not nil, fetches what blocked reads wait for ahead of
+	// the bundle stream.
+	Demand  *demand.Fetcher
+	Metrics *Metrics
+	// RecordDir holds the image records.
+	RecordDir string
+	// Backoff is the wait before the first resume of a broken stream
+	// (default DefaultBackoff); it doubles on every further attempt, up
+	// to 30s.
+	Backoff time.Duration
+}
+
+// DefaultBackoff is the default wait before resuming a broken stream.
+const DefaultBackoff = time.Second
+
+// Job is the pull of one image and its state. Its watchers wait on the
+// channel Snapshot returns, which is closed and replaced at every update.
+type Job struct {
 	mu      sync.Mutex
 	img     api.WorkerImage
 	changed chan struct{}
@@ -86,7 +113,9 @@ type pull struct {
 	header func(error)
 }
 
-func (p *pull) snapshot() (api.WorkerImage, <-chan struct{}) {
+// Snapshot returns the image's state now, and a channel closed at the
+// next change.
+func (p *Job) Snapshot() (api.WorkerImage, <-chan struct{}) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	img := p.img
@@ -94,7 +123,7 @@ func (p *pull) snapshot() (api.WorkerImage, <-chan struct{}) {
 	return img, p.changed
 }
 
-func (p *pull) update(fn func(img *api.WorkerImage)) {
+func (p *Job) update(fn func(img *api.WorkerImage)) {
 	p.mu.Lock()
 	fn(&p.img)
 	close(p.changed)
@@ -104,29 +133,26 @@ func (p *pull) update(fn func(img *api.WorkerImage)) {
 
 func imageKey(namespace, ref string) string { return namespace + "\x00" + ref }
 
-// NewPuller loads the image records under recordDir. A pull that was
-// still running when the worker stopped is reported as interrupted.
-func NewPuller(cfg *config.Config, st *store.Store, layers *Layers, remote *Remote, metrics *Metrics, recordDir string) (*Puller, error) {
+// New loads the image records under deps.RecordDir. A pull that was still
+// running when the worker stopped is reported as interrupted.
+func New(cfg *config.Config, deps Deps) (*Puller, error) {
+	recordDir := deps.RecordDir
 	if err := os.MkdirAll(recordDir, 0o700); err != nil {
 		return nil, fmt.Errorf("opening image records: %w", err)
 	}
+	if deps.Backoff <= 0 {
+		deps.Backoff = DefaultBackoff
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	pl := &Puller{
-		cfg: cfg, store: st, layers: layers, remote: remote, metrics: metrics,
-		ctrd:      &containerdConn{address: cfg.Containerd},
+		cfg: cfg, store: deps.Store, layers: deps.Layers, remote: deps.Remote, importer: deps.Importer,
+		metrics: deps.Metrics, demand: deps.Demand,
 		recordDir: recordDir,
-		Backoff:   time.Second,
+		backoff:   deps.Backoff,
 		sem:       make(chan struct{}, cfg.MaxConcurrentPulls),
 		ctx:       ctx, cancel: cancel,
-		pulls: make(map[string]*pull),
+		pulls: make(map[string]*Job),
 		cri:   make(map[digest.Digest]*criFetch),
-	}
-	if cfg.DemandFetches > 0 {
-		var reg prometheus.Registerer
-		if metrics != nil {
-			reg = metrics.Registry
-		}
-		pl.demand = NewDemandFetcher(ctx, st, remote, cfg.DemandFetches, reg)
 	}
 	files, err := filepath.Glob(filepath.Join(recordDir, "*.json"))
 	if err != nil {
@@ -145,7 +171,7 @@ func NewPuller(cfg *config.Config, st *store.Store, layers *Layers, remote *Remo
 			img.State = api.PullFailed
 			img.Error = "interrupted by a worker restart; pull again to fetch the missing contents"
 		}
-		pl.pulls[imageKey(img.Namespace, img.Ref)] = &pull{img: img, changed: make(chan struct{})}
+		pl.pulls[imageKey(img.Namespace, img.Ref)] = &Job{img: img, changed: make(chan struct{})}
 	}
 	return pl, nil
 }
@@ -155,20 +181,20 @@ func NewPuller(cfg *config.Config, st *store.Store, layers *Layers, remote *Remo
 func (pl *Puller) Close() error {
 	pl.cancel()
 	pl.wg.Wait()
-	return pl.ctrd.Close()
+	return nil
 }
 
 // Images returns the state of every image, sorted by namespace and ref.
 func (pl *Puller) Images() []api.WorkerImage {
 	pl.mu.Lock()
-	ps := make([]*pull, 0, len(pl.pulls))
+	ps := make([]*Job, 0, len(pl.pulls))
 	for _, p := range pl.pulls {
 		ps = append(ps, p)
 	}
 	pl.mu.Unlock()
 	out := make([]api.WorkerImage, 0, len(ps))
 	for _, p := range ps {
-		img, _ := p.snapshot()
+		img, _ := p.Snapshot()
 		out = append(out, img)
 	}
 	sort.Slice(out, func(i, j int) bool {
@@ -193,7 +219,7 @@ func (pl *Puller) Image(ref, namespace string) (api.WorkerImage, bool) {
 
 // Start starts pulling req.Ref, or joins the pull of the same image that
 // is already running. The returned pull reports its progress.
-func (pl *Puller) Start(req api.PullRequest) (*pull, error) {
+func (pl *Puller) Start(req api.PullRequest) (*Job, error) {
 	if req.Namespace == "" {
 		req.Namespace = namespaces.Default
 	}
@@ -222,7 +248,7 @@ func (pl *Puller) Start(req api.PullRequest) (*pull, error) {
 			return p, nil
 		}
 	}
-	p := &pull{
+	p := &Job{
 		img: api.WorkerImage{
 			Ref: ref.Name, Namespace: req.Namespace, State: api.PullResolving,
 			Started: time.Now().UTC(), PlainHTTP: ep.Registry.PlainHTTP,
@@ -240,9 +266,9 @@ func (pl *Puller) Start(req api.PullRequest) (*pull, error) {
 }
 
 // run is one pull, from the delta request to the last frame.
-func (pl *Puller) run(p *pull, ref Ref, ep Endpoint) {
+func (pl *Puller) run(p *Job, ref Ref, ep Endpoint) {
 	ctx := log.WithLogger(pl.ctx, log.G(pl.ctx).WithField("ref", ref.Name))
-	img, _ := p.snapshot()
+	img, _ := p.Snapshot()
 	ctx = namespaces.WithNamespace(ctx, img.Namespace)
 	start := time.Now()
 
@@ -264,7 +290,7 @@ func (pl *Puller) run(p *pull, ref Ref, ep Endpoint) {
 	pl.save(p)
 }
 
-func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start time.Time) error {
+func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start time.Time) error {
 	select {
 	case pl.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -274,18 +300,12 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	pl.metrics.ActivePulls.Inc()
 	defer pl.metrics.ActivePulls.Dec()
 
-	var c *containerd.Client
-	if !p.cri {
-		var err error
-		if c, err = pl.ctrd.get(ctx); err != nil {
-			return err
-		}
-	}
+	rc := pl.client(ep)
 	if !ep.Starlight {
 		log.G(ctx).WithField("registry", ep.Registry.String()).Info("host is not a Starlight registry, falling back to a standard pull")
-		md, err := plainPull(ctx, c, ref, ep.Registry)
+		md, err := pl.importer.PullPlain(ctx, ref.Normalized, rc.Resolver())
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: %w", ref.Name, err)
 		}
 		now := time.Now().UTC()
 		p.update(func(img *api.WorkerImage) {
@@ -313,7 +333,7 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 		Have:      pl.layers.Inventory(),
 	}
 	log.G(ctx).WithField("registry", ep.Registry.String()).WithField("have", len(req.Have)).Info("requesting delta bundle")
-	body, err := pl.remote.Delta(ctx, ep.Registry, ref.Repository, req)
+	body, err := rc.Delta(ctx, ref.Host, ref.Repository, req)
 	if err != nil {
 		return fmt.Errorf("%s: %w", ref.Name, err)
 	}
@@ -324,7 +344,7 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	}
 	h := br.Header()
 	headerAt := time.Now()
-	plan, err := planImage(h)
+	plan, err := importer.PlanImage(h)
 	if err != nil {
 		return fmt.Errorf("%s: %w", ref.Name, err)
 	}
@@ -337,7 +357,7 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 		img.State = api.PullImporting
 		img.Digest = h.ManifestDigest
 		img.Layers = nil
-		for _, l := range plan.layers {
+		for _, l := range plan.Layers {
 			img.Layers = append(img.Layers, l.String())
 		}
 		img.BytesTotal, img.FramesTotal, img.FilesTotal = total, len(h.Frames), files
@@ -354,9 +374,9 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 	if err := pl.store.ExpectHeader(h); err != nil {
 		return fmt.Errorf("%s: %w", ref.Name, err)
 	}
-	var stream *DemandStream
+	var stream *demand.Stream
 	if pl.demand != nil {
-		stream = pl.demand.Add(ep.Registry, ref.Repository, h)
+		stream = pl.demand.Add(rc, ref.Host, ref.Repository, h)
 		defer stream.Close()
 	}
 	// The image record names the layers now: they and their contents
@@ -367,7 +387,7 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 		// containerd is unpacking the image: the Prepare that waits
 		// can now resolve its layer, and the others find theirs.
 		p.header(nil)
-	} else if err := importImage(ctx, c, ref.Name, plan); err != nil {
+	} else if err := pl.importer.Import(ctx, ref.Name, plan); err != nil {
 		err = fmt.Errorf("%s: %w", ref.Name, err)
 		pl.failFrames(h.Frames, err)
 		return err
@@ -423,7 +443,7 @@ func (pl *Puller) pull(ctx context.Context, p *pull, ref Ref, ep Endpoint, start
 // the same request (same Have, so the same frame order) up to
 // cfg.PullRetries times. When it gives up, the contents still missing fail,
 // so blocked reads return EIO instead of hanging.
-func (pl *Puller) receive(ctx context.Context, p *pull, ref Ref, ep Endpoint, req api.DeltaRequest, br *bundle.Reader, body *io.ReadCloser, stream *DemandStream) error {
+func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req api.DeltaRequest, br *bundle.Reader, body *io.ReadCloser, stream *demand.Stream) error {
 	frames := br.Header().Frames
 	var last store.Progress
 	var countedBytes int64
@@ -460,7 +480,7 @@ func (pl *Puller) receive(ctx context.Context, p *pull, ref Ref, ep Endpoint, re
 		if attempt >= pl.cfg.PullRetries {
 			break
 		}
-		wait := min(pl.Backoff<<attempt, 30*time.Second)
+		wait := min(pl.backoff<<attempt, 30*time.Second)
 		log.G(ctx).WithError(err).WithField("resume", last.Frames).WithField("retryIn", wait).Warn("bundle stream broke, resuming")
 		select {
 		case <-time.After(wait):
@@ -471,7 +491,7 @@ func (pl *Puller) receive(ctx context.Context, p *pull, ref Ref, ep Endpoint, re
 		p.update(func(img *api.WorkerImage) { img.Resumes++ })
 		req.Resume = last.Frames
 		br = nil
-		*body, err = pl.remote.Delta(ctx, ep.Registry, ref.Repository, req)
+		*body, err = pl.client(ep).Delta(ctx, ref.Host, ref.Repository, req)
 		if err != nil {
 			continue
 		}
@@ -517,24 +537,28 @@ func (pl *Puller) recordPath(namespace, ref string) string {
 }
 
 // save writes the image record.
-func (pl *Puller) save(p *pull) {
-	img, _ := p.snapshot()
+func (pl *Puller) save(p *Job) {
+	img, _ := p.Snapshot()
 	path := pl.recordPath(img.Namespace, img.Ref)
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	if pl.pulls[imageKey(img.Namespace, img.Ref)] != p {
 		return // removed meanwhile
 	}
-	if err := writeFileAtomic(path, func(w io.Writer) error { return json.NewEncoder(w).Encode(img) }); err != nil {
+	b, err := json.Marshal(img)
+	if err == nil {
+		err = continuity.AtomicWriteFile(path, b, 0o600)
+	}
+	if err != nil {
 		log.G(pl.ctx).WithError(err).WithField("ref", img.Ref).Warn("saving image record")
 	}
 }
 
-// findImage returns the image a container's rootfs was made from: the
+// FindImage returns the image a container's rootfs was made from: the
 // image named ref in namespace when ref is given (the label ctr-starlight
 // create sets), else the image whose layers (base first) are exactly
 // layers, the most recently pulled if several are.
-func (pl *Puller) findImage(namespace, ref string, layers []digest.Digest) (api.WorkerImage, bool) {
+func (pl *Puller) FindImage(namespace, ref string, layers []digest.Digest) (api.WorkerImage, bool) {
 	var (
 		best  api.WorkerImage
 		found bool
@@ -563,8 +587,8 @@ func (pl *Puller) findImage(namespace, ref string, layers []digest.Digest) (api.
 	return best, found
 }
 
-// usedLayers returns the layers that image records name.
-func (pl *Puller) usedLayers() map[digest.Digest]bool {
+// UsedLayers returns the layers that image records name.
+func (pl *Puller) UsedLayers() map[digest.Digest]bool {
 	used := make(map[digest.Digest]bool)
 	for _, img := range pl.Images() {
 		for _, l := range img.Layers {
@@ -602,16 +626,9 @@ func (pl *Puller) Remove(ctx context.Context, ref, namespace string) error {
 	}
 	pl.mu.Unlock()
 
-	inContainerd := false
-	c, err := pl.ctrd.get(ctx)
+	inContainerd, err := pl.importer.Delete(namespaces.WithNamespace(ctx, namespace), ref)
 	if err != nil {
 		return err
-	}
-	nsctx := namespaces.WithNamespace(ctx, namespace)
-	if err := c.ImageService().Delete(nsctx, ref, images.SynchronousDelete()); err == nil {
-		inContainerd = true
-	} else if !errdefs.IsNotFound(err) {
-		return fmt.Errorf("removing %s from containerd: %w", ref, err)
 	}
 	if !known && !inContainerd {
 		return fmt.Errorf("%w: %s (namespace %s)", ErrImageNotFound, ref, namespace)
@@ -627,4 +644,20 @@ func (pl *Puller) Remove(ctx context.Context, ref, namespace string) error {
 		}
 	}
 	return nil
+}
+
+// BlockPulls waits until no pull is between announcing the layers it holds
+// and recording the layers it receives, and keeps pulls from entering that
+// step until unblock is called: the garbage collector's lock.
+func (pl *Puller) BlockPulls() (unblock func()) {
+	pl.gcLock.Lock()
+	return pl.gcLock.Unlock
+}
+
+// client is the registry client for a pull from ep.
+func (pl *Puller) client(ep Endpoint) *remote.Client {
+	if ep.Registry.PlainHTTP {
+		return pl.remote.WithPlainHTTP()
+	}
+	return pl.remote
 }

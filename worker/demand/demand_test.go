@@ -1,4 +1,4 @@
-package daemon
+package demand
 
 import (
 	"bytes"
@@ -15,33 +15,37 @@ import (
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/api/bundle"
-	"github.com/starlight-project/starlight/worker/config"
+	"github.com/starlight-project/starlight/api/remote"
+	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
 	"github.com/starlight-project/starlight/worker/store"
 )
 
 // demandSetup is a store expecting the contents of img's bundle, nothing
 // of which arrives unless fetched on demand, and a fetcher that knows
 // where they are.
-func demandSetup(t *testing.T, reg *fakeRegistry) (*store.Store, *api.BundleHeader) {
+func demandSetup(t *testing.T, reg *fakeregistry.Registry) (*store.Store, *api.BundleHeader) {
 	st, h, _ := demandStreamSetup(t, reg)
 	return st, h
 }
 
-func demandStreamSetup(t *testing.T, reg *fakeRegistry) (*store.Store, *api.BundleHeader, *DemandStream) {
+func demandStreamSetup(t *testing.T, reg *fakeregistry.Registry) (*store.Store, *api.BundleHeader, *Stream) {
 	t.Helper()
-	host := startFakeRegistry(t, reg)
+	host := fakeregistry.Start(t, reg)
 	st, err := store.Open(filepath.Join(t.TempDir(), "store"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	f := NewDemandFetcher(ctx, st, NewRemote(), 4, nil)
-	h := reg.img.header(nil)
+	f := New(ctx, st, 4, nil)
+	h := reg.Image.Header(nil)
 	if err := st.ExpectHeader(h); err != nil {
 		t.Fatal(err)
 	}
-	ds := f.Add(config.Registry{Host: host, PlainHTTP: true, Username: reg.user, Password: reg.password}, "app", h)
+	rc := remote.New(remote.Options{Hosts: remote.StaticHosts(func(string) remote.HostConfig {
+		return remote.HostConfig{PlainHTTP: true, Username: reg.User, Password: reg.Password}
+	})})
+	ds := f.Add(rc, host, "app", h)
 	t.Cleanup(ds.Close)
 	return st, h, ds
 }
@@ -73,11 +77,11 @@ func TestDemandFetch(t *testing.T) {
 	big := make([]byte, 5<<20+123)
 	rand.New(rand.NewSource(1)).Read(big)
 	small := []byte("hello on demand\n")
-	img := buildImage(t, 1<<20, []testFile{
-		{name: "small", typ: api.TypeReg, mode: 0o644, data: small},
-		{name: "big", typ: api.TypeReg, mode: 0o644, data: big},
+	img := fakeregistry.BuildImage(t, 1<<20, []fakeregistry.File{
+		{Name: "small", Type: api.TypeReg, Mode: 0o644, Data: small},
+		{Name: "big", Type: api.TypeReg, Mode: 0o644, Data: big},
 	})
-	reg := &fakeRegistry{img: img, user: "alice", password: "s3cret"}
+	reg := &fakeregistry.Registry{Image: img, User: "alice", Password: "s3cret"}
 	st, h := demandSetup(t, reg)
 
 	e := entryNamed(t, h, "small")
@@ -132,8 +136,8 @@ func TestDemandFetch(t *testing.T) {
 // never stored; the read keeps waiting, and the bundle serves it.
 func TestDemandFetchCorrupt(t *testing.T) {
 	data := []byte("the registry's storage flipped bits\n")
-	img := buildImage(t, 1<<20, []testFile{{name: "f", typ: api.TypeReg, mode: 0o644, data: data}})
-	reg := &fakeRegistry{img: img, corruptBlobs: true}
+	img := fakeregistry.BuildImage(t, 1<<20, []fakeregistry.File{{Name: "f", Type: api.TypeReg, Mode: 0o644, Data: data}})
+	reg := &fakeregistry.Registry{Image: img, CorruptBlobs: true}
 	st, h := demandSetup(t, reg)
 	e := entryNamed(t, h, "f")
 
@@ -146,7 +150,7 @@ func TestDemandFetchCorrupt(t *testing.T) {
 	}
 	// The bundle delivers.
 	fr := h.Frames[0]
-	raw, err := bundle.Decode(fr, bytes.NewReader(img.members[memberKey(fr.Digest, fr.Offset)]))
+	raw, err := bundle.Decode(fr, bytes.NewReader(img.Members[fakeregistry.MemberKey(fr.Digest, fr.Offset)]))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,11 +175,11 @@ func waitFor(cond func() bool) bool {
 // TestDemandLeftToStream: a read whose chunk the stream is about to bring
 // (at the stream's measured rate, sooner than a round trip) is not fetched.
 func TestDemandLeftToStream(t *testing.T) {
-	img := buildImage(t, 1<<20, []testFile{
-		{name: "a", typ: api.TypeReg, mode: 0o644, data: []byte("first in the stream\n")},
-		{name: "b", typ: api.TypeReg, mode: 0o644, data: []byte("second in the stream\n")},
+	img := fakeregistry.BuildImage(t, 1<<20, []fakeregistry.File{
+		{Name: "a", Type: api.TypeReg, Mode: 0o644, Data: []byte("first in the stream\n")},
+		{Name: "b", Type: api.TypeReg, Mode: 0o644, Data: []byte("second in the stream\n")},
 	})
-	reg := &fakeRegistry{img: img}
+	reg := &fakeregistry.Registry{Image: img}
 	st, h, ds := demandStreamSetup(t, reg)
 	// The stream has started and runs at about 1 GB/s: b, a few bytes
 	// ahead, arrives long before a GET could.

@@ -1,16 +1,19 @@
-package daemon
+package pull
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/api/bundle"
+	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
+	"github.com/starlight-project/starlight/worker/layers"
 	"github.com/starlight-project/starlight/worker/store"
 )
 
@@ -19,15 +22,15 @@ import (
 // Debian rootfs): decoding and validating the header, recording the
 // trees, expecting the contents.
 //
-//	go test -run ^$ -bench ReadyPath ./worker/daemon
+//	go test -run ^$ -bench ReadyPath ./worker/pull
 func BenchmarkReadyPath(b *testing.B) {
-	var files []testFile
-	files = append(files, testFile{name: "usr", typ: api.TypeDir, mode: 0o755})
+	var files []fakeregistry.File
+	files = append(files, fakeregistry.File{Name: "usr", Type: api.TypeDir, Mode: 0o755})
 	for i := range 7000 {
-		files = append(files, testFile{name: fmt.Sprintf("usr/f%05d", i), typ: api.TypeReg, mode: 0o644, data: []byte(fmt.Sprintf("content %d\n", i))})
+		files = append(files, fakeregistry.File{Name: fmt.Sprintf("usr/f%05d", i), Type: api.TypeReg, Mode: 0o644, Data: []byte(fmt.Sprintf("content %d\n", i))})
 	}
-	img := buildImage(b, 1<<20, files)
-	h := img.header(nil)
+	img := fakeregistry.BuildImage(b, 1<<20, files)
+	h := img.Header(nil)
 	var raw bytes.Buffer
 	if _, err := bundle.NewWriter(&raw, h); err != nil {
 		b.Fatal(err)
@@ -41,8 +44,7 @@ func BenchmarkReadyPath(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		fm := &fakeMount{mounted: map[string]bool{}}
-		l, err := OpenLayers(context.Background(), filepath.Join(dir, "layers"), st, fm.mount)
+		l, err := layers.Open(context.Background(), filepath.Join(dir, "layers"), st, noMount)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -69,3 +71,6 @@ func BenchmarkReadyPath(b *testing.B) {
 	b.ReportMetric(float64((add/n).Microseconds())/1000, "ms-trees")
 	b.ReportMetric(float64((expect/n).Microseconds())/1000, "ms-expect")
 }
+
+// noMount is a layers.Mounter that mounts nothing.
+func noMount(string, *api.LayerTree) (io.Closer, error) { return io.NopCloser(nil), nil }

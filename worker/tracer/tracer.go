@@ -1,4 +1,7 @@
-package daemon
+// Package tracer records the startup traces of containers (the
+// snapshotter's Tracer) on private FUSE views of their layers, keeps them
+// on disk until they are reported, and reports them to the registries.
+package tracer
 
 import (
 	"context"
@@ -7,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,12 +18,16 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/containerd/continuity"
 	"github.com/containerd/log"
+	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/api/remote"
 	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/fs"
+	"github.com/starlight-project/starlight/worker/layers"
 	"github.com/starlight-project/starlight/worker/snapshotter"
 	"github.com/starlight-project/starlight/worker/store"
 	"github.com/starlight-project/starlight/worker/trace"
@@ -31,7 +37,7 @@ import (
 // are written to disk, so that a worker crash loses at most that much.
 const DefaultCheckpointInterval = time.Minute
 
-// Tracing records the startup traces of containers (the snapshotter's
+// Tracer records the startup traces of containers (the snapshotter's
 // Tracer) and keeps them until they are reported. Under root:
 //
 //	optimize.json   the optimize mode ({"on": true}), kept across restarts
@@ -42,17 +48,15 @@ const DefaultCheckpointInterval = time.Minute
 // the same trees and content store as the shared views, but mounted for
 // that container alone, without passthrough, with hooks bound to its
 // recorder, so every access recorded is the container's own.
-type Tracing struct {
+type Tracer struct {
 	root   string
 	dir    *trace.Dir
 	cfg    *config.Config
-	layers *Layers
+	layers *layers.Registry
 	store  *store.Store
-	remote *Remote
+	remote *remote.Client
 	worker string // reported as the trace's worker
-	images imageFinder
-	// CheckpointInterval overrides DefaultCheckpointInterval.
-	CheckpointInterval time.Duration
+	images ImageFinder
 
 	mu       sync.Mutex
 	on       bool
@@ -61,9 +65,11 @@ type Tracing struct {
 	reportMu sync.Mutex
 }
 
-// imageFinder finds the image a container's rootfs was made from.
-type imageFinder interface {
-	findImage(namespace, ref string, layers []digest.Digest) (api.WorkerImage, bool)
+// ImageFinder finds the image a container's rootfs was made from: the
+// image named ref in namespace when ref is given, else the image whose
+// layers (base first) are exactly layers (the puller).
+type ImageFinder interface {
+	FindImage(namespace, ref string, layers []digest.Digest) (api.WorkerImage, bool)
 }
 
 // session is the trace of one traced snapshot.
@@ -85,19 +91,21 @@ type session struct {
 	reported bool
 }
 
-var _ snapshotter.Tracer = (*Tracing)(nil)
+var _ snapshotter.Tracer = (*Tracer)(nil)
 
 // optimizeFile is the persisted optimize mode.
 const optimizeFile = "optimize.json"
 
-// NewTracing opens the trace state under root.
-func NewTracing(root string, cfg *config.Config, layers *Layers, st *store.Store, remote *Remote) (*Tracing, error) {
+// New opens the trace state under root. cfg names the registries traces
+// are reported to (and their credentials); images attributes containers to
+// the images they run.
+func New(root string, cfg *config.Config, l *layers.Registry, st *store.Store, rc *remote.Client, images ImageFinder) (*Tracer, error) {
 	dir, err := trace.OpenDir(filepath.Join(root, "pending"))
 	if err != nil {
 		return nil, err
 	}
-	t := &Tracing{root: root, dir: dir, cfg: cfg, layers: layers, store: st, remote: remote,
-		CheckpointInterval: DefaultCheckpointInterval, sessions: make(map[string]*session)}
+	t := &Tracer{root: root, dir: dir, cfg: cfg, layers: l, store: st, remote: rc, images: images,
+		sessions: make(map[string]*session)}
 	t.worker, _ = os.Hostname()
 	b, err := os.ReadFile(filepath.Join(root, optimizeFile))
 	switch {
@@ -115,7 +123,7 @@ func NewTracing(root string, cfg *config.Config, layers *Layers, st *store.Store
 }
 
 // Optimize reports whether every new container is traced.
-func (t *Tracing) Optimize() bool {
+func (t *Tracer) Optimize() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.on
@@ -123,12 +131,14 @@ func (t *Tracing) Optimize() bool {
 
 // SetOptimize turns tracing of every new container on or off and
 // persists the mode. Containers already created keep their mode.
-func (t *Tracing) SetOptimize(on bool) error {
+func (t *Tracer) SetOptimize(on bool) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if err := writeFileAtomic(filepath.Join(t.root, optimizeFile), func(w io.Writer) error {
-		return json.NewEncoder(w).Encode(api.OptimizeState{On: on})
-	}); err != nil {
+	b, err := json.Marshal(api.OptimizeState{On: on})
+	if err == nil {
+		err = continuity.AtomicWriteFile(filepath.Join(t.root, optimizeFile), b, 0o600)
+	}
+	if err != nil {
 		return fmt.Errorf("saving optimize mode: %w", err)
 	}
 	t.on = on
@@ -158,7 +168,7 @@ func baseFirst(layers []digest.Digest) []digest.Digest {
 // labels ask for it (api.LabelOptimize), or in optimize mode unless
 // they refuse it, and only if the worker knows the image, since a trace
 // nobody can attribute cannot be reported.
-func (t *Tracing) Trace(ctx context.Context, key string, labels map[string]string, layers []digest.Digest) bool {
+func (t *Tracer) Trace(ctx context.Context, key string, labels map[string]string, layers []digest.Digest) bool {
 	switch labels[api.LabelOptimize] {
 	case "true":
 	case "false":
@@ -169,10 +179,7 @@ func (t *Tracing) Trace(ctx context.Context, key string, labels map[string]strin
 		}
 	}
 	ns, _ := splitKey(key)
-	if t.images == nil {
-		return false
-	}
-	if _, ok := t.images.findImage(ns, labels[api.LabelImageRef], baseFirst(layers)); !ok {
+	if _, ok := t.images.FindImage(ns, labels[api.LabelImageRef], baseFirst(layers)); !ok {
 		log.G(ctx).WithField("key", key).Warn("not tracing: no image pulled through this worker has these layers")
 		return false
 	}
@@ -183,7 +190,7 @@ func (t *Tracing) Trace(ctx context.Context, key string, labels map[string]strin
 // trace at its first call (the rootfs is prepared) and mounts its private
 // views; a later call (the rootfs is mounted for the task) restarts the
 // trace clock if nothing was read yet.
-func (t *Tracing) TracedDirs(ctx context.Context, key string, labels map[string]string, layers []digest.Digest) ([]string, error) {
+func (t *Tracer) TracedDirs(ctx context.Context, key string, labels map[string]string, layers []digest.Digest) ([]string, error) {
 	now := time.Now()
 	s := t.session(ctx, key, labels, layers, now)
 	s.mu.Lock()
@@ -214,7 +221,7 @@ func (t *Tracing) TracedDirs(ctx context.Context, key string, labels map[string]
 }
 
 // session returns the session of key, starting it if needed.
-func (t *Tracing) session(ctx context.Context, key string, labels map[string]string, layers []digest.Digest, now time.Time) *session {
+func (t *Tracer) session(ctx context.Context, key string, labels map[string]string, layers []digest.Digest, now time.Time) *session {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if s, ok := t.sessions[key]; ok {
@@ -232,20 +239,21 @@ func (t *Tracing) session(ctx context.Context, key string, labels map[string]str
 		img api.WorkerImage
 		ok  bool
 	)
-	if t.images != nil {
-		img, ok = t.images.findImage(ns, labels[api.LabelImageRef], baseFirst(layers))
-	}
+	img, ok = t.images.FindImage(ns, labels[api.LabelImageRef], baseFirst(layers))
 	if !ok {
 		// Known at Trace time; the image record went away since (or the
 		// worker restarted without it).
 		log.G(ctx).WithField("key", key).Warn("image of a traced container is unknown; not tracing it")
 		s.untraced = true
 	} else {
-		ref, _ := ParseRef(img.Ref)
+		var host, repository string
+		if named, err := reference.ParseNormalizedNamed(img.Ref); err == nil {
+			host, repository = reference.Domain(named), reference.Path(named)
+		}
 		s.t = trace.Trace{
-			ID: trace.NewID(now), Ref: img.Ref, Registry: ref.Host, PlainHTTP: img.PlainHTTP,
+			ID: trace.NewID(now), Ref: img.Ref, Registry: host, PlainHTTP: img.PlainHTTP,
 			Report: api.TraceReport{
-				Repository: ref.Repository, ManifestDigest: img.Digest,
+				Repository: repository, ManifestDigest: img.Digest,
 				Worker: t.worker, Container: name, StartedAt: now.UTC(),
 			},
 		}
@@ -256,12 +264,12 @@ func (t *Tracing) session(ctx context.Context, key string, labels map[string]str
 }
 
 // mountPrivate mounts the session's own view of layer d. s.mu is held.
-func (t *Tracing) mountPrivate(s *session, d digest.Digest) (string, error) {
+func (t *Tracer) mountPrivate(s *session, d digest.Digest) (string, error) {
 	mnt := filepath.Join(s.dir, d.Encoded())
 	if _, ok := s.mounts[d]; ok {
 		return mnt, nil
 	}
-	tree, err := t.layers.readTree(d)
+	tree, err := t.layers.ReadTree(d)
 	if err != nil {
 		return "", err
 	}
@@ -281,7 +289,7 @@ func (t *Tracing) mountPrivate(s *session, d digest.Digest) (string, error) {
 // Untrace implements snapshotter.Tracer: the container is gone, its
 // trace is written (unless a report took it already) and its views are
 // unmounted.
-func (t *Tracing) Untrace(ctx context.Context, key string) {
+func (t *Tracer) Untrace(ctx context.Context, key string) {
 	t.mu.Lock()
 	s, ok := t.sessions[key]
 	delete(t.sessions, key)
@@ -302,7 +310,7 @@ func (t *Tracing) Untrace(ctx context.Context, key string) {
 	t.unmount(ctx, s)
 }
 
-func (t *Tracing) unmount(ctx context.Context, s *session) {
+func (t *Tracer) unmount(ctx context.Context, s *session) {
 	for d, m := range s.mounts {
 		if err := m.Unmount(); err != nil {
 			log.G(ctx).WithError(err).WithField("layer", d).Warn("unmounting traced view")
@@ -315,7 +323,7 @@ func (t *Tracing) unmount(ctx context.Context, s *session) {
 }
 
 // save writes what s recorded as a pending trace. s.mu is held.
-func (t *Tracing) save(s *session, snap trace.Snapshot, partial bool) error {
+func (t *Tracer) save(s *session, snap trace.Snapshot, partial bool) error {
 	tr := s.t
 	tr.Partial = partial
 	tr.Dropped = snap.Dropped
@@ -332,7 +340,7 @@ func (t *Tracing) save(s *session, snap trace.Snapshot, partial bool) error {
 }
 
 // live returns the sessions that record.
-func (t *Tracing) live() []*session {
+func (t *Tracer) live() []*session {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	var out []*session
@@ -344,9 +352,12 @@ func (t *Tracing) live() []*session {
 	return out
 }
 
+// Active counts the containers being traced now.
+func (t *Tracer) Active() int { return len(t.live()) }
+
 // Checkpoint writes the traces of running containers that grew since they
 // were last written (partial traces).
-func (t *Tracing) Checkpoint(ctx context.Context) {
+func (t *Tracer) Checkpoint(ctx context.Context) {
 	for _, s := range t.live() {
 		s.mu.Lock()
 		if snap := s.rec.Snapshot(); !s.reported && snap.Version != s.saved {
@@ -358,15 +369,11 @@ func (t *Tracing) Checkpoint(ctx context.Context) {
 	}
 }
 
-// Run checkpoints every CheckpointInterval until ctx is done, then once
+// Run checkpoints every DefaultCheckpointInterval until ctx is done, then once
 // more, and unmounts the private views (their containers cannot outlive
 // the worker that serves them).
-func (t *Tracing) Run(ctx context.Context) {
-	interval := t.CheckpointInterval
-	if interval <= 0 {
-		interval = DefaultCheckpointInterval
-	}
-	tick := time.NewTicker(interval)
+func (t *Tracer) Run(ctx context.Context) {
+	tick := time.NewTicker(DefaultCheckpointInterval)
 	defer tick.Stop()
 	for {
 		select {
@@ -380,7 +387,7 @@ func (t *Tracing) Run(ctx context.Context) {
 }
 
 // Close unmounts every private view.
-func (t *Tracing) Close(ctx context.Context) {
+func (t *Tracer) Close(ctx context.Context) {
 	t.mu.Lock()
 	sessions := make([]*session, 0, len(t.sessions))
 	for _, s := range t.sessions {
@@ -411,7 +418,7 @@ func summary(tr *trace.Trace, recording bool) api.TraceSummary {
 
 // List returns the traces not yet reported: those on disk, and those of
 // running containers (Recording), oldest first.
-func (t *Tracing) List(ctx context.Context) ([]api.TraceSummary, error) {
+func (t *Tracer) List(ctx context.Context) ([]api.TraceSummary, error) {
 	onDisk, err := t.dir.List()
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("listing traces")
@@ -450,7 +457,7 @@ func (t *Tracing) List(ctx context.Context) ([]api.TraceSummary, error) {
 // it (HTTP 200); a failure is recorded in the result, verbatim, and the
 // trace stays for the next report. server, if not empty, overrides the
 // registry of every trace.
-func (t *Tracing) Report(ctx context.Context, server string) (*api.ReportResult, error) {
+func (t *Tracer) Report(ctx context.Context, server string) (*api.ReportResult, error) {
 	var override *config.Registry
 	if server != "" {
 		reg, err := config.ParseRegistryURL(server)
@@ -494,26 +501,30 @@ func (t *Tracing) Report(ctx context.Context, server string) (*api.ReportResult,
 }
 
 // upload posts one trace and deletes it once the registry has it.
-func (t *Tracing) upload(ctx context.Context, tr *trace.Trace, override *config.Registry) api.TraceUpload {
+func (t *Tracer) upload(ctx context.Context, tr *trace.Trace, override *config.Registry) api.TraceUpload {
 	up := api.TraceUpload{TraceSummary: summary(tr, false)}
-	var reg config.Registry
+	rc := t.remote
+	reg := config.Registry{Host: tr.Registry, PlainHTTP: tr.PlainHTTP}
 	switch {
 	case override != nil:
+		// Another registry than the image's, with its own credentials.
 		reg = *override
+		hc := remote.HostConfig{PlainHTTP: reg.PlainHTTP, Username: reg.Username, Password: reg.Password}
+		rc = remote.New(remote.Options{Hosts: remote.StaticHosts(func(string) remote.HostConfig { return hc })})
 	default:
-		known, ok := t.cfg.Registry(tr.Registry)
-		if !ok {
-			known = config.Registry{Host: tr.Registry}
+		if known, ok := t.cfg.Registry(tr.Registry); ok {
+			reg.PlainHTTP = reg.PlainHTTP || known.PlainHTTP
 		}
-		reg = known
-		reg.PlainHTTP = reg.PlainHTTP || tr.PlainHTTP
+		if reg.PlainHTTP {
+			rc = rc.WithPlainHTTP()
+		}
 	}
-	up.URL = reg.BaseURL() + tracesPath
+	up.URL = reg.BaseURL() + remote.TracesPath
 	if reg.Host == "" {
 		up.Error = "the trace names no registry; report it with --server URL"
 		return up
 	}
-	r, err := t.remote.PostTrace(ctx, reg, &tr.Report)
+	r, err := rc.PostTrace(ctx, reg.Host, &tr.Report)
 	if err != nil {
 		up.Error = err.Error()
 		log.G(ctx).WithError(err).WithField("trace", tr.ID).WithField("url", up.URL).Warn("reporting trace")

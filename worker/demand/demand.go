@@ -1,4 +1,7 @@
-package daemon
+// Package demand fetches the chunks a blocked read waits for ahead of the
+// bundle stream, with ranged GETs of the converted layer blobs, and holds
+// the stream back while it does.
+package demand
 
 import (
 	"context"
@@ -14,11 +17,10 @@ import (
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/api/bundle"
-	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/store"
 )
 
-// DemandFetcher brings the chunks a blocked read waits for ahead of the
+// Fetcher brings the chunks a blocked read waits for ahead of the
 // bundle stream, with ranged GETs of the converted layer blobs (every
 // chunk of an eStargz layer is its own gzip member, so a range of the blob
 // decodes on its own).
@@ -31,9 +33,8 @@ import (
 // first verified copy and skips the other. While fetches are in flight the
 // stream is held back between frames (holdStream), so that they have the
 // link to themselves.
-type DemandFetcher struct {
+type Fetcher struct {
 	store   *store.Store
-	remote  *Remote
 	sem     chan struct{}
 	metrics *demandMetrics
 
@@ -72,19 +73,20 @@ type chunkRef struct {
 // demandSource is one layer blob of a registry, with the chunk layout of
 // the content in it.
 type demandSource struct {
-	reg    config.Registry
+	blobs  Blobs
+	host   string
 	repo   string
 	layer  digest.Digest
 	chunks []api.Chunk // with compressed extents in the layer blob
-	stream *DemandStream
+	stream *Stream
 }
 
-// DemandStream is what the fetcher knows about one bundle stream: where in
+// Stream is what the fetcher knows about one bundle stream: where in
 // it each chunk comes, and how fast it arrives. A read whose chunk the
 // stream will bring sooner than a fetch could is left to the stream: with
 // traces, the startup files are at its head, and fetching them again would
 // only take bandwidth from it.
-type DemandStream struct {
+type Stream struct {
 	// at is the stream offset (compressed bytes of the frames before
 	// it, from frame 0) of each chunk the stream carries.
 	at      map[chunkRef]int64
@@ -97,7 +99,7 @@ type DemandStream struct {
 
 // Received reports that the stream has delivered bytes (compressed, from
 // frame 0, as store.Progress.Bytes).
-func (ds *DemandStream) Received(bytes int64) {
+func (ds *Stream) Received(bytes int64) {
 	ds.mu.Lock()
 	defer ds.mu.Unlock()
 	if ds.started.IsZero() {
@@ -107,11 +109,11 @@ func (ds *DemandStream) Received(bytes int64) {
 }
 
 // Close unregisters the stream's contents; call it when the stream ended.
-func (ds *DemandStream) Close() { ds.remove() }
+func (ds *Stream) Close() { ds.remove() }
 
 // eta estimates when the chunk at stream offset at arrives, from the
 // stream's rate so far; ok is false while the rate is unknown.
-func (ds *DemandStream) eta(at int64) (time.Duration, float64, bool) {
+func (ds *Stream) eta(at int64) (time.Duration, float64, bool) {
 	ds.mu.Lock()
 	defer ds.mu.Unlock()
 	if ds.started.IsZero() {
@@ -137,12 +139,12 @@ type demandMetrics struct {
 	left    prometheus.Counter
 }
 
-// NewDemandFetcher returns a fetcher running at most concurrency ranged
+// New returns a fetcher running at most concurrency ranged
 // GETs at a time, for as long as ctx lives, and installs it as st's
 // demand handler. reg may be nil (no metrics).
-func NewDemandFetcher(ctx context.Context, st *store.Store, remote *Remote, concurrency int, reg prometheus.Registerer) *DemandFetcher {
-	f := &DemandFetcher{
-		store: st, remote: remote,
+func New(ctx context.Context, st *store.Store, concurrency int, reg prometheus.Registerer) *Fetcher {
+	f := &Fetcher{
+		store:    st,
 		sem:      make(chan struct{}, max(concurrency, 1)),
 		sources:  make(map[digest.Digest][]*demandSource),
 		inflight: make(map[chunkRef]bool),
@@ -179,7 +181,7 @@ func NewDemandFetcher(ctx context.Context, st *store.Store, remote *Remote, conc
 // holdStream waits, up to maxStreamHold, until no on-demand fetch is in
 // flight. The bundle stream calls it between frames: a container waits
 // for what it fetches on demand, so that goes first on the link.
-func (f *DemandFetcher) holdStream(ctx context.Context) {
+func (f *Fetcher) holdStream(ctx context.Context) {
 	f.mu.Lock()
 	if f.fetching == 0 {
 		f.mu.Unlock()
@@ -196,12 +198,17 @@ func (f *DemandFetcher) holdStream(ctx context.Context) {
 	}
 }
 
+// Blobs reads ranges of layer blobs: a *remote.Client.
+type Blobs interface {
+	BlobRange(ctx context.Context, host, repository string, blob digest.Digest, off, length int64) (io.ReadCloser, error)
+}
+
 // Add registers where the contents of a bundle can be fetched from: the
-// layers of its header, in repository on reg. Only contents the bundle
+// layers of its header, in repository on host, read through blobs. Only contents the bundle
 // carries are registered. Report the stream's progress to the returned
-// DemandStream, and Close it when the stream has ended.
-func (f *DemandFetcher) Add(reg config.Registry, repository string, h *api.BundleHeader) *DemandStream {
-	ds := &DemandStream{at: make(map[chunkRef]int64, len(h.Frames))}
+// Stream, and Close it when the stream has ended.
+func (f *Fetcher) Add(blobs Blobs, host, repository string, h *api.BundleHeader) *Stream {
+	ds := &Stream{at: make(map[chunkRef]int64, len(h.Frames))}
 	var off int64
 	for _, fr := range h.Frames {
 		ds.at[chunkRef{digest.Digest(fr.Digest), fr.Offset}] = off
@@ -228,7 +235,7 @@ func (f *DemandFetcher) Add(reg config.Registry, repository string, h *api.Bundl
 			if _, carried := ds.at[chunkRef{d, 0}]; !carried {
 				continue
 			}
-			s := &demandSource{reg: reg, repo: repository, layer: layer, chunks: e.Chunks, stream: ds}
+			s := &demandSource{blobs: blobs, host: host, repo: repository, layer: layer, chunks: e.Chunks, stream: ds}
 			f.sources[d] = append(f.sources[d], s)
 			all = append(all, added{d, s})
 		}
@@ -258,7 +265,7 @@ func (f *DemandFetcher) Add(reg config.Registry, repository string, h *api.Bundl
 // demand is the store's demand handler: it starts fetching the chunks of
 // dm that are not already being fetched, from the first source that holds
 // them all with the same layout. It never blocks.
-func (f *DemandFetcher) demand(dm store.Demand) {
+func (f *Fetcher) demand(dm store.Demand) {
 	f.mu.Lock()
 	var src *demandSource
 	var want []api.Chunk
@@ -342,7 +349,7 @@ func contiguousRuns(chunks []api.Chunk) [][]api.Chunk {
 }
 
 // fetch GETs one run of chunks and stores them.
-func (f *DemandFetcher) fetch(d digest.Digest, src *demandSource, run []api.Chunk) {
+func (f *Fetcher) fetch(d digest.Digest, src *demandSource, run []api.Chunk) {
 	defer func() {
 		f.mu.Lock()
 		for _, c := range run {
@@ -370,14 +377,14 @@ func (f *DemandFetcher) fetch(d digest.Digest, src *demandSource, run []api.Chun
 	f.metrics.fetches.WithLabelValues("ok").Inc()
 }
 
-func (f *DemandFetcher) fetchRun(d digest.Digest, src *demandSource, run []api.Chunk) error {
+func (f *Fetcher) fetchRun(d digest.Digest, src *demandSource, run []api.Chunk) error {
 	start := run[0].CompressedOffset
 	last := run[len(run)-1]
 	length := last.CompressedOffset + last.CompressedSize - start
 	ctx, cancel := context.WithTimeout(f.ctx, fetchTimeout)
 	defer cancel()
 	sent := time.Now()
-	body, err := f.remote.BlobRange(ctx, src.reg, src.repo, src.layer, start, length)
+	body, err := src.blobs.BlobRange(ctx, src.host, src.repo, src.layer, start, length)
 	if err != nil {
 		return err
 	}

@@ -1,4 +1,4 @@
-package daemon
+package pull
 
 import (
 	"context"
@@ -30,9 +30,7 @@ type criFetch struct {
 	expires time.Time // for a failed fetch
 }
 
-var _ CRIFetcher = (*Puller)(nil)
-
-// FetchCRI implements CRIFetcher: a Kubernetes pull of imageRef is
+// FetchCRI implements cri.Fetcher: a Kubernetes pull of imageRef is
 // unpacking the platform manifest manifest into the starlight snapshotter.
 // If imageRef's host is a configured Starlight registry, it pulls
 // repository@manifest (the exact manifest containerd unpacks) like
@@ -96,7 +94,7 @@ func (pl *Puller) startCRI(ref Ref, ep Endpoint, namespace string, manifest dige
 	}
 	pl.cri[manifest] = f
 	var once sync.Once
-	p := &pull{
+	p := &Job{
 		img: api.WorkerImage{
 			Ref: ref.Name, Namespace: namespace, State: api.PullResolving,
 			Started: time.Now().UTC(), PlainHTTP: ep.Registry.PlainHTTP,

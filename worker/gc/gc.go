@@ -1,4 +1,5 @@
-package daemon
+// Package gc is the worker's garbage collector of layers and contents.
+package gc
 
 import (
 	"context"
@@ -12,6 +13,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/worker/layers"
 	"github.com/starlight-project/starlight/worker/snapshotter"
 	"github.com/starlight-project/starlight/worker/store"
 )
@@ -23,19 +25,19 @@ import (
 // so the count is taken over every remaining persisted tree: removing an
 // image never removes a content another image still uses.
 //
-// A collection runs alone (mu) and holds the pullers' gcLock, so that a
+// A collection runs alone (mu) and blocks the pulls (Images.BlockPulls), so that a
 // pull is never between announcing the layers it holds and recording the
 // layers it receives: contents a running pull expects, or relies on
 // because it told the registry it had them, belong to layers an image
 // record names, and stay. A layer the snapshotter resolved (a Prepare, e.g.
 // of a CRI pull, about to commit a snapshot of it) is pinned until its
 // snapshot exists, and one resolved after the collection listed the
-// snapshots is spared too (Layers.removeIdle).
+// snapshots is spared too (layers.Registry.RemoveIdle).
 type Collector struct {
-	layers *Layers
+	layers *layers.Registry
 	store  *store.Store
 	sn     snapshots.Snapshotter
-	puller *Puller
+	images Images
 
 	mu      sync.Mutex
 	trigger chan struct{}
@@ -48,9 +50,19 @@ type GCResult struct {
 	Bytes    int64
 }
 
-// NewCollector returns the collector of a worker's state.
-func NewCollector(layers *Layers, st *store.Store, sn snapshots.Snapshotter, puller *Puller) *Collector {
-	return &Collector{layers: layers, store: st, sn: sn, puller: puller, trigger: make(chan struct{}, 1)}
+// Images is what the collector needs of the image records (the puller).
+type Images interface {
+	// UsedLayers returns the layers that image records name.
+	UsedLayers() map[digest.Digest]bool
+	// BlockPulls keeps every pull out of the window between announcing
+	// the layers it holds and recording those it receives, until
+	// unblock is called.
+	BlockPulls() (unblock func())
+}
+
+// New returns the collector of a worker's state.
+func New(l *layers.Registry, st *store.Store, sn snapshots.Snapshotter, images Images) *Collector {
+	return &Collector{layers: l, store: st, sn: sn, images: images, trigger: make(chan struct{}, 1)}
 }
 
 // Trigger asks for a collection soon (from Run); triggers coalesce.
@@ -61,16 +73,18 @@ func (c *Collector) Trigger() {
 	}
 }
 
-// Run collects whenever triggered, until ctx is done.
+// Run collects whenever triggered or a layer was released (no snapshot
+// uses it any more), until ctx is done.
 func (c *Collector) Run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-c.trigger:
-			if _, err := c.Collect(ctx); err != nil && ctx.Err() == nil {
-				log.G(ctx).WithError(err).Warn("garbage collection")
-			}
+		case <-c.layers.Released():
+		}
+		if _, err := c.Collect(ctx); err != nil && ctx.Err() == nil {
+			log.G(ctx).WithError(err).Warn("garbage collection")
 		}
 	}
 }
@@ -80,13 +94,12 @@ func (c *Collector) Collect(ctx context.Context) (GCResult, error) {
 	var res GCResult
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.puller.gcLock.Lock()
-	defer c.puller.gcLock.Unlock()
+	defer c.images.BlockPulls()()
 
-	// Layers resolved for a snapshot from now on are spared (removeIdle):
+	// Layers resolved for a snapshot from now on are spared (RemoveIdle):
 	// the listing below may miss their snapshots.
 	epoch := c.layers.Epoch()
-	used := c.puller.usedLayers()
+	used := c.images.UsedLayers()
 	if err := c.sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 		if v := info.Labels[snapshotter.LabelLayerDigest]; v != "" {
 			used[digest.Digest(v)] = true
@@ -96,7 +109,7 @@ func (c *Collector) Collect(ctx context.Context) (GCResult, error) {
 		return res, fmt.Errorf("listing snapshots: %w", err)
 	}
 	var garbage []digest.Digest
-	for _, d := range c.layers.digests(false) {
+	for _, d := range c.layers.Digests(false) {
 		if !used[d] {
 			garbage = append(garbage, d)
 		}
@@ -112,12 +125,12 @@ func (c *Collector) Collect(ctx context.Context) (GCResult, error) {
 		removed []*api.LayerTree
 	)
 	for _, d := range garbage {
-		tree, err := c.layers.readTree(d)
+		tree, err := c.layers.ReadTree(d)
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("layer %s: %w", d, err))
 			continue
 		}
-		ok, err := c.layers.removeIdle(ctx, d, epoch)
+		ok, err := c.layers.RemoveIdle(ctx, d, epoch)
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -132,8 +145,8 @@ func (c *Collector) Collect(ctx context.Context) (GCResult, error) {
 
 	// Every content a remaining layer lists stays.
 	keep := make(map[string]bool)
-	for _, d := range c.layers.digests(false) {
-		tree, err := c.layers.readTree(d)
+	for _, d := range c.layers.Digests(false) {
+		tree, err := c.layers.ReadTree(d)
 		if err != nil {
 			// Without its tree we cannot tell what it shares: keep
 			// everything rather than guess.
