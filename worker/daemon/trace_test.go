@@ -294,33 +294,3 @@ func TestTracing(t *testing.T) {
 		t.Fatalf("registry traces %+v", got)
 	}
 }
-
-// TestOptimizeModePersists checks that the optimize mode survives a
-// restart.
-func TestOptimizeModePersists(t *testing.T) {
-	root := t.TempDir()
-	cfg := config.Default()
-	tr, err := NewTracing(root, cfg, nil, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if tr.Optimize() {
-		t.Fatal("on by default")
-	}
-	for _, on := range []bool{true, false, true} {
-		if err := tr.SetOptimize(on); err != nil {
-			t.Fatal(err)
-		}
-		again, err := NewTracing(root, cfg, nil, nil, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if again.Optimize() != on {
-			t.Fatalf("after a restart: optimize %v, want %v", again.Optimize(), on)
-		}
-	}
-	os.WriteFile(filepath.Join(root, optimizeFile), []byte("{"), 0o600)
-	if _, err := NewTracing(root, cfg, nil, nil, nil); err == nil {
-		t.Fatal("a corrupt optimize file was accepted")
-	}
-}

@@ -2,6 +2,7 @@ package tracer
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -118,5 +119,35 @@ func TestSplitKey(t *testing.T) {
 		if ns, name := splitKey(tt.key); ns != tt.ns || name != tt.name {
 			t.Errorf("splitKey(%q) = %q, %q", tt.key, ns, name)
 		}
+	}
+}
+
+// TestOptimizeModePersists checks that the optimize mode survives a
+// restart.
+func TestOptimizeModePersists(t *testing.T) {
+	root := t.TempDir()
+	cfg := config.Default()
+	tr, err := New(root, cfg, nil, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tr.Optimize() {
+		t.Fatal("on by default")
+	}
+	for _, on := range []bool{true, false, true} {
+		if err := tr.SetOptimize(on); err != nil {
+			t.Fatal(err)
+		}
+		again, err := New(root, cfg, nil, nil, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if again.Optimize() != on {
+			t.Fatalf("after a restart: optimize %v, want %v", again.Optimize(), on)
+		}
+	}
+	os.WriteFile(filepath.Join(root, optimizeFile), []byte("{"), 0o600)
+	if _, err := New(root, cfg, nil, nil, nil, nil); err == nil {
+		t.Fatal("a corrupt optimize file was accepted")
 	}
 }
