@@ -3,11 +3,9 @@ package schema
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"github.com/starlight-project/starlight/api"
 )
@@ -57,30 +55,21 @@ func (d *DB) PutLayer(ctx context.Context, l *Layer) error {
 }
 
 func (d *DB) insertFiles(ctx context.Context, tx *sql.Tx, l *Layer) error {
-	const fileCols = `(layer_digest, position, name, type, mode, uid, gid, size, mtime,
-		link_name, dev_major, dev_minor, xattrs, digest)`
+	const fileCols = `(layer_digest, position, ` + fileColumns + `)`
 	const chunkCols = `(layer_digest, file_position, chunk_offset, chunk_size, chunk_digest,
 		compressed_offset, compressed_size)`
 	files := newBatcher(d, tx, "INSERT INTO files "+fileCols+" VALUES ", 14, fileBatch)
 	chunks := newBatcher(d, tx, "INSERT INTO chunks "+chunkCols+" VALUES ", 7, chunkBatch)
 	defer files.close()
 	defer chunks.close()
+	row := make([]any, 0, 14) // reused: add copies the values
 	for i := range l.Entries {
 		e := &l.Entries[i]
-		xattrs := ""
-		if len(e.Xattrs) > 0 {
-			b, err := json.Marshal(e.Xattrs) // []byte values encode as base64
-			if err != nil {
-				return fmt.Errorf("%s: xattrs: %w", e.Name, err)
-			}
-			xattrs = string(b)
+		var err error
+		if row, err = appendFileRow(append(row[:0], l.Digest, i), e); err != nil {
+			return err
 		}
-		var mtime int64
-		if !e.ModTime.IsZero() {
-			mtime = e.ModTime.UnixNano()
-		}
-		if err := files.add(ctx, l.Digest, i, e.Name, e.Type, int64(e.Mode), e.UID, e.GID, e.Size, mtime,
-			e.LinkName, e.DevMajor, e.DevMinor, xattrs, e.Digest); err != nil {
+		if err := files.add(ctx, row...); err != nil {
 			return fmt.Errorf("%s: %w", e.Name, err)
 		}
 		for _, c := range e.Chunks {
@@ -181,65 +170,8 @@ func (d *DB) GetLayer(ctx context.Context, digest string) (*Layer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("get layer %s: %w", digest, err)
 	}
-	if l.Entries, err = d.layerEntries(ctx, digest, files); err != nil {
+	if l.Entries, err = d.layerEntries(ctx, d.db, digest, files); err != nil {
 		return nil, fmt.Errorf("get layer %s: %w", digest, err)
 	}
 	return l, nil
-}
-
-func (d *DB) layerEntries(ctx context.Context, digest string, hint int) ([]api.Entry, error) {
-	rows, err := d.query(ctx, d.db, `SELECT position, name, type, mode, uid, gid, size, mtime, link_name,
-		dev_major, dev_minor, xattrs, digest FROM files WHERE layer_digest = ? ORDER BY position`, digest)
-	if err != nil {
-		return nil, err
-	}
-	entries := make([]api.Entry, 0, hint)
-	byPos := make(map[int]int, hint)
-	for rows.Next() {
-		var e api.Entry
-		var pos int
-		var mode, mtime int64
-		var xattrs string
-		if err := rows.Scan(&pos, &e.Name, &e.Type, &mode, &e.UID, &e.GID, &e.Size, &mtime, &e.LinkName,
-			&e.DevMajor, &e.DevMinor, &xattrs, &e.Digest); err != nil {
-			rows.Close()
-			return nil, err
-		}
-		e.Mode = uint32(mode)
-		if mtime != 0 {
-			e.ModTime = time.Unix(0, mtime).UTC()
-		}
-		if xattrs != "" {
-			if err := json.Unmarshal([]byte(xattrs), &e.Xattrs); err != nil {
-				rows.Close()
-				return nil, fmt.Errorf("%s: xattrs: %w", e.Name, err)
-			}
-		}
-		byPos[pos] = len(entries)
-		entries = append(entries, e)
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	crows, err := d.query(ctx, d.db, `SELECT file_position, chunk_offset, chunk_size, chunk_digest,
-		compressed_offset, compressed_size FROM chunks WHERE layer_digest = ?
-		ORDER BY file_position, chunk_offset`, digest)
-	if err != nil {
-		return nil, err
-	}
-	defer crows.Close()
-	for crows.Next() {
-		var pos int
-		var c api.Chunk
-		if err := crows.Scan(&pos, &c.Offset, &c.Size, &c.Digest, &c.CompressedOffset, &c.CompressedSize); err != nil {
-			return nil, err
-		}
-		i, ok := byPos[pos]
-		if !ok {
-			return nil, fmt.Errorf("chunk of missing file position %d", pos)
-		}
-		entries[i].Chunks = append(entries[i].Chunks, c)
-	}
-	return entries, crows.Err()
 }

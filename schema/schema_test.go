@@ -294,7 +294,8 @@ func testLayer(dgst string) *Layer {
 			Chunks: []api.Chunk{{Offset: 0, Size: 3, Digest: "sha256:aaaa", CompressedOffset: 10, CompressedSize: 30}}},
 		api.Entry{Name: "bin/sh", Type: api.TypeSymlink, Mode: 0o777, LinkName: "busybox", ModTime: mtime},
 		api.Entry{Name: "dev/null", Type: api.TypeChar, Mode: 0o666, DevMajor: 1, DevMinor: 3, ModTime: mtime},
-		api.Entry{Name: "empty", Type: api.TypeReg, Mode: 0o4755, UID: 1000, GID: 1000},
+		// No mtime in the TOC: convert.ReadIndex says the epoch.
+		api.Entry{Name: "empty", Type: api.TypeReg, Mode: 0o4755, UID: 1000, GID: 1000, ModTime: time.Unix(0, 0).UTC()},
 	)
 	// Enough files and chunks to need several batches.
 	for i := 0; i < 450; i++ {
