@@ -175,3 +175,117 @@ func (d *DB) GetLayer(ctx context.Context, digest string) (*Layer, error) {
 	}
 	return l, nil
 }
+
+// ManifestTrees returns the file trees of the layers of a converted
+// manifest, base first, each in TOC order (OriginalDigest is left empty:
+// see OriginalManifests). It returns ErrNotFound when the manifest is not
+// (or not yet) indexed, and an error when one of its layers is not: a
+// converted manifest is only recorded once all its layers are stored.
+func (d *DB) ManifestTrees(ctx context.Context, manifestDigest string) ([]api.LayerTree, error) {
+	type layerRow struct {
+		tree  api.LayerTree
+		files int // entries, a capacity hint
+	}
+	rows, err := d.query(ctx, d.db, `
+		SELECT ml.position, ml.layer_digest, l.diff_id, l.size, l.files
+		FROM manifest_layers ml LEFT JOIN layers l ON l.digest = ml.layer_digest
+		WHERE ml.manifest_digest = ?
+		ORDER BY ml.position`, manifestDigest)
+	if err != nil {
+		return nil, fmt.Errorf("listing layers of manifest %s: %w", manifestDigest, err)
+	}
+	var layers []layerRow
+	for rows.Next() {
+		var (
+			pos    int
+			l      layerRow
+			diffID sql.NullString
+			size   sql.NullInt64
+			files  sql.NullInt64
+		)
+		if err := rows.Scan(&pos, &l.tree.Digest, &diffID, &size, &files); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("listing layers of manifest %s: %w", manifestDigest, err)
+		}
+		if pos != len(layers) {
+			rows.Close()
+			return nil, fmt.Errorf("index of manifest %s: layer position %d, want %d", manifestDigest, pos, len(layers))
+		}
+		if !diffID.Valid {
+			rows.Close()
+			return nil, fmt.Errorf("index of manifest %s: layer %s is not indexed", manifestDigest, l.tree.Digest)
+		}
+		l.tree.DiffID, l.tree.Size, l.files = diffID.String, size.Int64, int(files.Int64)
+		layers = append(layers, l)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("listing layers of manifest %s: %w", manifestDigest, err)
+	}
+	if len(layers) == 0 {
+		// No layer rows: either a manifest without layers or one that is
+		// not (yet) converted. Only the latter is unknown to
+		// image_manifests.
+		var one int
+		err := d.queryRow(ctx, d.db, `SELECT 1 FROM image_manifests WHERE manifest_digest = ? LIMIT 1`,
+			manifestDigest).Scan(&one)
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			return nil, ErrNotFound
+		case err != nil:
+			return nil, fmt.Errorf("looking up manifest %s: %w", manifestDigest, err)
+		}
+		return nil, nil
+	}
+	trees := make([]api.LayerTree, len(layers))
+	for i := range layers {
+		trees[i] = layers[i].tree
+		if trees[i].Entries, err = d.layerEntries(ctx, d.db, trees[i].Digest, layers[i].files); err != nil {
+			return nil, err
+		}
+	}
+	return trees, nil
+}
+
+// maxParams bounds the parameters of one statement: SQLite's historical
+// limit is 999, PostgreSQL's 65535.
+const maxParams = 500
+
+// ContentsInLayers returns the digests of contents that some file of
+// layers holds, whatever image or repository indexed those layers. Only
+// digests in contents are looked for, so the result (and the memory it
+// takes) is bounded by contents, not by how many files layers hold.
+// Layers that are not indexed hold nothing.
+func (d *DB) ContentsInLayers(ctx context.Context, layers []string, contents map[string]struct{}) (map[string]struct{}, error) {
+	found := make(map[string]struct{})
+	for start := 0; start < len(layers) && len(found) < len(contents); start += maxParams {
+		batch := layers[start:min(start+maxParams, len(layers))]
+		args := make([]any, len(batch))
+		for i, l := range batch {
+			args[i] = l
+		}
+		if err := d.collectContents(ctx, `SELECT DISTINCT digest FROM files WHERE digest <> '' AND layer_digest IN (?`+
+			strings.Repeat(",?", len(batch)-1)+`)`, args, contents, found); err != nil {
+			return nil, fmt.Errorf("listing contents of %d layers: %w", len(layers), err)
+		}
+	}
+	return found, nil
+}
+
+func (d *DB) collectContents(ctx context.Context, query string, args []any, contents, found map[string]struct{}) error {
+	rows, err := d.query(ctx, d.db, query, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var c string
+		if err := rows.Scan(&c); err != nil {
+			return err
+		}
+		if _, ok := contents[c]; ok {
+			found[c] = struct{}{}
+		}
+	}
+	return rows.Err()
+}
