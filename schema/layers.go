@@ -112,7 +112,7 @@ func (b *batcher) statement(rows int) string {
 		}
 		s.WriteString(row)
 	}
-	return b.d.Rebind(s.String())
+	return b.d.rebind(s.String())
 }
 
 func (b *batcher) add(ctx context.Context, vals ...any) error {
