@@ -109,8 +109,7 @@ func acquire(opts Options, ns distribution.Namespace, ref bool) (*Extension, err
 	}
 	if ns != nil && x.ns == nil {
 		x.ns = ns
-		x.planner = delta.New(x.db.SQL(), x.db.Rebind, blobOpener{ns: ns}).
-			WithPriority(delta.NewTraced(x.db.SQL(), x.db.Rebind))
+		x.planner = delta.New(x.db, blobOpener{ns: ns}).WithPriority(delta.NewTraced(x.db))
 		x.startLocked()
 	}
 	return x, nil

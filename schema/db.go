@@ -1,6 +1,9 @@
 // Package schema owns Starlight's index database: the versioned SQL
 // migrations (embedded, applied with goose when the database is opened) and
-// the typed queries the registry runs against it.
+// the typed queries the registry runs against it. Every SQL statement on
+// the index is in this package, one file per concept (images, jobs,
+// layers and their entries, traces); other packages, the delta planner
+// included, call methods of DB and never see SQL.
 //
 // The same SQL runs on SQLite (the embedded default, one registry) and on
 // PostgreSQL (a fleet of registry replicas sharing one index). Queries are
@@ -150,18 +153,15 @@ func (d *DB) Version(ctx context.Context) (int64, error) {
 // Close closes the database.
 func (d *DB) Close() error { return d.db.Close() }
 
-// SQL returns the underlying handle, for packages that run their own
-// read queries (the delta planner). Write them with "?" and pass them
-// through Rebind.
-func (d *DB) SQL() *sql.DB { return d.db }
-
 // Dialect returns DialectSQLite or DialectPostgres.
 func (d *DB) Dialect() string { return d.dialect }
 
-// Rebind rewrites the "?" placeholders of query for the database's driver:
+// rebind rewrites the "?" placeholders of query for the database's driver:
 // "$1", "$2", ... for PostgreSQL, unchanged for SQLite. Question marks
-// inside single-quoted literals are left alone.
-func (d *DB) Rebind(query string) string {
+// inside single-quoted literals are left alone. Every statement goes
+// through it (exec, query, queryRow, batcher): the SQL lives in this
+// package only, so no other package needs to know the dialect.
+func (d *DB) rebind(query string) string {
 	if d.dialect != DialectPostgres {
 		return query
 	}
@@ -197,15 +197,15 @@ type execer interface {
 }
 
 func (d *DB) exec(ctx context.Context, e execer, query string, args ...any) (sql.Result, error) {
-	return e.ExecContext(ctx, d.Rebind(query), args...)
+	return e.ExecContext(ctx, d.rebind(query), args...)
 }
 
 func (d *DB) query(ctx context.Context, e execer, query string, args ...any) (*sql.Rows, error) {
-	return e.QueryContext(ctx, d.Rebind(query), args...)
+	return e.QueryContext(ctx, d.rebind(query), args...)
 }
 
 func (d *DB) queryRow(ctx context.Context, e execer, query string, args ...any) *sql.Row {
-	return e.QueryRowContext(ctx, d.Rebind(query), args...)
+	return e.QueryRowContext(ctx, d.rebind(query), args...)
 }
 
 // inTx runs fn in a transaction, committing when it returns nil.

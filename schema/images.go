@@ -248,3 +248,31 @@ func (d *DB) ImageCounts(ctx context.Context, repository, digest string) (layers
 	}
 	return layers, files, nil
 }
+
+// OriginalManifests returns the pushed platform manifests of repository
+// that were converted to manifestDigest, without duplicates, in digest
+// order. Several pushes may convert to the same manifest (the same layers
+// compressed differently); a manifest pushed already converted (eStargz)
+// is its own original and is left out.
+func (d *DB) OriginalManifests(ctx context.Context, repository, manifestDigest string) ([]string, error) {
+	rows, err := d.query(ctx, d.db, `
+		SELECT DISTINCT original_digest FROM image_manifests
+		WHERE repository = ? AND manifest_digest = ? AND original_digest <> manifest_digest
+		ORDER BY original_digest`, repository, manifestDigest)
+	if err != nil {
+		return nil, fmt.Errorf("listing originals of %s@%s: %w", repository, manifestDigest, err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var s string
+		if err := rows.Scan(&s); err != nil {
+			return nil, fmt.Errorf("listing originals of %s@%s: %w", repository, manifestDigest, err)
+		}
+		out = append(out, s)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("listing originals of %s@%s: %w", repository, manifestDigest, err)
+	}
+	return out, nil
+}

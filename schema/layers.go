@@ -3,11 +3,9 @@ package schema
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"github.com/starlight-project/starlight/api"
 )
@@ -57,30 +55,21 @@ func (d *DB) PutLayer(ctx context.Context, l *Layer) error {
 }
 
 func (d *DB) insertFiles(ctx context.Context, tx *sql.Tx, l *Layer) error {
-	const fileCols = `(layer_digest, position, name, type, mode, uid, gid, size, mtime,
-		link_name, dev_major, dev_minor, xattrs, digest)`
+	const fileCols = `(layer_digest, position, ` + fileColumns + `)`
 	const chunkCols = `(layer_digest, file_position, chunk_offset, chunk_size, chunk_digest,
 		compressed_offset, compressed_size)`
 	files := newBatcher(d, tx, "INSERT INTO files "+fileCols+" VALUES ", 14, fileBatch)
 	chunks := newBatcher(d, tx, "INSERT INTO chunks "+chunkCols+" VALUES ", 7, chunkBatch)
 	defer files.close()
 	defer chunks.close()
+	row := make([]any, 0, 14) // reused: add copies the values
 	for i := range l.Entries {
 		e := &l.Entries[i]
-		xattrs := ""
-		if len(e.Xattrs) > 0 {
-			b, err := json.Marshal(e.Xattrs) // []byte values encode as base64
-			if err != nil {
-				return fmt.Errorf("%s: xattrs: %w", e.Name, err)
-			}
-			xattrs = string(b)
+		var err error
+		if row, err = appendFileRow(append(row[:0], l.Digest, i), e); err != nil {
+			return err
 		}
-		var mtime int64
-		if !e.ModTime.IsZero() {
-			mtime = e.ModTime.UnixNano()
-		}
-		if err := files.add(ctx, l.Digest, i, e.Name, e.Type, int64(e.Mode), e.UID, e.GID, e.Size, mtime,
-			e.LinkName, e.DevMajor, e.DevMinor, xattrs, e.Digest); err != nil {
+		if err := files.add(ctx, row...); err != nil {
 			return fmt.Errorf("%s: %w", e.Name, err)
 		}
 		for _, c := range e.Chunks {
@@ -123,7 +112,7 @@ func (b *batcher) statement(rows int) string {
 		}
 		s.WriteString(row)
 	}
-	return b.d.Rebind(s.String())
+	return b.d.rebind(s.String())
 }
 
 func (b *batcher) add(ctx context.Context, vals ...any) error {
@@ -181,65 +170,122 @@ func (d *DB) GetLayer(ctx context.Context, digest string) (*Layer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("get layer %s: %w", digest, err)
 	}
-	if l.Entries, err = d.layerEntries(ctx, digest, files); err != nil {
+	if l.Entries, err = d.layerEntries(ctx, d.db, digest, files); err != nil {
 		return nil, fmt.Errorf("get layer %s: %w", digest, err)
 	}
 	return l, nil
 }
 
-func (d *DB) layerEntries(ctx context.Context, digest string, hint int) ([]api.Entry, error) {
-	rows, err := d.query(ctx, d.db, `SELECT position, name, type, mode, uid, gid, size, mtime, link_name,
-		dev_major, dev_minor, xattrs, digest FROM files WHERE layer_digest = ? ORDER BY position`, digest)
-	if err != nil {
-		return nil, err
+// ManifestTrees returns the file trees of the layers of a converted
+// manifest, base first, each in TOC order (OriginalDigest is left empty:
+// see OriginalManifests). It returns ErrNotFound when the manifest is not
+// (or not yet) indexed, and an error when one of its layers is not: a
+// converted manifest is only recorded once all its layers are stored.
+func (d *DB) ManifestTrees(ctx context.Context, manifestDigest string) ([]api.LayerTree, error) {
+	type layerRow struct {
+		tree  api.LayerTree
+		files int // entries, a capacity hint
 	}
-	entries := make([]api.Entry, 0, hint)
-	byPos := make(map[int]int, hint)
+	rows, err := d.query(ctx, d.db, `
+		SELECT ml.position, ml.layer_digest, l.diff_id, l.size, l.files
+		FROM manifest_layers ml LEFT JOIN layers l ON l.digest = ml.layer_digest
+		WHERE ml.manifest_digest = ?
+		ORDER BY ml.position`, manifestDigest)
+	if err != nil {
+		return nil, fmt.Errorf("listing layers of manifest %s: %w", manifestDigest, err)
+	}
+	var layers []layerRow
 	for rows.Next() {
-		var e api.Entry
-		var pos int
-		var mode, mtime int64
-		var xattrs string
-		if err := rows.Scan(&pos, &e.Name, &e.Type, &mode, &e.UID, &e.GID, &e.Size, &mtime, &e.LinkName,
-			&e.DevMajor, &e.DevMinor, &xattrs, &e.Digest); err != nil {
+		var (
+			pos    int
+			l      layerRow
+			diffID sql.NullString
+			size   sql.NullInt64
+			files  sql.NullInt64
+		)
+		if err := rows.Scan(&pos, &l.tree.Digest, &diffID, &size, &files); err != nil {
 			rows.Close()
-			return nil, err
+			return nil, fmt.Errorf("listing layers of manifest %s: %w", manifestDigest, err)
 		}
-		e.Mode = uint32(mode)
-		if mtime != 0 {
-			e.ModTime = time.Unix(0, mtime).UTC()
+		if pos != len(layers) {
+			rows.Close()
+			return nil, fmt.Errorf("index of manifest %s: layer position %d, want %d", manifestDigest, pos, len(layers))
 		}
-		if xattrs != "" {
-			if err := json.Unmarshal([]byte(xattrs), &e.Xattrs); err != nil {
-				rows.Close()
-				return nil, fmt.Errorf("%s: xattrs: %w", e.Name, err)
-			}
+		if !diffID.Valid {
+			rows.Close()
+			return nil, fmt.Errorf("index of manifest %s: layer %s is not indexed", manifestDigest, l.tree.Digest)
 		}
-		byPos[pos] = len(entries)
-		entries = append(entries, e)
+		l.tree.DiffID, l.tree.Size, l.files = diffID.String, size.Int64, int(files.Int64)
+		layers = append(layers, l)
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("listing layers of manifest %s: %w", manifestDigest, err)
 	}
-	crows, err := d.query(ctx, d.db, `SELECT file_position, chunk_offset, chunk_size, chunk_digest,
-		compressed_offset, compressed_size FROM chunks WHERE layer_digest = ?
-		ORDER BY file_position, chunk_offset`, digest)
-	if err != nil {
-		return nil, err
+	if len(layers) == 0 {
+		// No layer rows: either a manifest without layers or one that is
+		// not (yet) converted. Only the latter is unknown to
+		// image_manifests.
+		var one int
+		err := d.queryRow(ctx, d.db, `SELECT 1 FROM image_manifests WHERE manifest_digest = ? LIMIT 1`,
+			manifestDigest).Scan(&one)
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			return nil, ErrNotFound
+		case err != nil:
+			return nil, fmt.Errorf("looking up manifest %s: %w", manifestDigest, err)
+		}
+		return nil, nil
 	}
-	defer crows.Close()
-	for crows.Next() {
-		var pos int
-		var c api.Chunk
-		if err := crows.Scan(&pos, &c.Offset, &c.Size, &c.Digest, &c.CompressedOffset, &c.CompressedSize); err != nil {
+	trees := make([]api.LayerTree, len(layers))
+	for i := range layers {
+		trees[i] = layers[i].tree
+		if trees[i].Entries, err = d.layerEntries(ctx, d.db, trees[i].Digest, layers[i].files); err != nil {
 			return nil, err
 		}
-		i, ok := byPos[pos]
-		if !ok {
-			return nil, fmt.Errorf("chunk of missing file position %d", pos)
-		}
-		entries[i].Chunks = append(entries[i].Chunks, c)
 	}
-	return entries, crows.Err()
+	return trees, nil
+}
+
+// maxParams bounds the parameters of one statement: SQLite's historical
+// limit is 999, PostgreSQL's 65535.
+const maxParams = 500
+
+// ContentsInLayers returns the digests of contents that some file of
+// layers holds, whatever image or repository indexed those layers. Only
+// digests in contents are looked for, so the result (and the memory it
+// takes) is bounded by contents, not by how many files layers hold.
+// Layers that are not indexed hold nothing.
+func (d *DB) ContentsInLayers(ctx context.Context, layers []string, contents map[string]struct{}) (map[string]struct{}, error) {
+	found := make(map[string]struct{})
+	for start := 0; start < len(layers) && len(found) < len(contents); start += maxParams {
+		batch := layers[start:min(start+maxParams, len(layers))]
+		args := make([]any, len(batch))
+		for i, l := range batch {
+			args[i] = l
+		}
+		if err := d.collectContents(ctx, `SELECT DISTINCT digest FROM files WHERE digest <> '' AND layer_digest IN (?`+
+			strings.Repeat(",?", len(batch)-1)+`)`, args, contents, found); err != nil {
+			return nil, fmt.Errorf("listing contents of %d layers: %w", len(layers), err)
+		}
+	}
+	return found, nil
+}
+
+func (d *DB) collectContents(ctx context.Context, query string, args []any, contents, found map[string]struct{}) error {
+	rows, err := d.query(ctx, d.db, query, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var c string
+		if err := rows.Scan(&c); err != nil {
+			return err
+		}
+		if _, ok := contents[c]; ok {
+			found[c] = struct{}{}
+		}
+	}
+	return rows.Err()
 }

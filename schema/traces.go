@@ -285,3 +285,100 @@ func (d *DB) TraceCount(ctx context.Context, repository, manifestDigest string) 
 	}
 	return n, nil
 }
+
+// TraceTotals counts the merged priorities of the whole index.
+type TraceTotals struct {
+	Manifests int64 // traced manifests
+	Traces    int64 // traces merged into them
+	Items     int64 // items of their merged priorities
+}
+
+// TraceTotals returns the counts over every traced manifest. Traces are
+// only ever added, so the totals change with every merge: a reader may
+// use them to tell whether priorities it keeps in memory are stale.
+func (d *DB) TraceTotals(ctx context.Context) (TraceTotals, error) {
+	var t TraceTotals
+	err := d.queryRow(ctx, d.db, `SELECT COUNT(*), COALESCE(SUM(traces), 0), COALESCE(SUM(items), 0)
+		FROM trace_manifests`).Scan(&t.Manifests, &t.Traces, &t.Items)
+	if err != nil {
+		return TraceTotals{}, fmt.Errorf("counting traces: %w", err)
+	}
+	return t, nil
+}
+
+// PreviousTracedManifest returns the traced manifest of repository, other
+// than manifestDigest and with its platform, whose image was pushed last
+// (ties: merged last, then digest order), or "" when there is none. A new
+// version of an image inherits its priority until it is traced itself.
+func (d *DB) PreviousTracedManifest(ctx context.Context, repository, manifestDigest string) (string, error) {
+	var prev string
+	err := d.queryRow(ctx, d.db, `SELECT tm.manifest_digest FROM trace_manifests tm
+		WHERE tm.repository = ? AND tm.manifest_digest <> ? AND tm.items > 0
+		  AND tm.platform IN (SELECT platform FROM image_manifests WHERE repository = ? AND manifest_digest = ?)
+		ORDER BY tm.pushed_at DESC, tm.updated_at DESC, tm.manifest_digest LIMIT 1`,
+		repository, manifestDigest, repository, manifestDigest).Scan(&prev)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return "", nil
+	case err != nil:
+		return "", fmt.Errorf("looking up the previous traced version of %s@%s: %w", repository, manifestDigest, err)
+	}
+	return prev, nil
+}
+
+// TracedChunk is one item of some manifest's merged priority, with its
+// place in it.
+type TracedChunk struct {
+	Digest      string // content
+	ChunkOffset int64
+	Whole       bool
+	Position    int64 // in its manifest's priority, 0 first
+	Items       int64 // length of that priority
+}
+
+// AllTracedChunks calls fn with every item of every merged priority, in no
+// particular order. fn must not use the DB.
+func (d *DB) AllTracedChunks(ctx context.Context, fn func(TracedChunk)) error {
+	err := d.eachTracedChunk(ctx, fn, `SELECT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
+		FROM trace_priority tp JOIN trace_manifests tm
+		  ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest`)
+	if err != nil {
+		return fmt.Errorf("reading every merged priority: %w", err)
+	}
+	return nil
+}
+
+// TracedChunksOf calls fn, in no particular order, with the items of any
+// merged priority (of any repository) whose content some layer of the
+// converted manifest manifestDigest holds. An item several files of the
+// manifest hold is passed once. fn must not use the DB.
+func (d *DB) TracedChunksOf(ctx context.Context, manifestDigest string, fn func(TracedChunk)) error {
+	err := d.eachTracedChunk(ctx, fn, `SELECT DISTINCT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
+		FROM manifest_layers ml
+		JOIN files f ON f.layer_digest = ml.layer_digest
+		JOIN trace_priority tp ON tp.digest = f.digest
+		JOIN trace_manifests tm ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest
+		WHERE ml.manifest_digest = ? AND f.digest <> ''`, manifestDigest)
+	if err != nil {
+		return fmt.Errorf("reading the priorities of the contents of %s: %w", manifestDigest, err)
+	}
+	return nil
+}
+
+func (d *DB) eachTracedChunk(ctx context.Context, fn func(TracedChunk), query string, args ...any) error {
+	rows, err := d.query(ctx, d.db, query, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var c TracedChunk
+		var whole int
+		if err := rows.Scan(&c.Digest, &c.ChunkOffset, &whole, &c.Position, &c.Items); err != nil {
+			return err
+		}
+		c.Whole = whole != 0
+		fn(c)
+	}
+	return rows.Err()
+}

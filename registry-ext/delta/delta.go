@@ -4,9 +4,9 @@
 // the converted layers a worker already holds complete, which file contents
 // does the worker lack, in what order should they travel, and where do
 // their raw gzip members sit in the stored eStargz blobs? It reads the
-// answer from the index database (manifest_layers, layers, files, chunks)
-// and streams it with package api/bundle, copying the members from the
-// registry's storage without recompressing.
+// answer from the index (an Index: the database of package schema, which
+// owns every SQL statement) and streams it with package api/bundle,
+// copying the members from the registry's storage without recompressing.
 //
 // The HTTP route, authentication and the resolution of a reference to a
 // converted manifest digest belong to the caller. The wire format is
@@ -15,7 +15,6 @@ package delta
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"io"
 
@@ -23,6 +22,23 @@ import (
 
 	"github.com/starlight-project/starlight/api"
 )
+
+// Index is the part of the index database a Planner reads. *schema.DB
+// implements it; tests use an in-memory fake.
+type Index interface {
+	// ManifestTrees returns the layer trees of a converted manifest,
+	// base first, each in TOC order, with OriginalDigest unset. A
+	// manifest that is not (yet) indexed is an error wrapping
+	// schema.ErrNotFound.
+	ManifestTrees(ctx context.Context, manifestDigest string) ([]api.LayerTree, error)
+	// OriginalManifests returns the pushed platform manifests of
+	// repository that converted to manifestDigest, other than itself,
+	// without duplicates and in a deterministic order.
+	OriginalManifests(ctx context.Context, repository, manifestDigest string) ([]string, error)
+	// ContentsInLayers returns the digests of contents that some file of
+	// layers holds, in any image or repository.
+	ContentsInLayers(ctx context.Context, layers []string, contents map[string]struct{}) (map[string]struct{}, error)
+}
 
 // BlobOpener opens a stored layer blob for random access (the registry's
 // storage driver). Manifests and configs are read through it too, since
@@ -45,9 +61,6 @@ const (
 	// MaxHave bounds DeltaRequest.Have. A worker with more complete layers
 	// than this sends the ones most likely to matter (the caller decides).
 	MaxHave = 10000
-	// maxParams bounds the parameters of one SQL statement: SQLite's
-	// historical limit is 999, PostgreSQL's 65535.
-	maxParams = 500
 	// maxManifestSize and maxConfigSize bound the JSON read from storage.
 	maxManifestSize = api.MaxManifestSize
 	maxConfigSize   = api.MaxConfigSize
@@ -64,21 +77,14 @@ var (
 // Planner computes and streams delta bundles. It is safe for concurrent
 // use.
 type Planner struct {
-	db       *sql.DB
-	rebind   func(string) string
+	index    Index
 	blobs    BlobOpener
 	priority Priority
 }
 
-// New returns a Planner reading the index from db and blobs from blobs.
-// rebind converts the "?" placeholders of the Planner's portable SQL to
-// the driver's (identity for SQLite, "$n" for PostgreSQL); nil means
-// identity.
-func New(db *sql.DB, rebind func(string) string, blobs BlobOpener) *Planner {
-	if rebind == nil {
-		rebind = func(q string) string { return q }
-	}
-	return &Planner{db: db, rebind: rebind, blobs: blobs}
+// New returns a Planner reading the index from index and blobs from blobs.
+func New(index Index, blobs BlobOpener) *Planner {
+	return &Planner{index: index, blobs: blobs}
 }
 
 // WithPriority sets the Priority that orders the frames of every bundle

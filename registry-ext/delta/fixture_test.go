@@ -3,7 +3,6 @@ package delta
 import (
 	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -11,51 +10,59 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
-	"path"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
-	_ "github.com/mattn/go-sqlite3"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"github.com/pressly/goose/v3"
 
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/convert"
+	"github.com/starlight-project/starlight/schema"
+)
+
+// The index the Planner and Traced read is package schema's database.
+var (
+	_ Index      = (*schema.DB)(nil)
+	_ TraceIndex = (*schema.DB)(nil)
 )
 
 // testChunkSize is small so that modest test files span several chunks.
 const testChunkSize = 4096
 
-// fixture is an index database plus a blob store, filled the way the
-// registry fills them on conversion, without the registry.
+// fixture is an index database (SQLite, through package schema) plus a
+// blob store, filled the way the registry fills them on conversion,
+// without the registry.
 type fixture struct {
-	t     testing.TB
-	db    *sql.DB
+	t  testing.TB
+	db *schema.DB
+	// raw is a second connection to the same database, for the rows no
+	// method of schema writes the way a test needs (merged priorities
+	// with chosen push times).
+	raw   *sql.DB
 	blobs *testBlobs
 }
 
 func newFixture(t testing.TB) *fixture {
 	t.Helper()
-	db, err := sql.Open("sqlite3", filepath.Join(t.TempDir(), "index.db")+"?_journal_mode=WAL&_busy_timeout=5000")
+	path := filepath.Join(t.TempDir(), "index.db")
+	db, err := schema.Open(context.Background(), path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	goose.SetLogger(goose.NopLogger())
-	if err := goose.SetDialect("sqlite3"); err != nil {
+	raw, err := sql.Open("sqlite3", path+"?_busy_timeout=5000")
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := goose.Up(db, "../../schema/migrations"); err != nil {
-		t.Fatalf("applying migrations: %v", err)
-	}
-	return &fixture{t: t, db: db, blobs: &testBlobs{dir: t.TempDir(), opens: map[digest.Digest]int{}}}
+	t.Cleanup(func() { raw.Close() })
+	return &fixture{t: t, db: db, raw: raw, blobs: &testBlobs{dir: t.TempDir(), opens: map[digest.Digest]int{}}}
 }
 
-func (f *fixture) planner() *Planner { return New(f.db, nil, f.blobs) }
+func (f *fixture) planner() *Planner { return New(f.db, f.blobs) }
 
 // tfile describes one tar entry of a test layer.
 type tfile struct {
@@ -65,6 +72,9 @@ type tfile struct {
 	link    string
 	mode    int64
 	xattrs  map[string]string
+	// hdr, when set, edits the tar header last: modes and mtimes the
+	// defaults above leave out.
+	hdr func(*tar.Header)
 }
 
 func reg(name string, content []byte) tfile { return tfile{name: name, content: content} }
@@ -85,10 +95,11 @@ type tlayer struct {
 	digest  digest.Digest
 	diffID  digest.Digest
 	size    int64
-	entries []api.Entry // as rebuilt from the TOC
+	entries []api.Entry // as convert.ReadIndex reads the TOC
 }
 
-// layer builds an eStargz blob from files, stores it and indexes it.
+// layer builds an eStargz blob from files, stores it and indexes it as
+// the registry does: convert.ReadIndex, then schema's PutLayer.
 func (f *fixture) layer(files ...tfile) *tlayer {
 	t := f.t
 	t.Helper()
@@ -112,6 +123,9 @@ func (f *fixture) layer(files ...tfile) *tlayer {
 				h.PAXRecords["SCHILY.xattr."+k] = v
 			}
 		}
+		if tf.hdr != nil {
+			tf.hdr(h)
+		}
 		if err := tw.WriteHeader(h); err != nil {
 			t.Fatal(err)
 		}
@@ -132,103 +146,21 @@ func (f *fixture) layer(files ...tfile) *tlayer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := &tlayer{digest: f.blobs.put(t, blob), diffID: b.DiffID(), size: int64(len(blob))}
-	l.entries = tocEntries(t, blob)
+	idx, err := convert.ReadIndex(bytes.NewReader(blob), int64(len(blob)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &tlayer{digest: f.blobs.put(t, blob), diffID: b.DiffID(), size: int64(len(blob)), entries: idx.Entries}
 	f.index(l, b.TOCDigest())
 	return l
 }
 
-// tocEntries reads an eStargz TOC into entries with chunk locations: a
-// chunk's gzip member ends where the next member (or the TOC) starts.
-func tocEntries(t testing.TB, blob []byte) []api.Entry {
-	t.Helper()
-	tocOff, _, err := estargz.OpenFooter(io.NewSectionReader(bytes.NewReader(blob), 0, int64(len(blob))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	zr, err := gzip.NewReader(bytes.NewReader(blob[tocOff:]))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr := tar.NewReader(zr)
-	if h, err := tr.Next(); err != nil || h.Name != estargz.TOCTarName {
-		t.Fatalf("no TOC: %v", err)
-	}
-	var toc estargz.JTOC
-	if err := json.NewDecoder(tr).Decode(&toc); err != nil {
-		t.Fatal(err)
-	}
-	end := func(i int) int64 {
-		for _, n := range toc.Entries[i+1:] {
-			if n.Offset > toc.Entries[i].Offset {
-				return n.Offset
-			}
-		}
-		return tocOff
-	}
-	var entries []api.Entry
-	for i, te := range toc.Entries {
-		if te.Type != "chunk" {
-			name := strings.TrimPrefix(path.Clean("/"+te.Name), "/")
-			if name == "" {
-				continue
-			}
-			var mtime time.Time
-			if te.ModTime3339 != "" {
-				if mtime, err = time.Parse(time.RFC3339, te.ModTime3339); err != nil {
-					t.Fatal(err)
-				}
-			}
-			entries = append(entries, api.Entry{
-				Name: name, Type: te.Type, Mode: uint32(te.Mode & 0o7777), UID: te.UID, GID: te.GID,
-				Size: te.Size, ModTime: time.Unix(0, mtime.UnixNano()).UTC(), LinkName: te.LinkName,
-				DevMajor: int64(te.DevMajor), DevMinor: int64(te.DevMinor), Xattrs: te.Xattrs, Digest: te.Digest,
-			})
-			if te.Type != api.TypeReg || te.Size == 0 {
-				// eStargz records the digest of an empty file; the
-				// index does not (nothing travels for it).
-				entries[len(entries)-1].Digest = ""
-				continue
-			}
-		}
-		e := &entries[len(entries)-1]
-		size := te.ChunkSize
-		if size == 0 {
-			size = e.Size - te.ChunkOffset
-		}
-		e.Chunks = append(e.Chunks, api.Chunk{Offset: te.ChunkOffset, Size: size, Digest: te.ChunkDigest,
-			CompressedOffset: te.Offset, CompressedSize: end(i) - te.Offset})
-	}
-	return entries
-}
-
-// index inserts the rows the registry writes for a converted layer.
+// index stores the index of a layer.
 func (f *fixture) index(l *tlayer, toc digest.Digest) {
-	t := f.t
-	t.Helper()
-	exec := func(q string, args ...any) {
-		t.Helper()
-		if _, err := f.db.Exec(q, args...); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
-	}
-	exec(`INSERT INTO layers (digest, diff_id, size, toc_digest, uncompressed_size, files, created_at)
-		VALUES (?, ?, ?, ?, 0, ?, 0)`, l.digest.String(), l.diffID.String(), l.size, toc.String(), len(l.entries))
-	for pos, e := range l.entries {
-		xattrs := ""
-		if len(e.Xattrs) > 0 {
-			b, _ := json.Marshal(e.Xattrs)
-			xattrs = string(b)
-		}
-		exec(`INSERT INTO files (layer_digest, position, name, type, mode, uid, gid, size, mtime, link_name,
-			dev_major, dev_minor, xattrs, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-			l.digest.String(), pos, e.Name, e.Type, e.Mode, e.UID, e.GID, e.Size, e.ModTime.UnixNano(),
-			e.LinkName, e.DevMajor, e.DevMinor, xattrs, e.Digest)
-		for _, c := range e.Chunks {
-			exec(`INSERT INTO chunks (layer_digest, file_position, chunk_offset, chunk_size, chunk_digest,
-				compressed_offset, compressed_size) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-				l.digest.String(), pos, c.Offset, c.Size, c.Digest, c.CompressedOffset, c.CompressedSize)
-		}
+	f.t.Helper()
+	if err := f.db.PutLayer(context.Background(), &schema.Layer{Digest: l.digest.String(), DiffID: l.diffID.String(),
+		Size: l.size, TOCDigest: toc.String(), Entries: l.entries}); err != nil {
+		f.t.Fatal(err)
 	}
 }
 
@@ -249,18 +181,29 @@ func (f *fixture) image(repository string, layers ...*tlayer) digest.Digest {
 	m.Config = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: f.blobs.put(t, cb), Size: int64(len(cb))}
 	mb, _ := json.Marshal(m)
 	md := f.blobs.put(t, mb)
-	for i, l := range layers {
-		if _, err := f.db.Exec(`INSERT INTO manifest_layers (manifest_digest, position, layer_digest) VALUES (?, ?, ?)`,
-			md.String(), i, l.digest.String()); err != nil {
-			t.Fatal(err)
-		}
+	im := schema.ImageManifest{Platform: "linux/amd64", OriginalDigest: md.String(), ManifestDigest: md.String(),
+		ConfigDigest: m.Config.Digest.String()}
+	for _, l := range layers {
+		im.Layers = append(im.Layers, l.digest.String())
 	}
-	if _, err := f.db.Exec(`INSERT INTO image_manifests (repository, image_digest, platform, original_digest,
-		manifest_digest, config_digest) VALUES (?, ?, 'linux/amd64', ?, ?, ?)`,
-		repository, md.String(), md.String(), md.String(), m.Config.Digest.String()); err != nil {
+	f.complete(repository, md, md, im)
+	return md
+}
+
+// complete records the conversion of the image pushed as pushed in
+// repository to converted, as a conversion job does.
+func (f *fixture) complete(repository string, pushed, converted digest.Digest, manifests ...schema.ImageManifest) {
+	t := f.t
+	t.Helper()
+	ctx := context.Background()
+	if err := f.db.UpsertImage(ctx, schema.Image{Repository: repository, Digest: pushed.String(),
+		MediaType: ocispec.MediaTypeImageManifest, State: api.StateConverting}); err != nil {
 		t.Fatal(err)
 	}
-	return md
+	if err := f.db.CompleteImage(ctx, repository, pushed.String(), converted.String(),
+		ocispec.MediaTypeImageManifest, manifests); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // testBlobs is a content-addressed blob directory behind BlobOpener. It

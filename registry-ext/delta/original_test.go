@@ -10,6 +10,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/schema"
 )
 
 // pushed stores a pushed platform manifest over the given layer digests
@@ -26,11 +27,8 @@ func (f *fixture) pushed(repository string, converted digest.Digest, salt string
 	}
 	mb, _ := json.Marshal(m)
 	md := f.blobs.put(t, mb)
-	if _, err := f.db.Exec(`INSERT INTO image_manifests (repository, image_digest, platform, original_digest,
-		manifest_digest, config_digest) VALUES (?, ?, 'linux/amd64', ?, ?, ?)`,
-		repository, md.String(), md.String(), converted.String(), m.Config.Digest.String()); err != nil {
-		t.Fatal(err)
-	}
+	f.complete(repository, md, converted, schema.ImageManifest{Platform: "linux/amd64",
+		OriginalDigest: md.String(), ManifestDigest: converted.String(), ConfigDigest: m.Config.Digest.String()})
 	return md
 }
 

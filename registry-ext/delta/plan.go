@@ -2,13 +2,10 @@ package delta
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"strings"
-	"time"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -16,6 +13,7 @@ import (
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/api/bundle"
+	"github.com/starlight-project/starlight/schema"
 )
 
 // Plan computes the bundle for the converted platform manifest
@@ -31,13 +29,27 @@ func (p *Planner) Plan(ctx context.Context, repository string, manifestDigest di
 	if err != nil {
 		return nil, nil, err
 	}
-	layers, err := p.manifestLayers(ctx, manifestDigest)
-	if err != nil {
-		return nil, nil, err
+	layers, err := p.index.ManifestTrees(ctx, manifestDigest.String())
+	switch {
+	case errors.Is(err, schema.ErrNotFound):
+		return nil, nil, fmt.Errorf("%w: manifest %s is not indexed", ErrNotFound, manifestDigest)
+	case err != nil:
+		return nil, nil, fmt.Errorf("reading the index: %w", err)
+	}
+	if layers == nil {
+		// A manifest without layers: the header says "layers": [], not null.
+		layers = []api.LayerTree{}
 	}
 	h := &api.BundleHeader{
 		Repository:     repository,
 		ManifestDigest: manifestDigest.String(),
+		Layers:         layers,
+	}
+	for i := range layers {
+		if err := checkTree(&layers[i]); err != nil {
+			return nil, nil, err
+		}
+		h.Stats.Files += len(layers[i].Entries)
 	}
 	m, err := p.readManifest(ctx, repository, manifestDigest, layers)
 	if err != nil {
@@ -48,15 +60,6 @@ func (p *Planner) Plan(ctx context.Context, repository string, manifestDigest di
 		return nil, nil, fmt.Errorf("reading config: %w", err)
 	}
 
-	h.Layers = make([]api.LayerTree, len(layers))
-	for i, l := range layers {
-		entries, err := p.layerEntries(ctx, l.digest, l.files)
-		if err != nil {
-			return nil, nil, err
-		}
-		h.Layers[i] = api.LayerTree{Digest: l.digest, DiffID: l.diffID, Size: l.size, Entries: entries}
-		h.Stats.Files += len(entries)
-	}
 	originals, err := p.originalLayers(ctx, repository, manifestDigest, len(layers))
 	if err != nil {
 		return nil, nil, err
@@ -117,65 +120,6 @@ func validateRequest(req api.DeltaRequest) ([]string, error) {
 	return have, nil
 }
 
-type layerRow struct {
-	digest, diffID string
-	size           int64
-	files          int // entries, a capacity hint
-}
-
-// manifestLayers returns the indexed layers of a converted manifest, base
-// first.
-func (p *Planner) manifestLayers(ctx context.Context, manifestDigest digest.Digest) ([]layerRow, error) {
-	rows, err := p.db.QueryContext(ctx, p.rebind(`
-		SELECT ml.position, ml.layer_digest, l.diff_id, l.size, l.files
-		FROM manifest_layers ml LEFT JOIN layers l ON l.digest = ml.layer_digest
-		WHERE ml.manifest_digest = ?
-		ORDER BY ml.position`), manifestDigest.String())
-	if err != nil {
-		return nil, fmt.Errorf("querying layers of %s: %w", manifestDigest, err)
-	}
-	defer rows.Close()
-	var layers []layerRow
-	for rows.Next() {
-		var (
-			pos    int
-			l      layerRow
-			diffID sql.NullString
-			size   sql.NullInt64
-			files  sql.NullInt64
-		)
-		if err := rows.Scan(&pos, &l.digest, &diffID, &size, &files); err != nil {
-			return nil, fmt.Errorf("querying layers of %s: %w", manifestDigest, err)
-		}
-		if pos != len(layers) {
-			return nil, fmt.Errorf("index of %s: layer position %d, want %d", manifestDigest, pos, len(layers))
-		}
-		if !diffID.Valid {
-			return nil, fmt.Errorf("index of %s: layer %s is not indexed", manifestDigest, l.digest)
-		}
-		l.diffID, l.size, l.files = diffID.String, size.Int64, int(files.Int64)
-		layers = append(layers, l)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("querying layers of %s: %w", manifestDigest, err)
-	}
-	if len(layers) > 0 {
-		return layers, nil
-	}
-	// No layer rows: either a manifest without layers or one that is not
-	// (yet) converted. Only the latter is unknown to image_manifests.
-	var one int
-	err = p.db.QueryRowContext(ctx, p.rebind(`SELECT 1 FROM image_manifests WHERE manifest_digest = ? LIMIT 1`),
-		manifestDigest.String()).Scan(&one)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		return nil, fmt.Errorf("%w: manifest %s is not indexed", ErrNotFound, manifestDigest)
-	case err != nil:
-		return nil, fmt.Errorf("looking up manifest %s: %w", manifestDigest, err)
-	}
-	return nil, nil
-}
-
 // maxOriginals bounds how many pushed manifests originalLayers reads for
 // one converted manifest (normally one; several only when different pushes
 // convert to the same image).
@@ -189,28 +133,15 @@ const maxOriginals = 8
 // original. A pushed manifest that is the converted one (pushed already
 // as eStargz) adds nothing: its layers are their own originals.
 func (p *Planner) originalLayers(ctx context.Context, repository string, manifestDigest digest.Digest, n int) ([]string, error) {
-	rows, err := p.db.QueryContext(ctx, p.rebind(`
-		SELECT DISTINCT original_digest FROM image_manifests
-		WHERE repository = ? AND manifest_digest = ? AND original_digest <> manifest_digest
-		ORDER BY original_digest`),
-		repository, manifestDigest.String())
+	pushed, err := p.index.OriginalManifests(ctx, repository, manifestDigest.String())
 	if err != nil {
-		return nil, fmt.Errorf("querying originals of %s: %w", manifestDigest, err)
+		return nil, fmt.Errorf("mapping layers to the pushed ones: %w", err)
 	}
 	var originals []digest.Digest
-	for rows.Next() {
-		var s string
-		if err := rows.Scan(&s); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("querying originals of %s: %w", manifestDigest, err)
-		}
+	for _, s := range pushed {
 		if d, err := api.ParseDigest(s); err == nil && len(originals) < maxOriginals {
 			originals = append(originals, d)
 		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("querying originals of %s: %w", manifestDigest, err)
 	}
 	out := make([]string, n)
 	for k, o := range originals {
@@ -269,7 +200,7 @@ type manifest struct {
 }
 
 // readManifest reads the stored manifest and checks it against the index.
-func (p *Planner) readManifest(ctx context.Context, repository string, dgst digest.Digest, layers []layerRow) (*manifest, error) {
+func (p *Planner) readManifest(ctx context.Context, repository string, dgst digest.Digest, layers []api.LayerTree) (*manifest, error) {
 	raw, err := p.readBlob(ctx, repository, dgst, maxManifestSize)
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest: %w", err)
@@ -296,8 +227,8 @@ func (p *Planner) readManifest(ctx context.Context, repository string, dgst dige
 		return nil, fmt.Errorf("manifest %s has %d layers, the index %d", dgst, len(m.Layers), len(layers))
 	}
 	for i, l := range m.Layers {
-		if l.Digest != layers[i].digest {
-			return nil, fmt.Errorf("manifest %s: layer %d is %s, the index says %s", dgst, i, l.Digest, layers[i].digest)
+		if l.Digest != layers[i].Digest {
+			return nil, fmt.Errorf("manifest %s: layer %d is %s, the index says %s", dgst, i, l.Digest, layers[i].Digest)
 		}
 	}
 	mt := m.MediaType
@@ -328,104 +259,20 @@ func (p *Planner) readBlob(ctx context.Context, repository string, dgst digest.D
 	return b, nil
 }
 
-// layerEntries rebuilds a layer's tree, in TOC order, from the files and
-// chunks tables. Both are read in position order and merged, one query
-// each, so a layer of 100k files costs two round trips.
-func (p *Planner) layerEntries(ctx context.Context, layer string, hint int) ([]api.Entry, error) {
-	entries, positions, err := p.layerFiles(ctx, layer, hint)
-	if err != nil {
-		return nil, err
-	}
-	if err := p.layerChunks(ctx, layer, entries, positions); err != nil {
-		return nil, err
-	}
-	for i := range entries {
-		e := &entries[i]
-		// The index is ours, but a bad row would make every worker reject
-		// the header: fail here with a clear message instead.
+// checkTree checks a layer tree read from the index. The index is ours,
+// but a bad row would make every worker reject the header: fail here with
+// a clear message instead.
+func checkTree(l *api.LayerTree) error {
+	for i := range l.Entries {
+		e := &l.Entries[i]
 		if err := e.Validate(); err != nil {
-			return nil, fmt.Errorf("index of layer %s: %w", layer, err)
+			return fmt.Errorf("index of layer %s: %w", l.Digest, err)
 		}
 		for _, c := range e.Chunks {
 			if c.CompressedSize <= 0 || c.CompressedSize > bundle.MaxFrameCompressed || c.Size > bundle.MaxFrameUncompressed {
-				return nil, fmt.Errorf("index of layer %s: %s: chunk at %d does not fit a bundle frame", layer, e.Name, c.Offset)
+				return fmt.Errorf("index of layer %s: %s: chunk at %d does not fit a bundle frame", l.Digest, e.Name, c.Offset)
 			}
 		}
-	}
-	return entries, nil
-}
-
-func (p *Planner) layerFiles(ctx context.Context, layer string, hint int) ([]api.Entry, []int64, error) {
-	rows, err := p.db.QueryContext(ctx, p.rebind(`
-		SELECT position, name, type, mode, uid, gid, size, mtime, link_name,
-		       dev_major, dev_minor, xattrs, digest
-		FROM files WHERE layer_digest = ? ORDER BY position`), layer)
-	if err != nil {
-		return nil, nil, fmt.Errorf("querying files of %s: %w", layer, err)
-	}
-	defer rows.Close()
-	// The hint comes from our own index; bound it anyway, it only sizes
-	// the first allocation.
-	hint = max(0, min(hint, 1<<20))
-	entries, positions := make([]api.Entry, 0, hint), make([]int64, 0, hint)
-	for rows.Next() {
-		var (
-			e      api.Entry
-			pos    int64
-			mode   int64
-			mtime  int64
-			xattrs string
-		)
-		if err := rows.Scan(&pos, &e.Name, &e.Type, &mode, &e.UID, &e.GID, &e.Size, &mtime,
-			&e.LinkName, &e.DevMajor, &e.DevMinor, &xattrs, &e.Digest); err != nil {
-			return nil, nil, fmt.Errorf("querying files of %s: %w", layer, err)
-		}
-		e.Mode = uint32(mode & 0o7777)
-		e.ModTime = time.Unix(0, mtime).UTC()
-		if xattrs != "" {
-			if err := json.Unmarshal([]byte(xattrs), &e.Xattrs); err != nil {
-				return nil, nil, fmt.Errorf("index of layer %s: %s: xattrs: %w", layer, e.Name, err)
-			}
-		}
-		entries = append(entries, e)
-		positions = append(positions, pos)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, nil, fmt.Errorf("querying files of %s: %w", layer, err)
-	}
-	return entries, positions, nil
-}
-
-// layerChunks attaches the chunk rows of a layer to its entries; positions
-// holds the entries' positions in increasing order.
-func (p *Planner) layerChunks(ctx context.Context, layer string, entries []api.Entry, positions []int64) error {
-	rows, err := p.db.QueryContext(ctx, p.rebind(`
-		SELECT file_position, chunk_offset, chunk_size, chunk_digest,
-		       compressed_offset, compressed_size
-		FROM chunks WHERE layer_digest = ? ORDER BY file_position, chunk_offset`), layer)
-	if err != nil {
-		return fmt.Errorf("querying chunks of %s: %w", layer, err)
-	}
-	defer rows.Close()
-	j := 0
-	for rows.Next() {
-		var (
-			pos int64
-			c   api.Chunk
-		)
-		if err := rows.Scan(&pos, &c.Offset, &c.Size, &c.Digest, &c.CompressedOffset, &c.CompressedSize); err != nil {
-			return fmt.Errorf("querying chunks of %s: %w", layer, err)
-		}
-		for j < len(positions) && positions[j] < pos {
-			j++
-		}
-		if j == len(positions) || positions[j] != pos {
-			return fmt.Errorf("index of layer %s: chunk of unknown file position %d", layer, pos)
-		}
-		entries[j].Chunks = append(entries[j].Chunks, c)
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("querying chunks of %s: %w", layer, err)
 	}
 	return nil
 }
@@ -453,38 +300,14 @@ func imageContents(layers []api.LayerTree) map[string]struct{} {
 // indexed. Only digests in need are kept, so memory is bounded by the
 // image, not by the worker's inventory.
 func (p *Planner) heldContents(ctx context.Context, have []string, need map[string]struct{}) (map[string]struct{}, error) {
-	held := make(map[string]struct{})
-	for start := 0; start < len(have) && len(held) < len(need); start += maxParams {
-		batch := have[start:min(start+maxParams, len(have))]
-		args := make([]any, len(batch))
-		for i, d := range batch {
-			args[i] = d
-		}
-		q := `SELECT DISTINCT digest FROM files WHERE digest <> '' AND layer_digest IN (?` +
-			strings.Repeat(",?", len(batch)-1) + `)`
-		if err := p.collect(ctx, p.rebind(q), args, need, held); err != nil {
-			return nil, fmt.Errorf("querying contents of held layers: %w", err)
-		}
+	if len(have) == 0 || len(need) == 0 {
+		return map[string]struct{}{}, nil
+	}
+	held, err := p.index.ContentsInLayers(ctx, have, need)
+	if err != nil {
+		return nil, fmt.Errorf("looking up the contents of held layers: %w", err)
 	}
 	return held, nil
-}
-
-func (p *Planner) collect(ctx context.Context, q string, args []any, need, held map[string]struct{}) error {
-	rows, err := p.db.QueryContext(ctx, q, args...)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var d string
-		if err := rows.Scan(&d); err != nil {
-			return err
-		}
-		if _, ok := need[d]; ok {
-			held[d] = struct{}{}
-		}
-	}
-	return rows.Err()
 }
 
 // candidates lists the chunks of every distinct content of the image the

@@ -2,8 +2,6 @@ package delta
 
 import (
 	"context"
-	"database/sql"
-	"fmt"
 	"path"
 	"slices"
 	"strings"
@@ -12,7 +10,29 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/schema"
 )
+
+// TraceIndex is the part of the index database Traced reads: the merged
+// priorities (tables trace_manifests and trace_priority). *schema.DB
+// implements it; tests use an in-memory fake.
+type TraceIndex interface {
+	// TraceTotals counts the merged priorities; traces are only ever
+	// added, so the counts change with every merge.
+	TraceTotals(ctx context.Context) (schema.TraceTotals, error)
+	// TracePriority returns the merged priority of a manifest, first item
+	// first; empty when it has none.
+	TracePriority(ctx context.Context, repository, manifestDigest string) ([]schema.PriorityItem, error)
+	// PreviousTracedManifest returns the traced manifest of repository
+	// with the platform of manifestDigest whose image was pushed last,
+	// or "" when there is none.
+	PreviousTracedManifest(ctx context.Context, repository, manifestDigest string) (string, error)
+	// AllTracedChunks calls fn with every item of every merged priority.
+	AllTracedChunks(ctx context.Context, fn func(schema.TracedChunk)) error
+	// TracedChunksOf calls fn with the items of every merged priority
+	// whose content some layer of manifestDigest holds.
+	TracedChunksOf(ctx context.Context, manifestDigest string, fn func(schema.TracedChunk)) error
+}
 
 // Traced is the Priority that orders a bundle by the merged startup
 // traces the registry keeps in the index (tables trace_priority and
@@ -32,29 +52,16 @@ import (
 // whole at its position. Traced reads the index with a handful of indexed
 // queries per request; a registry without any traces costs one.
 type Traced struct {
-	db     *sql.DB
-	rebind func(string) string
+	index TraceIndex
 
 	mu       sync.Mutex
 	cache    map[string][]sharedItem // see sharedItems
 	cacheGen generation
 }
 
-// NewTraced returns the trace-based Priority over the index db. rebind is
-// as for New.
-func NewTraced(db *sql.DB, rebind func(string) string) *Traced {
-	if rebind == nil {
-		rebind = func(q string) string { return q }
-	}
-	return &Traced{db: db, rebind: rebind}
-}
-
-// tracedItem is one row of a merged priority.
-type tracedItem struct {
-	name   string
-	digest string
-	offset int64
-	whole  bool
+// NewTraced returns the trace-based Priority over index.
+func NewTraced(index TraceIndex) *Traced {
+	return &Traced{index: index}
 }
 
 // Rank implements Priority.
@@ -62,40 +69,39 @@ func (t *Traced) Rank(ctx context.Context, repository string, manifest digest.Di
 	if len(cands) == 0 {
 		return nil
 	}
-	var gen generation
-	if err := t.db.QueryRowContext(ctx, t.rebind(`SELECT COUNT(*), COALESCE(SUM(traces), 0), COALESCE(SUM(items), 0)
-		FROM trace_manifests`)).Scan(&gen.manifests, &gen.traces, &gen.items); err != nil {
-		return fmt.Errorf("looking up traces: %w", err)
+	gen, err := t.index.TraceTotals(ctx)
+	if err != nil {
+		return err
 	}
-	if gen.items == 0 {
+	if gen.Items == 0 {
 		return nil // no traces at all: keep the default order
 	}
 
 	r := newRanker(cands)
-	items, err := t.items(ctx, repository, manifest.String())
+	items, err := t.index.TracePriority(ctx, repository, manifest.String())
 	if err != nil {
 		return err
 	}
 	if len(items) > 0 {
 		for _, it := range items {
-			r.add(it.digest, it.offset, it.whole)
+			r.add(it.Digest, it.ChunkOffset, it.Whole)
 		}
 	} else {
-		prev, err := t.previousVersion(ctx, repository, manifest.String())
+		prev, err := t.index.PreviousTracedManifest(ctx, repository, manifest.String())
 		if err != nil {
 			return err
 		}
 		if prev != "" {
-			if items, err = t.items(ctx, repository, prev); err != nil {
+			if items, err = t.index.TracePriority(ctx, repository, prev); err != nil {
 				return err
 			}
 			paths := visiblePaths(layers)
 			for _, it := range items {
-				d, ok := paths[it.name]
+				d, ok := paths[it.Name]
 				if !ok {
-					d = it.digest // renamed or moved: the same content may still be there
+					d = it.Digest // renamed or moved: the same content may still be there
 				}
-				r.add(d, it.offset, it.whole)
+				r.add(d, it.ChunkOffset, it.Whole)
 			}
 		}
 	}
@@ -104,49 +110,6 @@ func (t *Traced) Rank(ctx context.Context, repository string, manifest digest.Di
 	}
 	r.apply()
 	return nil
-}
-
-// items reads the merged priority of a manifest, first item first.
-func (t *Traced) items(ctx context.Context, repository, manifest string) ([]tracedItem, error) {
-	rows, err := t.db.QueryContext(ctx, t.rebind(`SELECT name, digest, chunk_offset, whole FROM trace_priority
-		WHERE repository = ? AND manifest_digest = ? ORDER BY position`), repository, manifest)
-	if err != nil {
-		return nil, fmt.Errorf("reading trace priority of %s: %w", manifest, err)
-	}
-	defer rows.Close()
-	var out []tracedItem
-	for rows.Next() {
-		var it tracedItem
-		var whole int
-		if err := rows.Scan(&it.name, &it.digest, &it.offset, &whole); err != nil {
-			return nil, fmt.Errorf("reading trace priority of %s: %w", manifest, err)
-		}
-		it.whole = whole != 0
-		out = append(out, it)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("reading trace priority of %s: %w", manifest, err)
-	}
-	return out, nil
-}
-
-// previousVersion returns the traced manifest of repository with the
-// platform of manifest whose image was pushed last (ties: traced last),
-// or "" when there is none.
-func (t *Traced) previousVersion(ctx context.Context, repository, manifest string) (string, error) {
-	var prev string
-	err := t.db.QueryRowContext(ctx, t.rebind(`SELECT tm.manifest_digest FROM trace_manifests tm
-		WHERE tm.repository = ? AND tm.manifest_digest <> ? AND tm.items > 0
-		  AND tm.platform IN (SELECT platform FROM image_manifests WHERE repository = ? AND manifest_digest = ?)
-		ORDER BY tm.pushed_at DESC, tm.updated_at DESC, tm.manifest_digest LIMIT 1`),
-		repository, manifest, repository, manifest).Scan(&prev)
-	switch {
-	case err == sql.ErrNoRows:
-		return "", nil
-	case err != nil:
-		return "", fmt.Errorf("looking up the previous traced version of %s: %w", manifest, err)
-	}
-	return prev, nil
 }
 
 // sharedItem is a content chunk traced by another manifest, at position
@@ -191,9 +154,7 @@ func (t *Traced) shared(ctx context.Context, gen generation, manifest string, r 
 // generation identifies a state of the merged priorities: traces are
 // only ever added, so the number of traced manifests and of traces
 // changes with every merge.
-type generation struct {
-	manifests, traces, items int64
-}
+type generation = schema.TraceTotals
 
 // sharedItems returns, by content digest, the best position of every
 // traced chunk of any manifest. It is kept in memory between requests
@@ -201,22 +162,19 @@ type generation struct {
 // large to keep (maxSharedCache rows): then only the contents of manifest
 // are read, with a join.
 func (t *Traced) sharedItems(ctx context.Context, gen generation, manifest string) (map[string][]sharedItem, error) {
-	if gen.items > maxSharedCache {
-		return t.loadShared(ctx, `SELECT DISTINCT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
-			FROM manifest_layers ml
-			JOIN files f ON f.layer_digest = ml.layer_digest
-			JOIN trace_priority tp ON tp.digest = f.digest
-			JOIN trace_manifests tm ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest
-			WHERE ml.manifest_digest = ? AND f.digest <> ''`, manifest)
+	if gen.Items > maxSharedCache {
+		return loadShared(func(fn func(schema.TracedChunk)) error {
+			return t.index.TracedChunksOf(ctx, manifest, fn)
+		})
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.cache != nil && t.cacheGen == gen {
 		return t.cache, nil
 	}
-	m, err := t.loadShared(ctx, `SELECT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
-		FROM trace_priority tp JOIN trace_manifests tm
-		  ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest`)
+	m, err := loadShared(func(fn func(schema.TracedChunk)) error {
+		return t.index.AllTracedChunks(ctx, fn)
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -228,37 +186,29 @@ func (t *Traced) sharedItems(ctx context.Context, gen generation, manifest strin
 // (about 100 bytes each).
 const maxSharedCache = 500_000
 
-func (t *Traced) loadShared(ctx context.Context, query string, args ...any) (map[string][]sharedItem, error) {
-	rows, err := t.db.QueryContext(ctx, t.rebind(query), args...)
-	if err != nil {
-		return nil, fmt.Errorf("reading traces of shared contents: %w", err)
-	}
-	defer rows.Close()
+// loadShared folds the traced chunks each passes to its callback into
+// the best position of every chunk, by content digest.
+func loadShared(each func(fn func(schema.TracedChunk)) error) (map[string][]sharedItem, error) {
 	out := map[string][]sharedItem{}
-	for rows.Next() {
-		var it sharedItem
-		var whole int
-		if err := rows.Scan(&it.digest, &it.offset, &whole, &it.pos, &it.n); err != nil {
-			return nil, fmt.Errorf("reading traces of shared contents: %w", err)
-		}
+	err := each(func(c schema.TracedChunk) {
+		it := sharedItem{digest: c.Digest, offset: c.ChunkOffset, pos: c.Position, n: c.Items, whole: c.Whole}
 		if it.n <= 0 || it.pos < 0 || it.pos >= it.n {
-			continue // inconsistent row; never trust it for arithmetic
+			return // inconsistent row; never trust it for arithmetic
 		}
-		it.whole = whole != 0
 		list := out[it.digest]
 		i := slices.IndexFunc(list, func(b sharedItem) bool { return b.offset == it.offset })
 		if i < 0 {
 			out[it.digest] = append(list, it)
-			continue
+			return
 		}
 		b := &list[i]
 		if it.pos*b.n < b.pos*it.n {
 			b.pos, b.n = it.pos, it.n
 		}
 		b.whole = b.whole || it.whole
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("reading traces of shared contents: %w", err)
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
 }

@@ -26,7 +26,7 @@ type titem struct {
 func (f *fixture) trace(repository string, m digest.Digest, pushedAt int64, items ...titem) {
 	t := f.t
 	t.Helper()
-	if _, err := f.db.Exec(`INSERT INTO trace_manifests (repository, manifest_digest, platform, pushed_at, traces, items, updated_at)
+	if _, err := f.raw.Exec(`INSERT INTO trace_manifests (repository, manifest_digest, platform, pushed_at, traces, items, updated_at)
 		VALUES (?, ?, 'linux/amd64', ?, 1, ?, ?)`, repository, m.String(), pushedAt, len(items), pushedAt); err != nil {
 		t.Fatal(err)
 	}
@@ -44,7 +44,7 @@ func (f *fixture) trace(repository string, m digest.Digest, pushedAt int64, item
 		if it.whole {
 			whole = 1
 		}
-		if _, err := f.db.Exec(`INSERT INTO trace_priority (repository, manifest_digest, position, layer_digest, name,
+		if _, err := f.raw.Exec(`INSERT INTO trace_priority (repository, manifest_digest, position, layer_digest, name,
 			chunk_offset, digest, whole, runs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)`,
 			repository, m.String(), i, it.l.digest.String(), it.name, it.off, d, whole); err != nil {
 			t.Fatal(err)
@@ -104,7 +104,7 @@ func newTracedScene(t *testing.T) *tracedScene {
 }
 
 func (s *tracedScene) planner() *Planner {
-	return s.f.planner().WithPriority(NewTraced(s.f.db, nil))
+	return s.f.planner().WithPriority(NewTraced(s.f.db))
 }
 
 func TestTracedRanking(t *testing.T) {
@@ -211,7 +211,7 @@ func TestTracedInheritsPreviousVersion(t *testing.T) {
 	ol := f.layer(reg("x/new", data(20, 100)), reg("app/data", data(40, 100)))
 	f.trace("other", f.image("other", ol), 3, titem{ol, "x/new", 0, true}, titem{ol, "app/data", 0, true})
 
-	p := f.planner().WithPriority(NewTraced(f.db, nil))
+	p := f.planner().WithPriority(NewTraced(f.db))
 	got := plan(t, p, "app", m2)
 	// main by path, lib by content, conf by path; then app/new is traced
 	// by another manifest (shared content); data follows in TOC order.
@@ -256,32 +256,13 @@ func BenchmarkTracedOverhead(b *testing.B) {
 	const files, traced = 10_000, 2_000
 	f := newFixture(t)
 	mk := func(name string, salt int) (*tlayer, digest.Digest) {
-		l := &tlayer{digest: digest.FromString(name), diffID: digest.FromString(name + "diff")}
-		tx, err := f.db.Begin()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tx.Exec(`INSERT INTO layers (digest, diff_id, size, toc_digest, uncompressed_size, files, created_at)
-			VALUES (?, ?, ?, ?, 0, ?, 0)`, l.digest.String(), l.diffID.String(), files*100, l.digest.String(), files); err != nil {
-			t.Fatal(err)
-		}
+		l := &tlayer{digest: digest.FromString(name), diffID: digest.FromString(name + "diff"), size: files * 100}
 		for i := range files {
 			// Half of the files change between versions.
 			d := digest.FromString(fmt.Sprint(i, "/", salt*(i%2))).String()
-			name := fmt.Sprintf("usr/lib/f%05d", i)
-			l.entries = append(l.entries, api.Entry{Name: name, Digest: d})
-			if _, err := tx.Exec(`INSERT INTO files (layer_digest, position, name, type, mode, uid, gid, size, mtime, digest)
-				VALUES (?, ?, ?, 'reg', 420, 0, 0, 10, 0, ?)`, l.digest.String(), i, name, d); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := tx.Exec(`INSERT INTO chunks (layer_digest, file_position, chunk_offset, chunk_size, chunk_digest,
-				compressed_offset, compressed_size) VALUES (?, ?, 0, 10, ?, ?, 100)`, l.digest.String(), i, d, i*100); err != nil {
-				t.Fatal(err)
-			}
+			l.entries = append(l.entries, oneChunkFile(fmt.Sprintf("usr/lib/f%05d", i), d, int64(i)*100))
 		}
-		if err := tx.Commit(); err != nil {
-			t.Fatal(err)
-		}
+		f.index(l, l.digest)
 		return l, f.image("bench", l)
 	}
 	l1, m1 := mk("v1", 1)
@@ -321,13 +302,13 @@ func BenchmarkTracedOverhead(b *testing.B) {
 		})
 	}
 	measure("default-order", m1, nil)
-	measure("no-traces-in-registry", m1, NewTraced(f.db, nil))
+	measure("no-traces-in-registry", m1, NewTraced(f.db))
 	var items []titem
 	for i := files - 1; len(items) < traced; i -= files / traced {
 		items = append(items, titem{l1, l1.entries[i].Name, 0, false})
 	}
 	f.trace("bench", m1, 1, items...)
-	measure("own-trace-2k-items", m1, NewTraced(f.db, nil))
+	measure("own-trace-2k-items", m1, NewTraced(f.db))
 	_, m2 := mk("v2", 2)
-	measure("inherited-trace", m2, NewTraced(f.db, nil))
+	measure("inherited-trace", m2, NewTraced(f.db))
 }
