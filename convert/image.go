@@ -22,11 +22,14 @@ import (
 	"github.com/starlight-project/starlight/api"
 )
 
-// MaxManifestSize bounds the manifests and indexes ConvertImage reads
-// into memory (configs: api.MaxConfigSize).
-//
-// Deprecated: use api.MaxManifestSize.
-const MaxManifestSize = api.MaxManifestSize
+// The OCI non-distributable layer types. image-spec deprecates them for
+// producers (its constants are marked deprecated), but images carrying them
+// still exist, and a converter must recognise them to refuse them.
+const (
+	mediaTypeLayerNonDistributable     = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+	mediaTypeLayerNonDistributableGzip = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+	mediaTypeLayerNonDistributableZstd = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+)
 
 // ConvertImage converts the image src (a manifest or an index) in store:
 // every layer not yet in eStargz is converted and pushed, then the configs,
@@ -200,8 +203,7 @@ func convertImageLayer(ctx context.Context, store Store, desc ocispec.Descriptor
 		}
 	case ocispec.MediaTypeImageLayer, images.MediaTypeDockerSchema2Layer, ocispec.MediaTypeImageLayerZstd:
 	case images.MediaTypeDockerSchema2LayerForeign, images.MediaTypeDockerSchema2LayerForeignGzip,
-		ocispec.MediaTypeImageLayerNonDistributable, ocispec.MediaTypeImageLayerNonDistributableGzip, //nolint:staticcheck // recognised to refuse them
-		ocispec.MediaTypeImageLayerNonDistributableZstd: //nolint:staticcheck
+		mediaTypeLayerNonDistributable, mediaTypeLayerNonDistributableGzip, mediaTypeLayerNonDistributableZstd:
 		return nil, invalid(fmt.Errorf("foreign (non-distributable) layer of type %q cannot be converted: its blob is not in the registry", desc.MediaType))
 	default:
 		return nil, invalid(fmt.Errorf("unsupported layer media type %q", desc.MediaType))

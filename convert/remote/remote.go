@@ -20,8 +20,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/starlight-project/starlight/api"
 	registry "github.com/starlight-project/starlight/api/remote"
-	"github.com/starlight-project/starlight/convert"
 )
 
 // Options configure a Store.
@@ -100,7 +100,7 @@ func (s *Store) AddLocal(desc ocispec.Descriptor, b []byte) {
 // Push writes a blob or manifest to the destination repository (by digest).
 func (s *Store) Push(ctx context.Context, desc ocispec.Descriptor, r io.Reader) error {
 	if isManifest(desc.MediaType) {
-		b, err := io.ReadAll(io.LimitReader(r, convert.MaxManifestSize+1))
+		b, err := io.ReadAll(io.LimitReader(r, api.MaxManifestSize+1))
 		if err != nil {
 			return err
 		}
@@ -215,7 +215,7 @@ func readVerified(ctx context.Context, fetch func(context.Context, ocispec.Descr
 		return nil, err
 	}
 	defer rc.Close()
-	b, err := io.ReadAll(io.LimitReader(rc, convert.MaxManifestSize+1))
+	b, err := io.ReadAll(io.LimitReader(rc, api.MaxManifestSize+1))
 	if err != nil {
 		return nil, err
 	}

@@ -152,7 +152,7 @@ func TestTracing(t *testing.T) {
 		t.Fatalf("trace of the running container: %+v", tr)
 	}
 	ctr(t, sock, "container", "rm", id)
-	traces = waitTraces(t, w.client, "trace of "+id+" written", func(ts []api.TraceSummary) bool {
+	waitTraces(t, w.client, "trace of "+id+" written", func(ts []api.TraceSummary) bool {
 		_, ok := recorded(ts, id)
 		return ok
 	})
@@ -236,7 +236,7 @@ func TestTracing(t *testing.T) {
 	if out := ctr(t, sock, "run", "--rm", "--snapshotter", importer.SnapshotterName, ref, run1, "/bin/cat", "/etc/two.txt"); out != "two\n" {
 		t.Fatalf("ctr run printed %q", out)
 	}
-	traces = waitTraces(t, w.client, "trace of "+run1, func(ts []api.TraceSummary) bool {
+	waitTraces(t, w.client, "trace of "+run1, func(ts []api.TraceSummary) bool {
 		_, ok := recorded(ts, run1)
 		return ok
 	})

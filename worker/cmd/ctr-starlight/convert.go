@@ -15,6 +15,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
+	"github.com/starlight-project/starlight/api"
 	registry "github.com/starlight-project/starlight/api/remote"
 	"github.com/starlight-project/starlight/convert"
 	"github.com/starlight-project/starlight/convert/remote"
@@ -128,7 +129,7 @@ func selectPlatforms(ctx context.Context, store *remote.Store, root ocispec.Desc
 		return root, err
 	}
 	defer rc.Close()
-	b, err := io.ReadAll(io.LimitReader(rc, convert.MaxManifestSize+1))
+	b, err := io.ReadAll(io.LimitReader(rc, api.MaxManifestSize+1))
 	if err != nil {
 		return root, err
 	}
