@@ -11,7 +11,7 @@ export CGO_ENABLED := 1
 
 BINARIES := starlight-registry starlight-worker ctr-starlight
 
-.PHONY: all build deps test unit demo bench clean
+.PHONY: all build deps test unit lint demo bench clean
 
 all: build
 
@@ -28,6 +28,10 @@ test: deps build
 
 unit:
 	$(GO) test -count=1 -short ./...
+
+# The linters make test runs after the tests (hack/lint.sh).
+lint:
+	./hack/lint.sh
 
 demo: deps build
 	./hack/demo.sh
