@@ -12,11 +12,7 @@ import (
 // ErrorCode is the machine-readable code of an Error. The codes are part
 // of the wire contract of the /starlight/ routes (docs/BUNDLE.md §2):
 // clients switch on them, so a code is never renamed or reused.
-//
-// TODO: make it a defined type (type ErrorCode string). It is an alias
-// while worker/daemon copies Error.Code into a plain string field; the
-// registry client moving to ReadError removes that.
-type ErrorCode = string
+type ErrorCode string
 
 // The codes the /starlight/ routes answer with. Every route writes its
 // errors with WriteError, so this is the complete list.

@@ -285,7 +285,7 @@ func TestErrors(t *testing.T) {
 		{"starlight error", 404, "", `{"code":"NOT_FOUND","message":"image app:v9 not found"}`, "", "", "registry: NOT_FOUND: image app:v9 not found"},
 		{"distribution error", 403, "", `{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}`, "", "", "registry: DENIED: requested access"},
 		{"not starlight", 404, "", "404 page not found", "", "", "is this a Starlight registry?"},
-		{"empty body", 502, "", "", "", "", "registry: HTTP 502: 502 Bad Gateway"},
+		{"empty body", 502, "", "", "", "", "registry: HTTP 502: Bad Gateway"},
 		{"no credentials", 401, `Basic realm="x"`, `{"code":"UNAUTHORIZED","message":"authentication required"}`, "", "", "requires authentication: configure credentials"},
 		{"wrong credentials", 401, `Basic realm="x"`, `{"code":"UNAUTHORIZED","message":"authentication required"}`, "u", "bad", "registry: UNAUTHORIZED: authentication required"},
 		{"unknown scheme", 401, `Negotiate`, "", "u", "p", "requires authentication"},

@@ -449,7 +449,7 @@ func TestDeltaBadRequests(t *testing.T) {
 		manifest digest.Digest
 		req      api.DeltaRequest
 		status   int
-		code     string
+		code     api.ErrorCode
 	}{
 		{"malformed have digest", s.app, api.DeltaRequest{Have: []string{"sha256:xyz"}}, 400, api.CodeBadRequest},
 		{"non-sha256 have digest", s.app, api.DeltaRequest{Have: []string{digest.SHA512.FromString("x").String()}}, 400, api.CodeBadRequest},
@@ -472,7 +472,7 @@ func TestDeltaBadRequests(t *testing.T) {
 	}
 }
 
-func checkError(t *testing.T, resp *http.Response, status int, code string) {
+func checkError(t *testing.T, resp *http.Response, status int, code api.ErrorCode) {
 	t.Helper()
 	if resp.StatusCode != status {
 		t.Fatalf("status %d, want %d", resp.StatusCode, status)
