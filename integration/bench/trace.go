@@ -19,8 +19,8 @@ import (
 	"github.com/starlight-project/starlight/worker/client"
 )
 
-// maxReport bounds a captured trace report.
-const maxReport = 64 << 20
+// maxReport bounds a captured trace report, as the registry does.
+const maxReport = api.MaxTraceReportSize
 
 // traceCapture is a reverse proxy in front of the registry that keeps a
 // copy of every trace report going through it: the benchmark needs the

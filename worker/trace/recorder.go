@@ -17,8 +17,9 @@ import (
 
 // DefaultMaxAccesses bounds the accesses one recorder keeps, so that a
 // container that walks a huge image cannot grow the worker without limit.
-// Later first accesses are counted as dropped.
-const DefaultMaxAccesses = 1 << 18
+// Later first accesses are counted as dropped. It is the most a registry
+// accepts in one report.
+const DefaultMaxAccesses = api.MaxTraceAccesses
 
 // Layer indexes one layer's tree for the recorder: the content digest and
 // chunk offsets of every regular file, by entry name. It is read-only once
