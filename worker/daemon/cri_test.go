@@ -19,24 +19,6 @@ import (
 	"github.com/starlight-project/starlight/worker/snapshotter"
 )
 
-// criImage is a converted test image whose layers replace pushed (gzip)
-// layers of a pushed manifest, as the registry's bundle header says.
-func criImage(t *testing.T) (img *fakeregistry.Image, pushedManifest digest.Digest, pushedLayers []digest.Digest) {
-	img = fakeregistry.BuildImage(t, 256<<10,
-		[]fakeregistry.File{
-			{Name: "etc", Type: api.TypeDir, Mode: 0o755},
-			{Name: "etc/hello.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("hello from the base\n")},
-		},
-		[]fakeregistry.File{{Name: "app.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("the app\n")}},
-	)
-	for i := range img.Layers {
-		o := digest.FromString(fmt.Sprintf("pushed gzip layer %d of %s", i, t.Name()))
-		img.Layers[i].OriginalDigest = o.String()
-		pushedLayers = append(pushedLayers, o)
-	}
-	return img, digest.FromString("pushed manifest of " + t.Name()), pushedLayers
-}
-
 // criLabels are the labels containerd's CRI plugin puts on the Prepare of
 // a layer (through the unpacker: the chain ID as the snapshot ref).
 func criLabels(ref string, manifest, layer digest.Digest, target string) map[string]string {
@@ -65,7 +47,7 @@ func TestCRIPrepareFetchesImage(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 
-	img, pushed, pushedLayers := criImage(t)
+	img, pushed, pushedLayers := fakeregistry.CRIImage(t)
 	reg := &fakeregistry.Registry{Image: img, Refs: []string{"app@" + pushed.String()}, HeaderGate: make(chan struct{})}
 	host := fakeregistry.Start(t, reg)
 	w := startWorker(t, dir, config.Registry{Host: host, PlainHTTP: true})

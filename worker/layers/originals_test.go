@@ -2,32 +2,12 @@ package layers
 
 import (
 	"context"
-	"fmt"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
-	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/internal/fakeregistry"
 	"github.com/starlight-project/starlight/worker/snapshotter"
 )
-
-// criImage is a converted test image whose layers replace pushed (gzip)
-// layers of a pushed manifest, as the registry's bundle header says.
-func criImage(t *testing.T) (img *fakeregistry.Image, pushedManifest digest.Digest, pushedLayers []digest.Digest) {
-	img = fakeregistry.BuildImage(t, 256<<10,
-		[]fakeregistry.File{
-			{Name: "etc", Type: api.TypeDir, Mode: 0o755},
-			{Name: "etc/hello.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("hello from the base\n")},
-		},
-		[]fakeregistry.File{{Name: "app.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("the app\n")}},
-	)
-	for i := range img.Layers {
-		o := digest.FromString(fmt.Sprintf("pushed gzip layer %d of %s", i, t.Name()))
-		img.Layers[i].OriginalDigest = o.String()
-		pushedLayers = append(pushedLayers, o)
-	}
-	return img, digest.FromString("pushed manifest of " + t.Name()), pushedLayers
-}
 
 // TestLayersOriginals checks the pushed → converted layer mapping: it is
 // recorded from the tree, survives a restart, pins what it resolves, and
@@ -35,7 +15,7 @@ func criImage(t *testing.T) (img *fakeregistry.Image, pushedManifest digest.Dige
 func TestLayersOriginals(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	img, _, pushedLayers := criImage(t)
+	img, _, pushedLayers := fakeregistry.CRIImage(t)
 	fm := &fakeMount{mounted: map[string]bool{}}
 	l, err := Open(ctx, root, fakeContents{}, fm.mount)
 	if err != nil {

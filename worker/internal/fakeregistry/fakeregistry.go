@@ -372,3 +372,21 @@ func (f *Registry) SetTraceFailure(msg string) {
 	defer f.mu.Unlock()
 	f.TraceFailure = msg
 }
+
+// CRIImage is a converted test image whose layers replace pushed (gzip)
+// layers of a pushed manifest, as the registry's bundle header says.
+func CRIImage(t testing.TB) (img *Image, pushedManifest digest.Digest, pushedLayers []digest.Digest) {
+	img = BuildImage(t, 256<<10,
+		[]File{
+			{Name: "etc", Type: api.TypeDir, Mode: 0o755},
+			{Name: "etc/hello.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("hello from the base\n")},
+		},
+		[]File{{Name: "app.txt", Type: api.TypeReg, Mode: 0o644, Data: []byte("the app\n")}},
+	)
+	for i := range img.Layers {
+		o := digest.FromString(fmt.Sprintf("pushed gzip layer %d of %s", i, t.Name()))
+		img.Layers[i].OriginalDigest = o.String()
+		pushedLayers = append(pushedLayers, o)
+	}
+	return img, digest.FromString("pushed manifest of " + t.Name()), pushedLayers
+}
