@@ -1,7 +1,10 @@
-// Package api holds the types that cross process boundaries in Starlight:
-// the JSON of the registry's /starlight/ HTTP API, the header of a delta
-// bundle, and the file tree entries shared by the index, the registry and
-// the worker. It has no dependencies beyond the standard library and
+// Package api holds everything that crosses a process boundary in
+// Starlight: the JSON of the registry's /starlight/ HTTP API, the header of
+// a delta bundle, the file tree entries shared by the index, the registry
+// and the worker, the JSON of the worker API (worker.go), the error codes
+// every /starlight/ route answers with (errors.go, tabled in
+// docs/BUNDLE.md §2) and the size limits both sides must agree on
+// (limits.go). It has no dependencies beyond the standard library and
 // go-digest so that every component can import it.
 package api
 

@@ -1,3 +1,15 @@
+// Package convert turns images into eStargz images and indexes eStargz
+// layers. ConvertLayer rewrites one layer (gzip, zstd or uncompressed tar)
+// as an eStargz blob, one gzip member per regular file or per chunk of a
+// larger one, still a valid tar.gz; ConvertImage converts every layer of a
+// manifest or index read from a Store and pushes the converted layers,
+// configs and manifests back to it; ReadIndex reads the TOC of an eStargz
+// blob into the entries, with chunk locations, that the registry indexes.
+// A conversion is deterministic, and every error caused by the image
+// itself matches ErrInvalid.
+//
+// The registry converts through its own storage (package registryext);
+// ctr-starlight convert through two standard registries (convert/remote).
 package convert
 
 import (

@@ -9,8 +9,10 @@
 //     convert) through the registry's own storage, index every file of
 //     every layer, and tag the result <tag><tagsuffix>;
 //   - the /starlight/ routes on the registry's listener serve the status
-//     of an image and delta bundles (package delta), behind the registry's
-//     configured access controller.
+//     of an image, the conversion queue and delta bundles (package delta),
+//     and take startup trace reports, merged into the priorities that
+//     order the bundles; all behind the registry's configured access
+//     controller.
 package registryext
 
 import (

@@ -17,7 +17,8 @@ const maxRequestSize = 1 << 20
 // progressInterval bounds how often a pull stream reports progress.
 const progressInterval = 250 * time.Millisecond
 
-// APIHandler serves the worker API (see package client for the routes).
+// APIHandler serves the worker API (the routes and their JSON are in
+// package api, api/worker.go; package client is its Go client).
 func (d *Daemon) APIHandler() http.Handler {
 	pl := d.Puller
 	mux := http.NewServeMux()

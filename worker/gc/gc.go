@@ -39,8 +39,7 @@ type Collector struct {
 	sn     snapshots.Snapshotter
 	images Images
 
-	mu      sync.Mutex
-	trigger chan struct{}
+	mu sync.Mutex
 }
 
 // GCResult is what a collection removed.
@@ -62,25 +61,16 @@ type Images interface {
 
 // New returns the collector of a worker's state.
 func New(l *layers.Registry, st *store.Store, sn snapshots.Snapshotter, images Images) *Collector {
-	return &Collector{layers: l, store: st, sn: sn, images: images, trigger: make(chan struct{}, 1)}
+	return &Collector{layers: l, store: st, sn: sn, images: images}
 }
 
-// Trigger asks for a collection soon (from Run); triggers coalesce.
-func (c *Collector) Trigger() {
-	select {
-	case c.trigger <- struct{}{}:
-	default:
-	}
-}
-
-// Run collects whenever triggered or a layer was released (no snapshot
-// uses it any more), until ctx is done.
+// Run collects whenever a layer was released (no snapshot uses it any
+// more), until ctx is done. Removing an image collects at once (Collect).
 func (c *Collector) Run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-c.trigger:
 		case <-c.layers.Released():
 		}
 		if _, err := c.Collect(ctx); err != nil && ctx.Err() == nil {

@@ -1,7 +1,8 @@
 // Package layers is the worker's registry of converted layers: the file
 // tree of every layer a bundle header described, which of them are
 // complete, the pushed layers they replace, and their FUSE views, mounted
-// while a snapshot uses them. It implements snapshotter.Layers.
+// when a snapshot needs them (every known layer at start) and unmounted
+// when no snapshot uses them any more. It implements snapshotter.Layers.
 package layers
 
 import (

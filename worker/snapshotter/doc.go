@@ -1,7 +1,9 @@
 // Package snapshotter is Starlight's containerd snapshotter: containerd's
 // overlayfs snapshotter, extended with "remote" layers whose trees are
-// provided by the worker (a FUSE view of a converted layer while its contents
-// are still streaming in, a plain directory once the layer is complete).
+// provided by the worker. A remote layer is always a FUSE view of a
+// converted layer, served by the worker from its content store, while its
+// contents are still streaming in and after they have all arrived; a
+// container's rootfs is overlayfs over those views.
 //
 // # Snapshots
 //

@@ -44,8 +44,8 @@ const (
 	LabelCRIManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
 )
 
-// Layers resolves remote layers to local directories (FUSE mounts, or
-// materialised dirs once complete).
+// Layers resolves remote layers to local directories: the worker's FUSE
+// views of converted layers, complete or still streaming in.
 type Layers interface {
 	// Resolve returns the layer digest a Prepare's labels designate, if this
 	// worker can provide it (labels carry LabelLayerDigest, or CRI labels that
@@ -189,9 +189,8 @@ func New(root string, layers Layers, opts ...Opt) (snapshots.Snapshotter, error)
 	}
 	// index=off, as the overlayfs snapshotter and stargz-snapshotter do: with
 	// the index on, overlayfs records file handles of lower inodes and checks
-	// them on later mounts, which neither a FUSE view (no stable file
-	// handles) nor a view later replaced by its materialised directory can
-	// satisfy.
+	// them on later mounts, which a FUSE view (no stable file handles)
+	// cannot satisfy.
 	if !hasOption(options, "index") && supportsIndex() {
 		options = append(options, "index=off")
 	}

@@ -10,8 +10,11 @@
 // order. A chunk becomes readable as soon as its own digest has been
 // verified, so a reader of a partly arrived file is served as soon as the
 // chunks that cover its read are in. Once every chunk is in, the whole file
-// is verified against its digest, synced and renamed into content/. Nothing
-// unverified is ever readable or renamed into content/.
+// is verified against its digest and renamed into content/. Nothing
+// unverified is ever readable or renamed into content/. Contents are not
+// synced one by one: Sync (one syncfs) makes them durable before a layer
+// is recorded complete, and after an unclean shutdown the next Open
+// verifies every content again.
 //
 // File names are built only from digests that passed api.ParseDigest, whose
 // hex is checked, so a hostile digest cannot escape the store root.

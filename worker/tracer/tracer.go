@@ -454,11 +454,11 @@ func (t *Tracer) List(ctx context.Context) ([]api.TraceSummary, error) {
 // containers are sealed first: their recording stops there (the startup
 // is what a trace is for, and a run is reported once) and they are written
 // as partial traces. A trace leaves the disk after the registry accepted
-// it (HTTP 200); a failure is recorded in the result, verbatim, and the
-// trace stays for the next report. server, if not empty, overrides the
-// registry of every trace.
+// it (201, or 200 for a report it already had); a failure is recorded in
+// the result, verbatim, and the trace stays for the next report. server,
+// if not empty, overrides the registry of every trace.
 func (t *Tracer) Report(ctx context.Context, server string) (*api.ReportResult, error) {
-	var override *config.Registry
+	var override *reportTarget
 	if server != "" {
 		reg, err := config.ParseRegistryURL(server)
 		if err != nil {
@@ -469,7 +469,11 @@ func (t *Tracer) Report(ctx context.Context, server string) (*api.ReportResult, 
 				reg.Username, reg.Password = known.Username, known.Password
 			}
 		}
-		override = &reg
+		// One client for the whole report: its connections and token
+		// serve every trace.
+		hc := remote.HostConfig{PlainHTTP: reg.PlainHTTP, Username: reg.Username, Password: reg.Password}
+		override = &reportTarget{reg: reg, client: remote.New(remote.Options{UserAgent: "starlight-worker",
+			Hosts: remote.StaticHosts(func(string) remote.HostConfig { return hc })})}
 	}
 	t.reportMu.Lock()
 	defer t.reportMu.Unlock()
@@ -500,17 +504,22 @@ func (t *Tracer) Report(ctx context.Context, server string) (*api.ReportResult, 
 	return res, nil
 }
 
+// reportTarget is the registry a report sends every trace to (--server),
+// and the client with its credentials.
+type reportTarget struct {
+	reg    config.Registry
+	client *remote.Client
+}
+
 // upload posts one trace and deletes it once the registry has it.
-func (t *Tracer) upload(ctx context.Context, tr *trace.Trace, override *config.Registry) api.TraceUpload {
+func (t *Tracer) upload(ctx context.Context, tr *trace.Trace, override *reportTarget) api.TraceUpload {
 	up := api.TraceUpload{TraceSummary: summary(tr, false)}
 	rc := t.remote
 	reg := config.Registry{Host: tr.Registry, PlainHTTP: tr.PlainHTTP}
 	switch {
 	case override != nil:
 		// Another registry than the image's, with its own credentials.
-		reg = *override
-		hc := remote.HostConfig{PlainHTTP: reg.PlainHTTP, Username: reg.Username, Password: reg.Password}
-		rc = remote.New(remote.Options{Hosts: remote.StaticHosts(func(string) remote.HostConfig { return hc })})
+		reg, rc = override.reg, override.client
 	default:
 		if known, ok := t.cfg.Registry(tr.Registry); ok {
 			reg.PlainHTTP = reg.PlainHTTP || known.PlainHTTP

@@ -256,14 +256,14 @@ func (f *Registry) serveTrace(w http.ResponseWriter, r *http.Request) {
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&rep); err != nil {
 		w.WriteHeader(http.StatusBadRequest)
-		json.NewEncoder(w).Encode(api.Error{Code: "BAD_REQUEST", Message: err.Error()})
+		json.NewEncoder(w).Encode(api.Error{Code: api.CodeBadRequest, Message: err.Error()})
 		return
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.TraceFailure != "" {
 		w.WriteHeader(http.StatusInternalServerError)
-		json.NewEncoder(w).Encode(api.Error{Code: "INTERNAL", Message: f.TraceFailure})
+		json.NewEncoder(w).Encode(api.Error{Code: api.CodeInternal, Message: f.TraceFailure})
 		return
 	}
 	f.traces = append(f.traces, rep)
@@ -283,13 +283,13 @@ func (f *Registry) Traces() []api.TraceReport {
 func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	isBlob := r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/v2/")
 	if !isBlob && (r.Method != http.MethodPost || r.URL.Path != "/starlight/delta" && r.URL.Path != "/starlight/v1/traces") {
-		http.Error(w, `{"code":"NOT_FOUND","message":"no such route"}`, http.StatusNotFound)
+		api.WriteError(w, http.StatusNotFound, api.CodeNotFound, "no such route")
 		return
 	}
 	if u, p, ok := r.BasicAuth(); f.User != "" && (!ok || u != f.User || p != f.Password) {
 		w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
 		w.WriteHeader(http.StatusUnauthorized)
-		json.NewEncoder(w).Encode(api.Error{Code: "UNAUTHORIZED", Message: "authentication required"})
+		json.NewEncoder(w).Encode(api.Error{Code: api.CodeUnauthorized, Message: "authentication required"})
 		return
 	}
 	if isBlob {
@@ -311,7 +311,7 @@ func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.mu.Unlock()
 	if req.Reference != "app:v1" && req.Reference != "broken:v1" && !slices.Contains(f.Refs, req.Reference) {
 		w.WriteHeader(http.StatusNotFound)
-		json.NewEncoder(w).Encode(api.Error{Code: "NOT_FOUND", Message: "image " + req.Reference + " not found"})
+		json.NewEncoder(w).Encode(api.Error{Code: api.CodeNotFound, Message: "image " + req.Reference + " not found"})
 		return
 	}
 	if first && f.HeaderGate != nil {
