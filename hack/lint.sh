@@ -19,7 +19,7 @@ step() {
 	fi
 }
 
-step gofmt gofmt -l .
+step gofmt gofmt -l $(git ls-files "*.go")
 step "go vet" go vet ./...
 step staticcheck go tool staticcheck ./...
 step "go mod tidy" go mod tidy -diff
