@@ -125,6 +125,10 @@ type DeltaRequest struct {
 	// earlier, identical request whose stream broke. The header is always
 	// sent whole; frames [Resume, len(Frames)) follow it.
 	Resume int `json:"resume,omitempty"`
+	// HeaderVersion is the highest bundle header version the worker
+	// reads (docs/BUNDLE.md §3). 0 means 1: workers from before version 2
+	// do not send it.
+	HeaderVersion int `json:"headerVersion,omitempty"`
 }
 
 // BundleHeader opens a delta bundle. It carries everything needed to mount

@@ -1,9 +1,10 @@
 // Package bundle encodes and decodes the delta bundle stream of
 // POST /starlight/delta. The format is documented in docs/BUNDLE.md:
 //
-//	magic   "SLBNDL01"                          8 bytes
+//	magic   "SLBNDL01" or "SLBNDL02"            8 bytes
 //	length  big-endian uint64                   8 bytes
-//	header  gzip-compressed JSON api.BundleHeader, length bytes
+//	header  gzip-compressed JSON header, length bytes: api.BundleHeader
+//	        (version 1) or its compact form (version 2, compact.go)
 //	frames  for each header.Frames[header.Resume:], exactly
 //	        CompressedSize raw bytes of an eStargz gzip member
 //
@@ -27,11 +28,21 @@ import (
 	"github.com/starlight-project/starlight/api"
 )
 
-// Magic opens every bundle stream.
+// Magic opens every bundle stream; its last two characters are the header
+// version.
 const Magic = "SLBNDL01"
 
-// Version is the header version this package writes and accepts.
-const Version = 1
+// Header versions. The worker says in its delta request which it reads
+// (api.DeltaRequest.HeaderVersion); a registry writes the highest both
+// know, so old workers keep working with new registries.
+const (
+	VersionJSON    = 1 // the header is an api.BundleHeader as JSON
+	VersionCompact = 2 // the header is compactHeader as JSON
+	// Version is the highest version this package writes and reads.
+	Version = VersionCompact
+)
+
+func magic(version int) string { return fmt.Sprintf("SLBNDL%02d", version) }
 
 // Limits that protect a decoder from hostile or broken streams.
 const (
@@ -55,15 +66,39 @@ type Writer struct {
 	next   int
 }
 
-// NewWriter writes the magic and the header to w and returns a Writer for
-// the frames h.Frames[h.Resume:].
+// NewWriter writes a bundle with the newest header version (Version); see
+// NewWriterVersion.
 func NewWriter(w io.Writer, h *api.BundleHeader) (*Writer, error) {
-	h.Version = Version
+	return NewWriterVersion(w, h, Version)
+}
+
+// NewWriterVersion writes the magic and the header, in the given version
+// (VersionJSON or VersionCompact), to w and returns a Writer for the frames
+// h.Frames[h.Resume:]. h.Version is set to the version written: a header
+// whose frames are not all chunks of its trees can only be written as
+// VersionJSON, and is.
+func NewWriterVersion(w io.Writer, h *api.BundleHeader, version int) (*Writer, error) {
+	var body any = h
+	switch version {
+	case VersionJSON:
+	case VersionCompact:
+		if c, ok := compact(h); ok {
+			body = c
+		} else {
+			version = VersionJSON
+		}
+	default:
+		return nil, fmt.Errorf("bundle: unknown header version %d", version)
+	}
+	h.Version = version
+	if c, ok := body.(*compactHeader); ok {
+		c.Version = version
+	}
 	// The header's length precedes it, so it is compressed in memory. It
 	// holds metadata only (file trees), never file contents.
 	var buf bytes.Buffer
 	gz := gzip.NewWriter(&buf)
-	if err := json.NewEncoder(gz).Encode(h); err != nil {
+	if err := json.NewEncoder(gz).Encode(body); err != nil {
 		return nil, fmt.Errorf("encoding bundle header: %w", err)
 	}
 	if err := gz.Close(); err != nil {
@@ -74,7 +109,7 @@ func NewWriter(w io.Writer, h *api.BundleHeader) (*Writer, error) {
 		return nil, fmt.Errorf("bundle header exceeds %d bytes", MaxHeaderSize)
 	}
 	var pre [16]byte
-	copy(pre[:8], Magic)
+	copy(pre[:8], magic(version))
 	binary.BigEndian.PutUint64(pre[8:], uint64(len(hdr)))
 	if _, err := w.Write(pre[:]); err != nil {
 		return nil, err
@@ -118,7 +153,13 @@ func NewReader(r io.Reader) (*Reader, error) {
 	if _, err := io.ReadFull(br, pre[:]); err != nil {
 		return nil, corrupt("reading preamble: %v", err)
 	}
-	if string(pre[:8]) != Magic {
+	var version int
+	switch string(pre[:8]) {
+	case magic(VersionJSON):
+		version = VersionJSON
+	case magic(VersionCompact):
+		version = VersionCompact
+	default:
 		return nil, corrupt("bad magic %q", pre[:8])
 	}
 	n := binary.BigEndian.Uint64(pre[8:])
@@ -131,8 +172,26 @@ func NewReader(r io.Reader) (*Reader, error) {
 	}
 	var h api.BundleHeader
 	lr := &io.LimitedReader{R: gz, N: MaxHeaderJSON}
-	if err := json.NewDecoder(lr).Decode(&h); err != nil {
-		return nil, corrupt("header: %v", err)
+	if version == VersionCompact {
+		var c compactHeader
+		if err := json.NewDecoder(lr).Decode(&c); err != nil {
+			return nil, corrupt("header: %v", err)
+		}
+		if c.Version != version {
+			return nil, corrupt("header version %d in a version %d stream", c.Version, version)
+		}
+		ch, err := c.expand()
+		if err != nil {
+			return nil, err
+		}
+		h = *ch
+	} else {
+		if err := json.NewDecoder(lr).Decode(&h); err != nil {
+			return nil, corrupt("header: %v", err)
+		}
+		if h.Version != version {
+			return nil, corrupt("header version %d in a version %d stream", h.Version, version)
+		}
 	}
 	// Drain the rest of the header member so frames start where they should.
 	if _, err := io.Copy(io.Discard, gz); err != nil {
@@ -147,7 +206,7 @@ func NewReader(r io.Reader) (*Reader, error) {
 // ValidateHeader checks an untrusted header: version, digests, entry names
 // and frame bounds.
 func ValidateHeader(h *api.BundleHeader) error {
-	if h.Version != Version {
+	if h.Version != VersionJSON && h.Version != VersionCompact {
 		return corrupt("unsupported version %d", h.Version)
 	}
 	if _, err := api.ParseDigest(h.ManifestDigest); err != nil {

@@ -67,7 +67,10 @@ func (p *Planner) ServeDelta(w http.ResponseWriter, r *http.Request, req api.Del
 	hdr.Set(api.HeaderDedupBytes, strconv.FormatInt(h.Stats.DedupBytes, 10))
 	hdr.Set(api.HeaderSendBytes, strconv.FormatInt(h.Stats.SendBytes, 10))
 	fw := &flushWriter{w: w, rc: http.NewResponseController(w), last: time.Now()}
-	bw, err := bundle.NewWriter(fw, h)
+	// The newest header version the worker reads (workers from before
+	// version 2 say nothing: 1).
+	version := min(max(req.HeaderVersion, bundle.VersionJSON), bundle.Version)
+	bw, err := bundle.NewWriterVersion(fw, h, version)
 	if err != nil {
 		if fw.n == 0 {
 			// Nothing was written (the header could not be encoded):

@@ -328,9 +328,10 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	}
 	defer unlockGC()
 	req := api.DeltaRequest{
-		Reference: ref.DeltaReference(),
-		Platform:  DefaultPlatform,
-		Have:      pl.layers.Inventory(),
+		Reference:     ref.DeltaReference(),
+		Platform:      DefaultPlatform,
+		Have:          pl.layers.Inventory(),
+		HeaderVersion: bundle.Version,
 	}
 	log.G(ctx).WithField("registry", ep.Registry.String()).WithField("have", len(req.Have)).Info("requesting delta bundle")
 	body, err := rc.Delta(ctx, ref.Host, ref.Repository, req)
