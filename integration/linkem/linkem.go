@@ -69,7 +69,9 @@
 // parallel GETs over fresh connections): it adds the queueing delay and
 // the slow-start round trips a real path has and the token bucket hides,
 // it still delivers the profile's rate to a long transfer, and the zero
-// Profile fields keep every existing caller compiling and working.
+// Profile fields keep every existing caller compiling and working. A caller
+// that wants the earlier numbers sets Model: ModelTokenBucket;
+// Profile.String names the model and its parameters.
 package linkem
 
 import (
