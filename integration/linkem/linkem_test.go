@@ -5,7 +5,9 @@ import (
 	"crypto/rand"
 	"io"
 	"net"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -68,56 +70,85 @@ func proxy(t *testing.T, p Profile, target string) (*Link, string) {
 	return l, addr.String()
 }
 
-// download reads everything from a new connection to addr.
-func download(t *testing.T, addr string) int64 {
+// downloadInto reads everything from a new connection to addr, counting
+// the bytes in n as they arrive.
+func downloadInto(t *testing.T, addr string, n *atomic.Int64) {
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Error(err)
-		return 0
+		return
 	}
 	defer c.Close()
-	n, err := io.Copy(io.Discard, c)
-	if err != nil {
+	if _, err := io.Copy(counter{n}, c); err != nil {
 		t.Error(err)
 	}
-	return n
+}
+
+type counter struct{ n *atomic.Int64 }
+
+func (c counter) Write(p []byte) (int, error) {
+	c.n.Add(int64(len(p)))
+	return len(p), nil
 }
 
 // minDuration is the least time the link needs to move n bytes in one
-// direction: the one-way delay and the serialisation of everything beyond
-// what the token bucket can hold (it fills up during the handshake).
+// direction on a new connection. Under ModelTokenBucket: the one-way delay
+// and the serialisation of everything beyond what the token bucket can
+// hold (it fills up during the handshake). Under ModelFIFO: the handshake,
+// the serialisation of all n bytes and the one-way delay.
 func minDuration(p Profile, n int64) time.Duration {
+	if p.Model == ModelFIFO {
+		return p.RTT + seconds(float64(n)/p.BytesPerSecond()) + p.RTT/2
+	}
 	burst := int64(newLimiter(p).Burst())
-	serial := time.Duration(float64(n-burst) / p.BytesPerSecond() * float64(time.Second))
-	return p.RTT/2 + serial
+	return p.RTT/2 + seconds(float64(n-burst)/p.BytesPerSecond())
 }
 
+func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
+
+// TestThroughput checks that the link delivers its rate, to one
+// connection or shared by two, and that two connections share it fairly:
+// when the first one is done, the other has most of its bytes too.
 func TestThroughput(t *testing.T) {
-	p := Profile{RTT: 20 * time.Millisecond, Bandwidth: 40_000_000} // 5 MB/s
 	tests := []struct {
 		name  string
+		model Model
 		conns int
 		bytes int64 // per connection
 	}{
-		{"one connection", 1, 3 << 20},
-		{"two connections share the cap", 2, 2 << 20},
+		{"fifo one connection", ModelFIFO, 1, 3 << 20},
+		{"fifo two connections share the cap", ModelFIFO, 2, 2 << 20},
+		{"token bucket one connection", ModelTokenBucket, 1, 3 << 20},
+		{"token bucket two connections share the cap", ModelTokenBucket, 2, 2 << 20},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			p := Profile{RTT: 20 * time.Millisecond, Bandwidth: 40_000_000, Model: tt.model} // 5 MB/s
 			target := server(t, sender(tt.bytes))
 			l, addr := proxy(t, p, target)
 			start := time.Now()
 			var wg sync.WaitGroup
-			got := make([]int64, tt.conns)
+			got := make([]atomic.Int64, tt.conns)
+			// others[i] is what the other connections had received
+			// when connection i was done.
+			others := make([]int64, tt.conns)
 			for i := range tt.conns {
 				wg.Add(1)
-				go func() { defer wg.Done(); got[i] = download(t, addr) }()
+				go func() {
+					defer wg.Done()
+					downloadInto(t, addr, &got[i])
+					for j := range got {
+						if j != i {
+							others[i] += got[j].Load()
+						}
+					}
+				}()
 			}
 			wg.Wait()
 			elapsed := time.Since(start)
 			total := tt.bytes * int64(tt.conns)
-			for i, n := range got {
-				if n != tt.bytes {
+			for i := range got {
+				if n := got[i].Load(); n != tt.bytes {
 					t.Errorf("connection %d received %d bytes, want %d", i, n, tt.bytes)
 				}
 			}
@@ -133,6 +164,13 @@ func TestThroughput(t *testing.T) {
 			}
 			if elapsed > upper {
 				t.Errorf("%d bytes took %s, far slower than the link's %s", total, elapsed, lower)
+			}
+			if tt.conns > 1 {
+				first := slices.Min(others) // the first connection done saw the least of the others
+				t.Logf("when the first connection was done, the others had %d bytes", first)
+				if want := int64(tt.conns-1) * tt.bytes / 2; first < want {
+					t.Errorf("when the first connection was done the others had %d bytes, want at least %d: unfair sharing", first, want)
+				}
 			}
 		})
 	}
