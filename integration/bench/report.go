@@ -323,7 +323,7 @@ func (r *Result) writeMarkdown(w io.Writer, rows []Row) error {
 	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
 	p("# Starlight provisioning benchmark, %s\n\n", r.Started.UTC().Format("2006-01-02 15:04 MST"))
 	p("Time from \"provision this image\" to \"the readiness check exited 0\", median of %d runs per cell, "+
-		"every run on a fresh containerd (and worker). Run took %s.\n\n", r.Runs, r.Finished.Sub(r.Started).Round(time.Second))
+		"every run on a fresh containerd (and worker or stargz snapshotter). Run took %s.\n\n", r.Runs, r.Finished.Sub(r.Started).Round(time.Second))
 	p("Links (userspace emulator `integration/linkem`, bandwidth shared by all connections):")
 	for _, pr := range r.Profiles {
 		p(" %s = %s;", pr.Name, pr.Profile)
