@@ -2,7 +2,9 @@
 // starlight-registry, puts an emulated link (package linkem) in front of it,
 // and measures the time from "provision this image" to "the readiness check
 // exited 0" for plain containerd and for Starlight, cold and as an update,
-// next to the physical limit computed from a startup trace.
+// next to the physical limit computed from a startup trace, and for
+// stargz-snapshotter (eStargz lazy pulling, as converted and optimized by
+// its ctr-remote), the peer Starlight is compared with.
 //
 // Every daemon is a private one started by package harness; every
 // measurement gets a fresh containerd (and worker), so nothing is cached
@@ -46,6 +48,8 @@ func ProfileByName(name string) (Profile, bool) {
 // Systems, as they appear in the results.
 const (
 	SysContainerd       = "containerd"        // ctr pull + ctr run, overlayfs
+	SysEstargz          = "estargz"           // stargz-snapshotter, ctr-remote optimize --no-optimize
+	SysEstargzOpt       = "estargz-opt"       // stargz-snapshotter, ctr-remote optimize with the check
 	SysStarlight        = "starlight"         // cold, no trace recorded
 	SysStarlightTrace   = "starlight+trace"   // cold, after a traced run was reported
 	SysLimit            = "limit"             // RTT + startup bytes / bandwidth + local start
@@ -56,9 +60,14 @@ const (
 
 // ColdSystems and UpdateSystems are the systems in result order.
 var (
-	ColdSystems   = []string{SysContainerd, SysStarlight, SysStarlightTrace, SysLimit}
+	ColdSystems   = []string{SysContainerd, SysEstargz, SysEstargzOpt, SysStarlight, SysStarlightTrace, SysLimit}
 	UpdateSystems = []string{SysContainerdUpdate, SysStarlightUpdate, SysLimitUpdate}
 )
+
+// AllSystems are ColdSystems then UpdateSystems.
+func AllSystems() []string { return append(append([]string{}, ColdSystems...), UpdateSystems...) }
+
+func isEstargz(system string) bool { return system == SysEstargz || system == SysEstargzOpt }
 
 // Baseline returns the plain containerd system a system is compared with.
 func Baseline(system string) string {
@@ -117,6 +126,13 @@ type Options struct {
 	Workloads []Workload
 	Profiles  []Profile
 	Runs      int
+	// Systems are the systems to measure (see AllSystems); empty means
+	// all. The limits need plain containerd's runs and a trace.
+	Systems []string
+	// StargzBin is the directory holding containerd-stargz-grpc and
+	// ctr-remote; without them the eStargz systems are left out, with a
+	// note.
+	StargzBin string
 	// Logf reports progress.
 	Logf func(format string, args ...any)
 }
@@ -157,12 +173,23 @@ type Result struct {
 	Started, Finished time.Time
 	Profiles          []Profile
 	Runs              int
-	Samples           []Sample
-	Limits            map[string]Limit // by workload name
-	Notes             []string
-	Machine           string
+	// Systems are the systems of the run, in result order; empty (a
+	// replot of an older results.csv) means all.
+	Systems []string
+	Samples []Sample
+	Limits  map[string]Limit // by workload name
+	Notes   []string
+	Machine string
 	// FailureLogs hold the daemon logs of failed measurements.
 	FailureLogs []string
+}
+
+// systems returns r.Systems, or every system when it is empty.
+func (r *Result) systems() []string {
+	if len(r.Systems) == 0 {
+		return AllSystems()
+	}
+	return r.Systems
 }
 
 func (r *Result) note(format string, args ...any) {
@@ -173,10 +200,15 @@ func (r *Result) note(format string, args ...any) {
 // measurement is a sample with Err.
 func Run(ctx context.Context, opts Options) (*Result, error) {
 	r := &runner{opts: opts, res: &Result{Started: time.Now(), Profiles: opts.Profiles, Runs: opts.Runs, Limits: map[string]Limit{}}}
+	sel, err := SelectSystems(opts.Systems)
+	if err != nil {
+		return r.res, err
+	}
+	r.res.Systems = sel
 	if r.opts.Logf == nil {
 		r.opts.Logf = func(string, ...any) {}
 	}
-	err := r.run(ctx)
+	err = r.run(ctx)
 	r.res.Finished = time.Now()
 	return r.res, err
 }

@@ -109,6 +109,8 @@ func TestRowsAndTargets(t *testing.T) {
 	add(SysStarlight, 5, 6, 100)
 	add(SysContainerdUpdate, 12)
 	add(SysStarlightUpdate, 2)
+	add(SysEstargz, 9, 7, 8)
+	add(SysEstargzOpt, 4)
 	res.Samples = append(res.Samples, Sample{Image: "app", Profile: "WAN", System: SysStarlightTrace, Run: 1, Err: "boom"})
 	rows := res.Rows()
 	got := map[string]Row{}
@@ -127,14 +129,29 @@ func TestRowsAndTargets(t *testing.T) {
 	if r := got[SysStarlightUpdate]; math.Abs(r.Speedup-6) > 1e-9 {
 		t.Errorf("update row = %+v", r)
 	}
+	if r := got[SysEstargz]; r.Seconds != 8 || math.Abs(r.Speedup-11.0/8) > 1e-9 || math.Abs(r.XLimit-8/1.5) > 1e-9 {
+		t.Errorf("estargz row = %+v", r)
+	}
 	var met []string
+	for _, tg := range Targets(rows) {
+		switch {
+		case strings.HasPrefix(tg.What, "starlight vs estargz"):
+			if !tg.Measured || math.Abs(tg.Value-8.0/6) > 1e-9 || !tg.Met {
+				t.Errorf("starlight vs estargz target = %+v, want 8/6, met", tg)
+			}
+		case strings.HasPrefix(tg.What, "starlight+trace vs estargz-opt"):
+			if tg.Measured {
+				t.Errorf("starlight+trace vs estargz-opt measured without a starlight+trace time: %+v", tg)
+			}
+		}
+	}
 	for _, tg := range Targets(rows) {
 		if tg.Met {
 			met = append(met, tg.What)
 		}
 	}
-	if len(met) != 1 || !strings.HasPrefix(met[0], "update, WAN+edge geomean speedup") {
-		t.Errorf("targets met = %v, want only the update speedup", met)
+	if len(met) != 2 || !strings.HasPrefix(met[0], "update, WAN+edge geomean speedup") || !strings.HasPrefix(met[1], "starlight vs estargz") {
+		t.Errorf("targets met = %v, want the update speedup and starlight vs estargz", met)
 	}
 	dir := t.TempDir()
 	if err := res.WriteFiles(dir); err != nil {
@@ -143,6 +160,34 @@ func TestRowsAndTargets(t *testing.T) {
 	svg, _ := os.ReadFile(filepath.Join(dir, "plot.svg"))
 	if !strings.Contains(string(svg), "<svg") || !strings.Contains(string(svg), "app WAN starlight: 6.00s") {
 		t.Errorf("plot.svg lacks the starlight bar:\n%s", svg)
+	}
+	if !strings.Contains(string(svg), "app WAN estargz: 8.00s") || !strings.Contains(string(svg), ">estargz-opt</text>") {
+		t.Errorf("plot.svg lacks the estargz bar or the estargz-opt legend")
+	}
+	md, _ := os.ReadFile(filepath.Join(dir, "results.md"))
+	if !strings.Contains(string(md), " estargz-opt |") || !strings.Contains(string(md), "Where the time goes (eStargz rows)") {
+		t.Errorf("results.md lacks the estargz-opt column or the eStargz section")
+	}
+
+	// A run restricted with -systems has only those rows.
+	res.Systems = []string{SysContainerd, SysEstargz}
+	for _, r := range res.Rows() {
+		if r.System != SysContainerd && r.System != SysEstargz {
+			t.Errorf("restricted run has a %s row", r.System)
+		}
+	}
+}
+
+func TestSelectSystems(t *testing.T) {
+	got, err := SelectSystems([]string{SysStarlightTrace, SysEstargzOpt, SysContainerd})
+	if err != nil || strings.Join(got, ",") != "containerd,estargz-opt,starlight+trace" {
+		t.Errorf("SelectSystems = %v, %v; want result order", got, err)
+	}
+	if all, _ := SelectSystems(nil); len(all) != len(ColdSystems)+len(UpdateSystems) {
+		t.Errorf("SelectSystems(nil) = %v, want all", all)
+	}
+	if _, err := SelectSystems([]string{"stargz"}); err == nil {
+		t.Error("unknown system accepted")
 	}
 }
 

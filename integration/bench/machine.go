@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strings"
 
@@ -32,6 +33,12 @@ func Machine() string {
 	line("containerd", cmd(harness.ContainerdBinary, "--version"))
 	line("runc", cmd("runc", "--version"))
 	line("docker", cmd(harness.DockerBinary, "--version"))
+	if dir := os.Getenv("STARGZ_BIN"); dir != "" {
+		line("stargz", cmd(filepath.Join(dir, harness.StargzBinary), "-version"))
+		if v, err := os.ReadFile(filepath.Join(dir, harness.CtrRemoteBinary+".version")); err == nil {
+			line("ctr-remote", string(v))
+		}
+	}
 	line("starlight", gitDescribe())
 	return b.String()
 }

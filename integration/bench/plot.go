@@ -10,6 +10,8 @@ import (
 // seriesColor gives each system a fixed colour; limits are hatched grey.
 var seriesColor = map[string]string{
 	SysContainerd:       "#7f7f7f",
+	SysEstargz:          "#cbc9e2",
+	SysEstargzOpt:       "#6a51a3",
 	SysStarlight:        "#9ecae1",
 	SysStarlightTrace:   "#3182bd",
 	SysLimit:            "#31a354",
@@ -22,7 +24,7 @@ var seriesColor = map[string]string{
 // (one bar per system, log-scale seconds), as in the NSDI'22 paper's
 // figure of provisioning times.
 func (r *Result) writeSVG(w io.Writer, rows []Row) error {
-	systems := append(append([]string{}, ColdSystems...), UpdateSystems...)
+	systems := r.systems()
 	images := r.Images()
 	const (
 		barW, gap, left, top, panelH, panelGap = 11.0, 18.0, 60.0, 58.0, 220.0, 60.0

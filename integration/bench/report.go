@@ -89,7 +89,7 @@ func (r *Result) Rows() []Row {
 		for _, p := range r.Profiles {
 			cell := map[string]*Row{}
 			var order []string
-			for _, sys := range append(append([]string{}, ColdSystems...), UpdateSystems...) {
+			for _, sys := range r.systems() {
 				row := &Row{Image: img, Profile: p.Name, System: sys, Seconds: math.NaN()}
 				switch sys {
 				case SysLimit, SysLimitUpdate:
@@ -287,14 +287,43 @@ func Targets(rows []Row) []Target {
 		}
 		add(fmt.Sprintf("LAN, %s: worst speedup vs containerd", sys), "≥ 1× (never slower)", worst, func(v float64) bool { return v >= 1 })
 	}
+	// Against the peer: the worst ratio over every image and link where
+	// both were measured.
+	for _, pair := range [][2]string{{SysStarlightTrace, SysEstargzOpt}, {SysStarlight, SysEstargz}} {
+		add(fmt.Sprintf("%s vs %s (speedup, every image): worst over every image and link", pair[0], pair[1]),
+			"> 1× (faster on every image)", worstRatio(rows, pair[0], pair[1]), func(v float64) bool { return v > 1 })
+	}
 	return out
+}
+
+// worstRatio is the smallest time(peer) / time(sys) over the image ×
+// profile cells where both succeeded; NaN when there is none.
+func worstRatio(rows []Row, sys, peer string) float64 {
+	type cell struct{ img, prof string }
+	peers := map[cell]float64{}
+	for _, r := range rows {
+		if r.System == peer && r.Seconds > 0 {
+			peers[cell{r.Image, r.Profile}] = r.Seconds
+		}
+	}
+	worst := math.NaN()
+	for _, r := range rows {
+		p, ok := peers[cell{r.Image, r.Profile}]
+		if r.System != sys || !ok || !(r.Seconds > 0) {
+			continue
+		}
+		if v := p / r.Seconds; math.IsNaN(worst) || v < worst {
+			worst = v
+		}
+	}
+	return worst
 }
 
 func (r *Result) writeMarkdown(w io.Writer, rows []Row) error {
 	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
 	p("# Starlight provisioning benchmark, %s\n\n", r.Started.UTC().Format("2006-01-02 15:04 MST"))
 	p("Time from \"provision this image\" to \"the readiness check exited 0\", median of %d runs per cell, "+
-		"every run on a fresh containerd (and worker). Run took %s.\n\n", r.Runs, r.Finished.Sub(r.Started).Round(time.Second))
+		"every run on a fresh containerd (and worker or stargz snapshotter). Run took %s.\n\n", r.Runs, r.Finished.Sub(r.Started).Round(time.Second))
 	p("Links (userspace emulator `integration/linkem`, bandwidth shared by all connections):")
 	for _, pr := range r.Profiles {
 		p(" %s = %s;", pr.Name, pr.Profile)
@@ -308,7 +337,7 @@ func (r *Result) writeMarkdown(w io.Writer, rows []Row) error {
 		}
 		p("| %s | %s | %s | %s |\n", t.What, v, t.Bar, met)
 	}
-	systems := append(append([]string{}, ColdSystems...), UpdateSystems...)
+	systems := r.systems()
 	for _, pr := range r.Profiles {
 		p("\n## %s (%s)\n\nSeconds; in parentheses the speedup over plain containerd (cold or update) and the ratio to the limit.\n\n| image |", pr.Name, pr.Profile)
 		for _, s := range systems {
@@ -358,6 +387,17 @@ func (r *Result) writeMarkdown(w io.Writer, rows []Row) error {
 		p("| %s | %s | %s | %s | %s | %s | %s | %.1f | %.1f | %.1f | %.1f |\n", row.Image, row.Profile, row.System, ff(row.Seconds, 2), ff(row.Pull, 2),
 			ff(row.WorkerReady, 2), ff(row.Start, 2), mibf(row.ReceivedAtReady), mibf(row.DemandBytes), mibf(row.SendBytes), mibf(row.LinkBytes))
 	}
+	if r.hasEstargz(rows) {
+		p("\n## Where the time goes (eStargz rows)\n\npull = `ctr-remote image rpull` (returns once the layers are mounted lazily); " +
+			"start = the readiness check's `ctr run --snapshotter stargz` (blocks on contents not fetched yet); link = bytes that crossed the link by then.\n\n")
+		p("| image | profile | system | total s | pull s | start s | link MiB |\n|---|---|---|---:|---:|---:|---:|\n")
+		for _, row := range rows {
+			if !isEstargz(row.System) {
+				continue
+			}
+			p("| %s | %s | %s | %s | %s | %s | %.1f |\n", row.Image, row.Profile, row.System, ff(row.Seconds, 2), ff(row.Pull, 2), ff(row.Start, 2), mibf(row.LinkBytes))
+		}
+	}
 	if len(r.Notes) > 0 {
 		p("\n## Notes\n\n")
 		for _, n := range r.Notes {
@@ -380,6 +420,15 @@ func (r *Result) writeMarkdown(w io.Writer, rows []Row) error {
 	}
 	p("\n## Machine\n\n```\n%s```\n", r.Machine)
 	return nil
+}
+
+func (r *Result) hasEstargz(rows []Row) bool {
+	for _, row := range rows {
+		if isEstargz(row.System) {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *Result) localStart(img string) float64 {
@@ -460,8 +509,9 @@ func Replot(dir string) error {
 		return fmt.Errorf("%s: %w", f.Name(), err)
 	}
 	res := &Result{}
-	seenImg, seenProf := map[string]bool{}, map[string]bool{}
+	seenImg, seenProf, seenSys := map[string]bool{}, map[string]bool{}, map[string]bool{}
 	for _, row := range rows {
+		seenSys[row.System] = true
 		if !seenImg[row.Image] {
 			seenImg[row.Image] = true
 			// Images() orders by samples: one per image suffices.
@@ -475,6 +525,11 @@ func Replot(dir string) error {
 		}
 		if row.Runs > res.Runs && row.System != SysLimit && row.System != SysLimitUpdate {
 			res.Runs = row.Runs
+		}
+	}
+	for _, sys := range AllSystems() {
+		if seenSys[sys] {
+			res.Systems = append(res.Systems, sys)
 		}
 	}
 	if t, err := time.Parse("2006-01-02", strings.SplitN(filepath.Base(dir), ".", 2)[0]); err == nil {

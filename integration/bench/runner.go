@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -25,14 +26,16 @@ type endpoint struct {
 
 func (e *endpoint) url() string { return "http://" + e.host }
 
-// site is a profile's link with a proxy to each registry: both share
+// site is a profile's link with a proxy to each registry: all share
 // the link's bandwidth.
 type site struct {
 	profile Profile
 	link    *linkem.Link
 	// fresh reaches the registry that never sees a trace, traced the
-	// one that received v1's trace before v2 was pushed.
-	fresh, traced *endpoint
+	// one that received v1's trace before v2 was pushed, plain the one
+	// that holds the eStargz images ctr-remote converted (nil when
+	// their registry was not needed).
+	fresh, traced, plain *endpoint
 }
 
 type runner struct {
@@ -41,12 +44,17 @@ type runner struct {
 	// Two registries, so that every system is measured in the same
 	// interleaved loop: fresh serves the cold starts without traces and
 	// plain containerd, traced the cold starts with traces and the
-	// Starlight updates.
-	fresh, traced *harness.Registry
-	sites         []*site
-	capture       *traceCapture
-	traces        map[string]*api.TraceReport
-	seq           atomic.Int64
+	// Starlight updates. plain, a registry that converts nothing, holds
+	// the eStargz systems' images.
+	fresh, traced, plain *harness.Registry
+	sites                []*site
+	capture              *traceCapture
+	traces               map[string]*api.TraceReport
+	// want are the systems to measure; esgzTags the tags of the
+	// converted eStargz images, by workload and system.
+	want     map[string]bool
+	esgzTags map[string]map[string]string
+	seq      atomic.Int64
 }
 
 func repoOf(w Workload) string { return "bench/" + w.Name }
@@ -60,10 +68,45 @@ func (r *runner) run(ctx context.Context) error {
 	return env.Run(func() { r.phases(ctx, env) })
 }
 
+// stargzMissing returns why the eStargz systems cannot run, or "".
+func (r *runner) stargzMissing() string {
+	if r.opts.StargzBin == "" {
+		return "no stargz-snapshotter binaries given (hack/bench.sh builds them; -stargz-bin, $STARGZ_BIN)"
+	}
+	for _, b := range []string{harness.StargzBinary, harness.CtrRemoteBinary} {
+		if _, err := os.Stat(filepath.Join(r.opts.StargzBin, b)); err != nil {
+			return fmt.Sprintf("no %s in %s", b, r.opts.StargzBin)
+		}
+	}
+	return ""
+}
+
 func (r *runner) phases(ctx context.Context, env *harness.Env) {
-	r.logf("starting two starlight-registries and dockerd")
+	r.want = map[string]bool{}
+	for _, s := range r.res.Systems {
+		r.want[s] = true
+	}
+	if r.want[SysEstargz] || r.want[SysEstargzOpt] {
+		if why := r.stargzMissing(); why != "" {
+			r.res.note("the %s and %s systems are left out: %s", SysEstargz, SysEstargzOpt, why)
+			r.logf("leaving out the eStargz systems: %s", why)
+			delete(r.want, SysEstargz)
+			delete(r.want, SysEstargzOpt)
+		}
+	}
+	// The traced registry serves the systems that need v1's trace; the
+	// limits come from its bundle headers.
+	needTraced := r.want[SysStarlightTrace] || r.want[SysStarlightUpdate] || r.want[SysLimit] || r.want[SysLimitUpdate]
+	needPlain := r.want[SysEstargz] || r.want[SysEstargzOpt]
+
+	r.logf("starting the registries and dockerd")
 	r.fresh = harness.StartRegistry(env, harness.RegistryOptions{LogLevel: "warn"})
-	r.traced = harness.StartRegistry(env, harness.RegistryOptions{LogLevel: "warn"})
+	if needTraced {
+		r.traced = harness.StartRegistry(env, harness.RegistryOptions{LogLevel: "warn"})
+	}
+	if needPlain {
+		r.plain = harness.StartRegistry(env, harness.RegistryOptions{LogLevel: "warn", NoAutoConvert: true})
+	}
 	docker := harness.StartDockerd(env)
 	for _, p := range r.opts.Profiles {
 		link := linkem.New(p.Profile)
@@ -72,7 +115,10 @@ func (r *runner) phases(ctx context.Context, env *harness.Env) {
 		for _, e := range []struct {
 			reg *harness.Registry
 			ep  **endpoint
-		}{{r.fresh, &st.fresh}, {r.traced, &st.traced}} {
+		}{{r.fresh, &st.fresh}, {r.traced, &st.traced}, {r.plain, &st.plain}} {
+			if e.reg == nil {
+				continue
+			}
 			addr, err := link.Proxy("127.0.0.1:0", e.reg.Addr)
 			if err != nil {
 				env.Fatalf("link %s: %v", p.Name, err)
@@ -82,8 +128,10 @@ func (r *runner) phases(ctx context.Context, env *harness.Env) {
 		r.sites = append(r.sites, st)
 	}
 	var err error
-	if r.capture, err = startCapture(env, r.traced.URL); err != nil {
-		env.Fatalf("%v", err)
+	if needTraced {
+		if r.capture, err = startCapture(env, r.traced.URL); err != nil {
+			env.Fatalf("%v", err)
+		}
 	}
 
 	push := func(reg *harness.Registry, img *BuiltImage, repo, tag string) {
@@ -94,15 +142,37 @@ func (r *runner) phases(ctx context.Context, env *harness.Env) {
 	}
 	for _, w := range r.opts.Workloads {
 		push(r.fresh, w.V1, repoOf(w), "v1")
-		if w.V2 != nil {
+		if w.V2 != nil && r.want[SysContainerdUpdate] {
 			push(r.fresh, w.V2, repoOf(w), "v2")
 		}
-		push(r.traced, w.V1, repoOf(w), "v1")
+		if needTraced {
+			push(r.traced, w.V1, repoOf(w), "v1")
+		}
+	}
+
+	// The eStargz images, converted from v1 by ctr-remote as a
+	// stargz-snapshotter user would.
+	r.esgzTags = map[string]map[string]string{}
+	if needPlain {
+		for _, w := range r.opts.Workloads {
+			if ctx.Err() != nil {
+				return
+			}
+			tags, err := r.convertEstargz(w)
+			if err != nil {
+				r.res.note("%s: ctr-remote conversion failed (%v); the eStargz rows are left out", w.Name, firstLine(err))
+				r.logf("eStargz conversion of %s failed: %v", w.Name, err)
+			}
+			r.esgzTags[w.Name] = tags
+		}
 	}
 
 	// One traced run per image, reported to the traced registry.
 	r.traces = map[string]*api.TraceReport{}
 	for _, w := range r.opts.Workloads {
+		if !needTraced {
+			break
+		}
 		if ctx.Err() != nil {
 			return
 		}
@@ -118,13 +188,17 @@ func (r *runner) phases(ctx context.Context, env *harness.Env) {
 	// v2 reaches the traced registry after v1 was traced, as a release
 	// follows the previous one running in production; the registry gives
 	// it v1's priorities by path.
+	updateTraced := r.want[SysStarlightUpdate]
 	for _, w := range r.opts.Workloads {
-		if w.V2 != nil {
+		if w.V2 != nil && updateTraced {
 			push(r.traced, w.V2, repoOf(w), "v2")
 		}
 	}
 	for _, w := range r.opts.Workloads {
-		lim, err := r.limit(w, r.traces[w.Name])
+		if !needTraced {
+			break
+		}
+		lim, err := r.limit(w, r.traces[w.Name], updateTraced)
 		if err != nil {
 			r.res.note("%s: no limit: %v", w.Name, firstLine(err))
 			continue
@@ -137,17 +211,35 @@ func (r *runner) phases(ctx context.Context, env *harness.Env) {
 	for run := 1; run <= r.opts.Runs; run++ {
 		for _, st := range r.sites {
 			for _, w := range r.opts.Workloads {
-				if ctx.Err() != nil {
-					return
-				}
-				r.add(r.plainCold(w, st.fresh, run))
-				r.add(r.starlight(w, st.fresh, r.fresh, run, SysStarlight))
-				if r.traces[w.Name] != nil {
-					r.add(r.starlight(w, st.traced, r.traced, run, SysStarlightTrace))
-				}
-				if w.V2 != nil {
-					r.add(r.plainUpdate(w, st.fresh, run))
-					r.add(r.starlightUpdate(w, st.traced, run))
+				for _, sys := range r.res.Systems {
+					if ctx.Err() != nil {
+						return
+					}
+					if !r.want[sys] {
+						continue
+					}
+					switch sys {
+					case SysContainerd:
+						r.add(r.plainCold(w, st.fresh, run))
+					case SysEstargz, SysEstargzOpt:
+						if tag := r.esgzTags[w.Name][sys]; tag != "" {
+							r.add(r.estargz(w, st.plain, tag, run, sys))
+						}
+					case SysStarlight:
+						r.add(r.starlight(w, st.fresh, r.fresh, run, SysStarlight))
+					case SysStarlightTrace:
+						if r.traces[w.Name] != nil {
+							r.add(r.starlight(w, st.traced, r.traced, run, SysStarlightTrace))
+						}
+					case SysContainerdUpdate:
+						if w.V2 != nil {
+							r.add(r.plainUpdate(w, st.fresh, run))
+						}
+					case SysStarlightUpdate:
+						if w.V2 != nil {
+							r.add(r.starlightUpdate(w, st.traced, run))
+						}
+					}
 				}
 			}
 		}

@@ -240,8 +240,9 @@ func (r *runner) header(repository, tag string, have []string) (*api.BundleHeade
 	return br.Header(), nil
 }
 
-// limit computes w's physical limit from its trace and the bundle headers.
-func (r *runner) limit(w Workload, rep *api.TraceReport) (Limit, error) {
+// limit computes w's physical limit from its trace and the bundle headers;
+// the update's only when update (v2 is on the traced registry).
+func (r *runner) limit(w Workload, rep *api.TraceReport, update bool) (Limit, error) {
 	var lim Limit
 	h1, err := r.header(repoOf(w), "v1", nil)
 	if err != nil {
@@ -256,7 +257,7 @@ func (r *runner) limit(w Workload, rep *api.TraceReport) (Limit, error) {
 	paths := startupSet(t1, rep)
 	lim.Files = len(paths.files)
 	lim.StartupBytes, lim.StartupFileBytes = paths.bytes(t1, nil)
-	if w.V2 != nil {
+	if w.V2 != nil && update {
 		var have []string
 		for _, l := range h1.Layers {
 			have = append(have, l.Digest)

@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"strings"
 )
 
 // BuildWorkloads builds (or finds in the cache) v1 of every app and v2 of
@@ -53,6 +54,32 @@ func SelectProfiles(names []string) ([]Profile, error) {
 			return nil, fmt.Errorf("unknown profile %q (have LAN, WAN, edge)", n)
 		}
 		out = append(out, p)
+	}
+	return out, nil
+}
+
+// SelectSystems returns the systems named in names in result order (all
+// when empty).
+func SelectSystems(names []string) ([]string, error) {
+	if len(names) == 0 {
+		return AllSystems(), nil
+	}
+	want := map[string]bool{}
+	for _, n := range names {
+		known := false
+		for _, s := range AllSystems() {
+			known = known || s == n
+		}
+		if !known {
+			return nil, fmt.Errorf("unknown system %q (have %s)", n, strings.Join(AllSystems(), ", "))
+		}
+		want[n] = true
+	}
+	var out []string
+	for _, s := range AllSystems() {
+		if want[s] {
+			out = append(out, s)
+		}
 	}
 	return out, nil
 }

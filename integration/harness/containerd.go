@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -29,6 +30,9 @@ type ContainerdOptions struct {
 	// `[proxy_plugins.starlight]` at this address. The worker may start
 	// later: containerd dials proxy plugins lazily.
 	StarlightSocket string
+	// ProxySnapshotters registers more proxy snapshotters, by name, at
+	// these addresses (e.g. "stargz": stargz-snapshotter's socket).
+	ProxySnapshotters map[string]string
 	// Namespace used by Ctr; "starlight-test" when empty.
 	Namespace string
 	// CRIRegistry, when set, turns the CRI plugin on: it pulls into the
@@ -117,6 +121,18 @@ disabled_plugins = [%s"io.containerd.snapshotter.v1.btrfs", "io.containerd.snaps
   address = %q
 `, opts.StarlightSocket)
 	}
+	names := make([]string, 0, len(opts.ProxySnapshotters))
+	for name := range opts.ProxySnapshotters {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		cfg += fmt.Sprintf(`
+[proxy_plugins.%q]
+  type = "snapshot"
+  address = %q
+`, name, opts.ProxySnapshotters[name])
+	}
 	cfgPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatalf("containerd config: %v", err)
@@ -157,16 +173,22 @@ func (c *Containerd) CtrE(args ...string) (string, error) {
 
 // CtrNSE is CtrE in namespace ns.
 func (c *Containerd) CtrNSE(ns string, args ...string) (string, error) {
+	return c.ToolE(CtrBinary, ns, args...)
+}
+
+// ToolE runs a ctr-like client (ctr, ctr-remote) against this containerd:
+// `bin --address ADDR -n NS args...`, and returns its combined output.
+func (c *Containerd) ToolE(bin, ns string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	full := append([]string{"--address", c.Address, "-n", ns}, args...)
-	cmd := exec.CommandContext(ctx, CtrBinary, full...)
+	cmd := exec.CommandContext(ctx, bin, full...)
 	var out bytes.Buffer
 	cmd.Stdout = &out
 	cmd.Stderr = &out
 	err := cmd.Run()
 	if err != nil {
-		return out.String(), fmt.Errorf("ctr %s: %w\n%s", strings.Join(args, " "), err, out.String())
+		return out.String(), fmt.Errorf("%s %s: %w\n%s", filepath.Base(bin), strings.Join(args, " "), err, out.String())
 	}
 	return out.String(), nil
 }

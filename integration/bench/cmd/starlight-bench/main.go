@@ -1,6 +1,7 @@
-// Command starlight-bench measures how long Starlight and plain containerd
-// take to provision realistic Debian images through emulated links, next to
-// the physical limit, and writes a markdown and CSV table and a plot.
+// Command starlight-bench measures how long Starlight, plain containerd and
+// stargz-snapshotter (eStargz) take to provision realistic Debian images
+// through emulated links, next to the physical limit, and writes a markdown
+// and CSV table and a plot.
 //
 // Run it as root through `make bench` (hack/bench.sh).
 package main
@@ -24,6 +25,9 @@ func main() {
 	root := harness.RepoRoot()
 	images := flag.String("images", "", "comma-separated images (redis,nginx,python3,nodejs,jre); all when empty")
 	profiles := flag.String("profiles", "", "comma-separated link profiles (LAN,WAN,edge); all when empty")
+	systems := flag.String("systems", "", "comma-separated systems ("+strings.Join(bench.AllSystems(), ",")+"); all when empty. "+
+		"limit needs containerd and starlight+trace's trace")
+	stargzBin := flag.String("stargz-bin", os.Getenv("STARGZ_BIN"), "directory with containerd-stargz-grpc and ctr-remote for the estargz systems (hack/bench.sh builds them)")
 	runs := flag.Int("runs", 3, "measurements per cell (the median is reported)")
 	cache := flag.String("cache", filepath.Join(root, "integration/bench/cache"), "image build cache")
 	out := flag.String("out", "", "results directory (default integration/bench/results/<date>)")
@@ -55,6 +59,10 @@ func main() {
 	if err != nil {
 		fatal(err)
 	}
+	syss, err := bench.SelectSystems(split(*systems))
+	if err != nil {
+		fatal(err)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
@@ -69,7 +77,8 @@ func main() {
 	// The machine and the Starlight commit as the run starts: the
 	// binaries are the ones built now.
 	machine := bench.Machine()
-	res, err := bench.Run(ctx, bench.Options{Workloads: workloads, Profiles: profs, Runs: *runs, Logf: logf})
+	res, err := bench.Run(ctx, bench.Options{Workloads: workloads, Profiles: profs, Runs: *runs,
+		Systems: syss, StargzBin: *stargzBin, Logf: logf})
 	if res != nil {
 		res.Machine = machine
 		dir := *out
