@@ -102,7 +102,7 @@ func acquire(opts Options, ns distribution.Namespace, ref bool) (*Extension, err
 		}
 		extensions[opts.Database] = x
 		log.L.WithFields(log.Fields{"database": redactDSN(opts.Database), "autoconvert": opts.AutoConvert,
-			"workers": opts.Workers, "tagsuffix": opts.TagSuffix}).Info("starlight: extension started")
+			"workers": opts.Workers, "tagsuffix": opts.TagSuffix, "predict": opts.Predict}).Info("starlight: extension started")
 	}
 	x.mu.Lock()
 	defer x.mu.Unlock()

@@ -43,6 +43,10 @@ const (
 //	                       before it converts on its own, so the platform
 //	                       manifests of an index being pushed are converted
 //	                       with the index, not twice (default 10s)
+//	predict      bool      predict at conversion the files a container of
+//	                       the image reads first (entrypoint, interpreter,
+//	                       libraries) and order its bundles by that until
+//	                       a real trace exists (default true; docs/TRACES.md)
 type Options struct {
 	AutoConvert bool
 	Database    string
@@ -54,6 +58,7 @@ type Options struct {
 	RetryDelay  time.Duration
 	Lease       time.Duration
 	DigestDelay time.Duration
+	Predict     bool
 }
 
 // ParseOptions reads the middleware options map, applying defaults.
@@ -67,6 +72,7 @@ func ParseOptions(m map[string]any) (Options, error) {
 		RetryDelay:  DefaultRetryDelay,
 		Lease:       DefaultLease,
 		DigestDelay: DefaultDigestDelay,
+		Predict:     true,
 	}
 	var err error
 	for k, v := range m {
@@ -91,6 +97,8 @@ func ParseOptions(m map[string]any) (Options, error) {
 			o.Lease, err = durationOpt(v)
 		case "digestdelay":
 			o.DigestDelay, err = durationOpt(v)
+		case "predict":
+			o.Predict, err = boolOpt(v)
 		default:
 			return o, fmt.Errorf("%s middleware: unknown option %q", Name, k)
 		}

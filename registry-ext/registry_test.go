@@ -234,6 +234,7 @@ type tarFile struct {
 	body string
 	typ  byte
 	link string
+	mode int64 // of a regular file; 0644 when 0
 }
 
 func tarLayer(t *testing.T, files []tarFile) (gz []byte, diffID digest.Digest) {
@@ -250,6 +251,9 @@ func tarLayer(t *testing.T, files []tarFile) (gz []byte, diffID digest.Digest) {
 			h.Size = 0
 		case 0:
 			h.Typeflag = tar.TypeReg
+		}
+		if f.mode != 0 {
+			h.Mode = f.mode
 		}
 		if err := tw.WriteHeader(h); err != nil {
 			t.Fatal(err)
@@ -272,9 +276,15 @@ func tarLayer(t *testing.T, files []tarFile) (gz []byte, diffID digest.Digest) {
 // garbage layer) is replaced by the blob's digest.
 func buildImage(t *testing.T, layers [][]byte, diffIDs []digest.Digest) *testImage {
 	t.Helper()
+	return buildImageConfig(t, layers, diffIDs, ocispec.ImageConfig{Cmd: []string{"/bin/sh"}})
+}
+
+// buildImageConfig is buildImage with the given runtime config.
+func buildImageConfig(t *testing.T, layers [][]byte, diffIDs []digest.Digest, config ocispec.ImageConfig) *testImage {
+	t.Helper()
 	cfg := ocispec.Image{
 		Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"},
-		Config:   ocispec.ImageConfig{Cmd: []string{"/bin/sh"}},
+		Config:   config,
 		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: diffIDs},
 	}
 	cb, _ := json.Marshal(cfg)
@@ -844,7 +854,8 @@ func TestParseOptions(t *testing.T) {
 	}{
 		{"defaults", nil, true},
 		{"all", map[string]any{"autoconvert": false, "database": "x.db", "tagsuffix": "-sl", "workers": 4,
-			"tempdir": "/tmp", "chunksize": 65536, "maxattempts": 5, "retrydelay": "1m", "lease": 30, "digestdelay": "0s"}, true},
+			"tempdir": "/tmp", "chunksize": 65536, "maxattempts": 5, "retrydelay": "1m", "lease": 30, "digestdelay": "0s", "predict": false}, true},
+		{"string predict", map[string]any{"predict": "no"}, false},
 		{"string bool", map[string]any{"autoconvert": "false"}, true},
 		{"unknown", map[string]any{"autoconvet": true}, false},
 		{"bad suffix", map[string]any{"tagsuffix": "/x"}, false},
@@ -859,6 +870,9 @@ func TestParseOptions(t *testing.T) {
 			}
 			if tc.ok && !strings.HasPrefix(o.Database, "sqlite:///") {
 				t.Errorf("database %q not normalised", o.Database)
+			}
+			if tc.ok && o.Predict != (tc.in["predict"] == nil) {
+				t.Errorf("predict %v with %v", o.Predict, tc.in["predict"])
 			}
 		})
 	}

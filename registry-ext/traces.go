@@ -79,7 +79,7 @@ func (h *handler) traces(w http.ResponseWriter, r *http.Request, x *Extension) (
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	res, err := x.ingestTrace(ctx, rep)
+	res, err := x.ingestTrace(ctx, rep, false)
 	if err != nil {
 		return err
 	}
@@ -183,20 +183,28 @@ func canonicalizeReport(rep *api.TraceReport) error {
 	return nil
 }
 
-// traceID is the identity of a canonical report: the sha256 of its JSON.
-func traceID(rep *api.TraceReport) (string, error) {
+// traceID is the identity of a canonical report: the sha256 of its JSON;
+// of a predicted one, the sha256 of "predicted\n" and its JSON, so that
+// no report a worker uploads is taken for a prediction or the reverse.
+func traceID(rep *api.TraceReport, predicted bool) (string, error) {
 	b, err := json.Marshal(rep)
 	if err != nil {
 		return "", err
 	}
-	sum := sha256.Sum256(b)
-	return "sha256:" + hex.EncodeToString(sum[:]), nil
+	h := sha256.New()
+	if predicted {
+		h.Write([]byte("predicted\n"))
+	}
+	h.Write(b)
+	return "sha256:" + hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // ingestTrace validates a canonical report against the index and stores
-// it with the recomputed priority of its manifest.
-func (x *Extension) ingestTrace(ctx context.Context, rep *api.TraceReport) (*api.TraceResult, error) {
-	id, err := traceID(rep)
+// it with the recomputed priority of its manifest. A predicted report
+// (package predict, at conversion) is stored marked so: it orders the
+// manifest's bundles only while the manifest has no real trace.
+func (x *Extension) ingestTrace(ctx context.Context, rep *api.TraceReport, predicted bool) (*api.TraceResult, error) {
+	id, err := traceID(rep, predicted)
 	if err != nil {
 		return nil, fmt.Errorf("hashing trace report: %w", err)
 	}
@@ -220,7 +228,7 @@ func (x *Extension) ingestTrace(ctx context.Context, rep *api.TraceReport) (*api
 		return nil, err
 	}
 	t := &schema.Trace{ID: id, Repository: rep.Repository, ManifestDigest: rep.ManifestDigest,
-		Worker: rep.Worker, Container: rep.Container, StartedAt: rep.StartedAt, Entries: entries}
+		Worker: rep.Worker, Container: rep.Container, StartedAt: rep.StartedAt, Predicted: predicted, Entries: entries}
 	existing, err := x.db.AddTrace(ctx, t, func(runs []schema.TraceRun) []schema.PriorityItem {
 		return mergeTraces(layers, runs)
 	})

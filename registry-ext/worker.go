@@ -176,6 +176,9 @@ func (x *Extension) process(ctx context.Context, job *schema.Job) (converted boo
 	if err := x.db.CompleteImage(ctx, job.Repository, job.Digest, res.convertedDigest, res.convertedMediaType, res.manifests); err != nil {
 		return false, err
 	}
+	// A trace needs a ready image; the prediction was computed before
+	// (convert), so only its storage follows "ready".
+	x.storePredictions(ctx, res.predictions)
 	return res.converted, nil
 }
 
@@ -206,6 +209,9 @@ type conversion struct {
 	convertedMediaType string
 	manifests          []schema.ImageManifest
 	converted          bool // a conversion ran (not reused from an index)
+	// predictions are the startup predictions of the converted platform
+	// manifests, stored once the image is ready.
+	predictions []*api.TraceReport
 }
 
 // convert converts and indexes the pushed image dgst of repo. A platform
@@ -228,7 +234,8 @@ func (x *Extension) convert(ctx context.Context, repo distribution.Repository, d
 	if err := x.db.SetImageState(ctx, job.Repository, job.Digest, api.StateConverting, "", job.Attempts); err != nil {
 		return nil, err
 	}
-	res, err := convert.ConvertImage(ctx, &repoStore{repo: repo}, src, convert.Options{
+	store := &repoStore{repo: repo}
+	res, err := convert.ConvertImage(ctx, store, src, convert.Options{
 		ChunkSize: x.opts.ChunkSize,
 		TempDir:   x.opts.TempDir,
 	})
@@ -256,6 +263,7 @@ func (x *Extension) convert(ctx context.Context, repo distribution.Repository, d
 		}
 		out.manifests = append(out.manifests, im)
 	}
+	out.predictions = x.predictImage(ctx, store, job.Repository, res)
 	x.conversions.Add(1)
 	return out, nil
 }

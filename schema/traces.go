@@ -18,6 +18,10 @@ type Trace struct {
 	Worker         string
 	Container      string
 	StartedAt      time.Time
+	// Predicted marks a trace the registry predicted at conversion rather
+	// than a worker's record of a run. A manifest's priority is merged
+	// from its real traces; from its latest prediction while it has none.
+	Predicted bool
 	// Entries are in order of first access (seq order).
 	Entries []TraceEntry
 }
@@ -38,6 +42,7 @@ type TraceRun struct {
 	Container string
 	StartedAt time.Time
 	CreatedAt time.Time
+	Predicted bool
 	Entries   []TraceEntry // seq order
 }
 
@@ -54,7 +59,8 @@ type PriorityItem struct {
 }
 
 // MergeFunc computes the merged priority of a manifest from its runs,
-// most recently stored first. It must be deterministic.
+// most recently stored first: its real runs, or its latest prediction
+// alone when it has no real run. It must be deterministic.
 type MergeFunc func(runs []TraceRun) []PriorityItem
 
 // Merge bounds: only the most recent runs of a manifest, and the first
@@ -106,7 +112,8 @@ func (d *DB) TraceExists(ctx context.Context, id string) (bool, error) {
 
 // AddTrace stores t and, unless it was stored already (existing), replaces
 // the merged priority of its manifest by merge's result over the most
-// recent runs, all in one transaction. Concurrent AddTrace calls for the
+// recent real runs (or, while there is none, over the latest predicted
+// one), all in one transaction. Concurrent AddTrace calls for the
 // same manifest serialise on its trace_manifests row, so the last merge to
 // commit has seen every trace committed before it.
 func (d *DB) AddTrace(ctx context.Context, t *Trace, merge MergeFunc) (existing bool, err error) {
@@ -129,10 +136,14 @@ func (d *DB) AddTrace(ctx context.Context, t *Trace, merge MergeFunc) (existing 
 		if !t.StartedAt.IsZero() {
 			started = t.StartedAt.UnixMilli()
 		}
+		predicted := 0
+		if t.Predicted {
+			predicted = 1
+		}
 		res, err := d.exec(ctx, tx, `INSERT INTO traces
-			(id, repository, manifest_digest, worker, created_at, container, started_at, accesses)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
-			t.ID, t.Repository, t.ManifestDigest, t.Worker, now, t.Container, started, len(t.Entries))
+			(id, repository, manifest_digest, worker, created_at, container, started_at, accesses, predicted)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
+			t.ID, t.Repository, t.ManifestDigest, t.Worker, now, t.Container, started, len(t.Entries), predicted)
 		if err != nil {
 			return err
 		}
@@ -145,7 +156,7 @@ func (d *DB) AddTrace(ctx context.Context, t *Trace, merge MergeFunc) (existing 
 		if err := d.insertTraceEntries(ctx, tx, t); err != nil {
 			return err
 		}
-		runs, err := d.traceRuns(ctx, tx, t.Repository, t.ManifestDigest)
+		runs, fromPrediction, err := d.traceRuns(ctx, tx, t.Repository, t.ManifestDigest)
 		if err != nil {
 			return err
 		}
@@ -153,11 +164,15 @@ func (d *DB) AddTrace(ctx context.Context, t *Trace, merge MergeFunc) (existing 
 		if err := d.replacePriority(ctx, tx, t.Repository, t.ManifestDigest, items); err != nil {
 			return err
 		}
+		predicted = 0
+		if fromPrediction {
+			predicted = 1
+		}
 		_, err = d.exec(ctx, tx, `UPDATE trace_manifests SET
 			traces = (SELECT COUNT(*) FROM traces WHERE repository = ? AND manifest_digest = ?),
-			items = ?, updated_at = ?
+			items = ?, updated_at = ?, predicted = ?
 			WHERE repository = ? AND manifest_digest = ?`,
-			t.Repository, t.ManifestDigest, len(items), now, t.Repository, t.ManifestDigest)
+			t.Repository, t.ManifestDigest, len(items), now, predicted, t.Repository, t.ManifestDigest)
 		return err
 	})
 	if err != nil {
@@ -178,12 +193,28 @@ func (d *DB) insertTraceEntries(ctx context.Context, tx *sql.Tx, t *Trace) error
 	return b.flush(ctx)
 }
 
-// traceRuns loads the MaxMergeRuns most recent runs of a manifest, each
-// cut to its first MaxMergeEntries accesses.
-func (d *DB) traceRuns(ctx context.Context, e execer, repository, manifestDigest string) ([]TraceRun, error) {
+// traceRuns loads the runs a merge of a manifest takes, each cut to its
+// first MaxMergeEntries accesses: its MaxMergeRuns most recent real runs,
+// or, when it has none, its most recent prediction (predicted is then
+// true).
+func (d *DB) traceRuns(ctx context.Context, e execer, repository, manifestDigest string) (_ []TraceRun, predicted bool, _ error) {
+	var real int
+	if err := d.queryRow(ctx, e, `SELECT COUNT(*) FROM traces
+		WHERE repository = ? AND manifest_digest = ? AND predicted = 0`, repository, manifestDigest).Scan(&real); err != nil {
+		return nil, false, err
+	}
+	predicted, limit, flag := real == 0, MaxMergeRuns, 0
+	if predicted {
+		limit, flag = 1, 1
+	}
+	runs, err := d.loadRuns(ctx, e, repository, manifestDigest, flag, limit)
+	return runs, predicted, err
+}
+
+func (d *DB) loadRuns(ctx context.Context, e execer, repository, manifestDigest string, predicted, limit int) ([]TraceRun, error) {
 	rows, err := d.query(ctx, e, `SELECT id, worker, container, started_at, created_at FROM traces
-		WHERE repository = ? AND manifest_digest = ? ORDER BY created_at DESC, id DESC LIMIT ?`,
-		repository, manifestDigest, MaxMergeRuns)
+		WHERE repository = ? AND manifest_digest = ? AND predicted = ? ORDER BY created_at DESC, id DESC LIMIT ?`,
+		repository, manifestDigest, predicted, limit)
 	if err != nil {
 		return nil, err
 	}
@@ -197,6 +228,7 @@ func (d *DB) traceRuns(ctx context.Context, e execer, repository, manifestDigest
 			return nil, err
 		}
 		r.StartedAt, r.CreatedAt = fromMillis(started), fromMillis(created)
+		r.Predicted = predicted != 0
 		byID[r.ID] = len(runs)
 		runs = append(runs, r)
 	}
@@ -252,12 +284,24 @@ func (d *DB) replacePriority(ctx context.Context, tx *sql.Tx, repository, manife
 	return b.flush(ctx)
 }
 
-// TracePriority returns the merged priority of a manifest, first item
-// first; empty when it has no traces.
+// TracePriority returns the merged priority of a manifest's real traces,
+// first item first; empty when it has none.
 func (d *DB) TracePriority(ctx context.Context, repository, manifestDigest string) ([]PriorityItem, error) {
-	rows, err := d.query(ctx, d.db, `SELECT layer_digest, name, chunk_offset, digest, whole, runs
-		FROM trace_priority WHERE repository = ? AND manifest_digest = ? ORDER BY position`,
-		repository, manifestDigest)
+	return d.priority(ctx, repository, manifestDigest, 0)
+}
+
+// PredictedPriority returns the priority of a manifest's latest predicted
+// trace while it has no real trace, first item first; empty otherwise.
+func (d *DB) PredictedPriority(ctx context.Context, repository, manifestDigest string) ([]PriorityItem, error) {
+	return d.priority(ctx, repository, manifestDigest, 1)
+}
+
+func (d *DB) priority(ctx context.Context, repository, manifestDigest string, predicted int) ([]PriorityItem, error) {
+	rows, err := d.query(ctx, d.db, `SELECT tp.layer_digest, tp.name, tp.chunk_offset, tp.digest, tp.whole, tp.runs
+		FROM trace_priority tp JOIN trace_manifests tm
+		  ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest
+		WHERE tp.repository = ? AND tp.manifest_digest = ? AND tm.predicted = ? ORDER BY tp.position`,
+		repository, manifestDigest, predicted)
 	if err != nil {
 		return nil, fmt.Errorf("priority of %s@%s: %w", repository, manifestDigest, err)
 	}
@@ -275,7 +319,8 @@ func (d *DB) TracePriority(ctx context.Context, repository, manifestDigest strin
 	return out, rows.Err()
 }
 
-// TraceCount returns how many traces of a manifest are stored.
+// TraceCount returns how many traces of a manifest are stored, predicted
+// ones included.
 func (d *DB) TraceCount(ctx context.Context, repository, manifestDigest string) (int, error) {
 	var n int
 	err := d.queryRow(ctx, d.db, `SELECT COUNT(*) FROM traces WHERE repository = ? AND manifest_digest = ?`,
@@ -286,7 +331,8 @@ func (d *DB) TraceCount(ctx context.Context, repository, manifestDigest string) 
 	return n, nil
 }
 
-// TraceTotals counts the merged priorities of the whole index.
+// TraceTotals counts the merged priorities of the whole index, predicted
+// ones included.
 type TraceTotals struct {
 	Manifests int64 // traced manifests
 	Traces    int64 // traces merged into them
@@ -310,10 +356,11 @@ func (d *DB) TraceTotals(ctx context.Context) (TraceTotals, error) {
 // than manifestDigest and with its platform, whose image was pushed last
 // (ties: merged last, then digest order), or "" when there is none. A new
 // version of an image inherits its priority until it is traced itself.
+// Only real traces count: a predicted priority is not inherited.
 func (d *DB) PreviousTracedManifest(ctx context.Context, repository, manifestDigest string) (string, error) {
 	var prev string
 	err := d.queryRow(ctx, d.db, `SELECT tm.manifest_digest FROM trace_manifests tm
-		WHERE tm.repository = ? AND tm.manifest_digest <> ? AND tm.items > 0
+		WHERE tm.repository = ? AND tm.manifest_digest <> ? AND tm.items > 0 AND tm.predicted = 0
 		  AND tm.platform IN (SELECT platform FROM image_manifests WHERE repository = ? AND manifest_digest = ?)
 		ORDER BY tm.pushed_at DESC, tm.updated_at DESC, tm.manifest_digest LIMIT 1`,
 		repository, manifestDigest, repository, manifestDigest).Scan(&prev)
@@ -336,12 +383,13 @@ type TracedChunk struct {
 	Items       int64 // length of that priority
 }
 
-// AllTracedChunks calls fn with every item of every merged priority, in no
-// particular order. fn must not use the DB.
+// AllTracedChunks calls fn with every item of every merged priority of
+// real traces, in no particular order. fn must not use the DB.
 func (d *DB) AllTracedChunks(ctx context.Context, fn func(TracedChunk)) error {
 	err := d.eachTracedChunk(ctx, fn, `SELECT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
 		FROM trace_priority tp JOIN trace_manifests tm
-		  ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest`)
+		  ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest
+		WHERE tm.predicted = 0`)
 	if err != nil {
 		return fmt.Errorf("reading every merged priority: %w", err)
 	}
@@ -349,16 +397,16 @@ func (d *DB) AllTracedChunks(ctx context.Context, fn func(TracedChunk)) error {
 }
 
 // TracedChunksOf calls fn, in no particular order, with the items of any
-// merged priority (of any repository) whose content some layer of the
-// converted manifest manifestDigest holds. An item several files of the
-// manifest hold is passed once. fn must not use the DB.
+// merged priority of real traces (of any repository) whose content some
+// layer of the converted manifest manifestDigest holds. An item several
+// files of the manifest hold is passed once. fn must not use the DB.
 func (d *DB) TracedChunksOf(ctx context.Context, manifestDigest string, fn func(TracedChunk)) error {
 	err := d.eachTracedChunk(ctx, fn, `SELECT DISTINCT tp.digest, tp.chunk_offset, tp.whole, tp.position, tm.items
 		FROM manifest_layers ml
 		JOIN files f ON f.layer_digest = ml.layer_digest
 		JOIN trace_priority tp ON tp.digest = f.digest
 		JOIN trace_manifests tm ON tm.repository = tp.repository AND tm.manifest_digest = tp.manifest_digest
-		WHERE ml.manifest_digest = ? AND f.digest <> ''`, manifestDigest)
+		WHERE ml.manifest_digest = ? AND f.digest <> '' AND tm.predicted = 0`, manifestDigest)
 	if err != nil {
 		return fmt.Errorf("reading the priorities of the contents of %s: %w", manifestDigest, err)
 	}

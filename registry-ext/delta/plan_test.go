@@ -28,13 +28,15 @@ type memIndex struct {
 	manifests  map[string][]string              // converted manifest → layer digests, base first
 	originals  map[string][]string              // repository@manifest → pushed manifests
 	priorities map[string][]schema.PriorityItem // repository@manifest → merged priority
+	predicted  map[string][]schema.PriorityItem // repository@manifest → predicted priority
 	previous   map[string]string                // repository@manifest → previous traced manifest
 	fail       error                            // returned by every method when set
 }
 
 func newMemIndex() *memIndex {
 	return &memIndex{layers: map[string]api.LayerTree{}, manifests: map[string][]string{},
-		originals: map[string][]string{}, priorities: map[string][]schema.PriorityItem{}, previous: map[string]string{}}
+		originals: map[string][]string{}, priorities: map[string][]schema.PriorityItem{},
+		predicted: map[string][]schema.PriorityItem{}, previous: map[string]string{}}
 }
 
 var (
@@ -87,7 +89,16 @@ func (m *memIndex) TraceTotals(context.Context) (schema.TraceTotals, error) {
 		t.Traces++
 		t.Items += int64(len(items))
 	}
+	for _, items := range m.predicted {
+		t.Manifests++
+		t.Traces++
+		t.Items += int64(len(items))
+	}
 	return t, m.fail
+}
+
+func (m *memIndex) PredictedPriority(_ context.Context, repository, manifest string) ([]schema.PriorityItem, error) {
+	return m.predicted[repository+"@"+manifest], m.fail
 }
 
 func (m *memIndex) TracePriority(_ context.Context, repository, manifest string) ([]schema.PriorityItem, error) {

@@ -20,17 +20,21 @@ type TraceIndex interface {
 	// TraceTotals counts the merged priorities; traces are only ever
 	// added, so the counts change with every merge.
 	TraceTotals(ctx context.Context) (schema.TraceTotals, error)
-	// TracePriority returns the merged priority of a manifest, first item
-	// first; empty when it has none.
+	// TracePriority returns the merged priority of a manifest's real
+	// traces, first item first; empty when it has none.
 	TracePriority(ctx context.Context, repository, manifestDigest string) ([]schema.PriorityItem, error)
-	// PreviousTracedManifest returns the traced manifest of repository
-	// with the platform of manifestDigest whose image was pushed last,
-	// or "" when there is none.
+	// PredictedPriority returns the priority the registry predicted for a
+	// manifest at conversion, while it has no real trace; empty otherwise.
+	PredictedPriority(ctx context.Context, repository, manifestDigest string) ([]schema.PriorityItem, error)
+	// PreviousTracedManifest returns the manifest of repository with real
+	// traces and the platform of manifestDigest whose image was pushed
+	// last, or "" when there is none.
 	PreviousTracedManifest(ctx context.Context, repository, manifestDigest string) (string, error)
-	// AllTracedChunks calls fn with every item of every merged priority.
+	// AllTracedChunks calls fn with every item of every merged priority
+	// of real traces.
 	AllTracedChunks(ctx context.Context, fn func(schema.TracedChunk)) error
-	// TracedChunksOf calls fn with the items of every merged priority
-	// whose content some layer of manifestDigest holds.
+	// TracedChunksOf calls fn with the items of every merged priority of
+	// real traces whose content some layer of manifestDigest holds.
 	TracedChunksOf(ctx context.Context, manifestDigest string, fn func(schema.TracedChunk)) error
 }
 
@@ -41,7 +45,9 @@ type TraceIndex interface {
 //  1. the chunks the manifest's own merged priority names, in its order;
 //     a manifest without traces of its own uses the priority of the most
 //     recently pushed traced manifest of the same repository and platform,
-//     matched by path (then by content digest);
+//     matched by path (then by content digest), followed by its own
+//     predicted priority (the files the registry predicted at conversion
+//     that a container reads first, package predict);
 //  2. contents that are not in that priority but that other traced
 //     manifests (any repository) name, by how early those needed them;
 //  3. the untraced chunks of contents traced chunk by chunk, in the order
@@ -103,6 +109,15 @@ func (t *Traced) Rank(ctx context.Context, repository string, manifest digest.Di
 				}
 				r.add(d, it.ChunkOffset, it.Whole)
 			}
+		}
+		// The prediction ranks below every real trace of the image (its
+		// own, then its previous version's) and above other images'.
+		predicted, err := t.index.PredictedPriority(ctx, repository, manifest.String())
+		if err != nil {
+			return err
+		}
+		for _, it := range predicted {
+			r.add(it.Digest, it.ChunkOffset, it.Whole)
 		}
 	}
 	if err := t.shared(ctx, gen, manifest.String(), r); err != nil {

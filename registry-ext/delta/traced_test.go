@@ -52,6 +52,17 @@ func (f *fixture) trace(repository string, m digest.Digest, pushedAt int64, item
 	}
 }
 
+// predicted stores a predicted priority for manifest m of repository, as
+// the registry keeps the prediction of an image without real traces.
+func (f *fixture) predicted(repository string, m digest.Digest, pushedAt int64, items ...titem) {
+	f.t.Helper()
+	f.trace(repository, m, pushedAt, items...)
+	if _, err := f.raw.Exec(`UPDATE trace_manifests SET predicted = 1 WHERE repository = ? AND manifest_digest = ?`,
+		repository, m.String()); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
 // frameNames names the frames of h as "path@offset" by the first entry
 // holding each content, leaving out estargz's landmark file.
 func frameNames(h *api.BundleHeader) []string {
@@ -218,6 +229,47 @@ func TestTracedInheritsPreviousVersion(t *testing.T) {
 	want := []string{"app/main@0", "app/lib-1.1.so@0", "app/conf@0", "app/new@0", "app/data@0"}
 	if !slices.Equal(got, want) {
 		t.Errorf("frames\n got %v\nwant %v", got, want)
+	}
+}
+
+// TestTracedPrediction: a prediction orders an image nobody has run,
+// above other images' traces of its contents; an image whose previous
+// version was traced takes that order first, then its prediction; the
+// prediction is shared with no other manifest.
+func TestTracedPrediction(t *testing.T) {
+	s := newTracedScene(t)
+	other := s.f.layer(reg("lib/e-copy", data(6, 100)), reg("lib/c-copy", data(4, 100)))
+	om := s.f.image("base", other)
+	s.f.trace("base", om, 1, titem{other, "lib/e-copy", 0, true}, titem{other, "lib/c-copy", 0, true})
+	s.f.predicted("app", s.m, 2, titem{s.l, "app/b", 0, true}, titem{s.l, "app/big", 0, true})
+
+	big := []string{"app/big@0", fmt.Sprintf("app/big@%d", testChunkSize), fmt.Sprintf("app/big@%d", 2*testChunkSize)}
+	got := plan(t, s.planner(), "app", s.m)
+	want := append(append([]string{"app/b@0"}, big...), "app/e@0", "app/c@0", "app/a@0", "app/d@0")
+	if !slices.Equal(got, want) {
+		t.Errorf("predicted frames\n got %v\nwant %v", got, want)
+	}
+	// Another image holding b and big does not take app's prediction.
+	l2 := s.f.layer(reg("x/a", data(2, 100)), reg("x/b", data(3, 100)), reg("x/big", data(1, 3*testChunkSize)))
+	if got := plan(t, s.planner(), "x", s.f.image("x", l2)); !slices.Equal(got[:2], []string{"x/a@0", "x/b@0"}) {
+		t.Errorf("another image ordered by app's prediction: %v", got)
+	}
+
+	// v2 of app: the traced v1 by path first, then v2's own prediction.
+	v2 := s.f.layer(reg("app/c", data(4, 100)), reg("app/d", data(5, 100)), reg("app/new", data(8, 100)), reg("app/a", data(2, 100)))
+	m2 := s.f.image("app", v2)
+	// v1 has been run since: its real trace replaces its prediction.
+	for _, table := range []string{"trace_manifests", "trace_priority"} {
+		if _, err := s.f.raw.Exec(`DELETE FROM ` + table + ` WHERE repository = 'app'`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.f.trace("app", s.m, 2, titem{s.l, "app/d", 0, true})
+	s.f.predicted("app", m2, 3, titem{v2, "app/new", 0, true}, titem{v2, "app/d", 0, true})
+	got = plan(t, s.planner(), "app", m2)
+	want = []string{"app/d@0", "app/new@0", "app/c@0", "app/a@0"}
+	if !slices.Equal(got, want) {
+		t.Errorf("v2 frames\n got %v\nwant %v", got, want)
 	}
 }
 
