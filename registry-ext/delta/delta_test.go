@@ -322,7 +322,7 @@ func TestDeltaDeliversEveryContent(t *testing.T) {
 			t.Errorf("layer %s opened %d times", l.digest, n)
 		}
 	}
-	if n := s.f.blobs.stillOpen(); n != 0 {
+	if n := waitClosed(s.f.blobs); n != 0 {
 		t.Errorf("%d blobs left open", n)
 	}
 }
@@ -595,7 +595,18 @@ func TestDeltaCancel(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the stream did not stop after the request was cancelled")
 	}
-	if n := s.f.blobs.stillOpen(); n != 0 {
+	if n := waitClosed(s.f.blobs); n != 0 {
 		t.Errorf("%d blobs left open", n)
 	}
+}
+
+// waitClosed returns the blobs still open once the server had a moment to
+// finish: the client reads the last frame before the handler's deferred
+// close of its blobs runs.
+func waitClosed(b interface{ stillOpen() int }) int {
+	deadline := time.Now().Add(5 * time.Second)
+	for b.stillOpen() != 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	return b.stillOpen()
 }
