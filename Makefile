@@ -11,6 +11,12 @@ export CGO_ENABLED := 1
 
 BINARIES := starlight-registry starlight-worker ctr-starlight
 
+# `--version` of the binaries (package api/version).
+VERSION_PKG := github.com/starlight-project/starlight/api/version
+VERSION     ?= $(shell git describe --always --dirty 2>/dev/null)
+COMMIT      ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS     := -X $(VERSION_PKG).Version=$(VERSION) -X $(VERSION_PKG).Commit=$(COMMIT)
+
 .PHONY: all build deps test unit lint demo bench clean
 
 all: build
@@ -19,7 +25,7 @@ deps:
 	./hack/install-deps.sh
 
 build:
-	$(GO) build $(GOFLAGS) -o $(BIN)/ ./registry-ext/cmd/starlight-registry ./worker/cmd/starlight-worker ./worker/cmd/ctr-starlight
+	$(GO) build $(GOFLAGS) -ldflags "$(LDFLAGS)" -o $(BIN)/ ./registry-ext/cmd/starlight-registry ./worker/cmd/starlight-worker ./worker/cmd/ctr-starlight
 
 # Unit and end-to-end tests in one run; end-to-end tests use the binaries
 # built here (STARLIGHT_BIN) and start private daemons.

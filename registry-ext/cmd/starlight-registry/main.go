@@ -7,6 +7,8 @@
 package main
 
 import (
+	"fmt"
+	"io"
 	_ "net/http/pprof"
 	"os"
 
@@ -19,7 +21,10 @@ import (
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/inmemory"
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/middleware/redirect"
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/middleware/rewrite"
+	distversion "github.com/distribution/distribution/v3/version"
+	"github.com/spf13/cobra"
 
+	"github.com/starlight-project/starlight/api/version"
 	registryext "github.com/starlight-project/starlight/registry-ext"
 )
 
@@ -30,9 +35,35 @@ func main() {
 		os.Setenv("OTEL_TRACES_EXPORTER", "none")
 	}
 	registry.RootCmd.Use = "starlight-registry"
+	wrapVersion(registry.RootCmd)
 	// RootCmd exits non-zero by itself when a subcommand fails. After a
 	// graceful stop (SIGTERM), conversions in progress go back to the
 	// queue for the next start.
 	registry.RootCmd.Execute() //nolint:errcheck
 	registryext.CloseAll()
+}
+
+// distributionModule is the module of distribution linked in.
+const distributionModule = "github.com/distribution/distribution/v3"
+
+// wrapVersion makes distribution's --version (-v) print Starlight's
+// version and commit, then the distribution version linked in.
+func wrapVersion(root *cobra.Command) {
+	run := root.Run
+	root.Run = func(cmd *cobra.Command, args []string) {
+		if v, err := cmd.Flags().GetBool("version"); err == nil && v {
+			printVersion(cmd.OutOrStdout())
+			return
+		}
+		run(cmd, args)
+	}
+}
+
+func printVersion(w io.Writer) {
+	fmt.Fprintln(w, version.Line("starlight-registry"))
+	dv := version.Module(distributionModule)
+	if dv == "" {
+		dv = distversion.Version() // "v3.x.y+unknown" unless set at build time
+	}
+	fmt.Fprintln(w, "distribution", dv)
 }

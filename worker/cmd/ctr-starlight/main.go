@@ -8,6 +8,8 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/starlight-project/starlight/api/version"
 )
 
 // globalOptions are the flags every subcommand shares.
@@ -27,6 +29,7 @@ var rootCmd = &cobra.Command{
 }
 
 func init() {
+	rootCmd.Version = version.Get().String() // --version
 	rootCmd.PersistentFlags().StringVar(&global.worker, "worker", "/run/starlight/api.sock", "the starlight-worker API socket")
 	rootCmd.PersistentFlags().StringVarP(&global.namespace, "namespace", "n", "default", "containerd namespace")
 	rootCmd.PersistentFlags().StringVarP(&global.address, "address", "a", "/run/containerd/containerd.sock", "containerd's socket (for create)")

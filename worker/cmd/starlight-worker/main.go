@@ -13,17 +13,26 @@ import (
 	"github.com/containerd/log"
 	"github.com/spf13/cobra"
 
+	"github.com/starlight-project/starlight/api/version"
 	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/daemon"
 )
 
 func main() {
+	if err := newCommand().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "starlight-worker:", err)
+		os.Exit(1)
+	}
+}
+
+func newCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:           "starlight-worker",
 		Short:         "Starlight worker: lazy-pulling containerd snapshotter",
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       version.Get().String(), // --version
 	}
 	flags := config.AddFlags(cmd.Flags())
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
@@ -45,8 +54,5 @@ func main() {
 		}
 		return d.Serve(ctx, nil)
 	}
-	if err := cmd.Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "starlight-worker:", err)
-		os.Exit(1)
-	}
+	return cmd
 }
