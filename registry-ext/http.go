@@ -11,12 +11,14 @@ import (
 	"strings"
 
 	"github.com/containerd/log"
+	"github.com/containerd/platforms"
 	"github.com/distribution/distribution/v3"
 	"github.com/distribution/distribution/v3/configuration"
 	"github.com/distribution/distribution/v3/registry/auth"
 	"github.com/distribution/reference"
 	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/registry-ext/delta"
@@ -447,18 +449,59 @@ func (x *Extension) convertedManifest(ctx context.Context, repository string, dg
 	if len(manifests) == 1 && !isIndexType(im.MediaType) {
 		return digest.Digest(manifests[0].ManifestDigest), nil
 	}
-	want := platform.String()
-	var byArch []schema.ImageManifest
+	if m, ok := pickPlatform(manifests, platform); ok {
+		return digest.Digest(m.ManifestDigest), nil
+	}
+	have := make([]string, 0, len(manifests))
 	for _, m := range manifests {
-		if m.Platform == want {
-			return digest.Digest(m.ManifestDigest), nil
+		have = append(have, m.Platform)
+	}
+	return "", errorf(http.StatusNotFound, api.CodeNotFound, "image %s@%s has no %s manifest (it has %s)",
+		repository, im.Digest, platform, strings.Join(have, ", "))
+}
+
+// pickPlatform returns the manifest of ms for platform the way containerd
+// picks one from an index (platforms.Only): names are compared normalised
+// ("linux/arm64/v8" is "linux/arm64", "aarch64" is "arm64"), a platform
+// also runs the ones it is compatible with (amd64 runs 386, arm/v7 runs
+// arm/v6), and the best match wins, the first in index order among equals.
+// A platform without a variant also gets the only manifest of its OS and
+// architecture, whatever that manifest's variant (as before).
+func pickPlatform(ms []schema.ImageManifest, platform api.Platform) (schema.ImageManifest, bool) {
+	want := ocispec.Platform{OS: platform.OS, Architecture: platform.Architecture, Variant: platform.Variant}
+	match := platforms.Only(want)
+	best := -1
+	for i, m := range ms {
+		p := parseStoredPlatform(m.Platform)
+		if match.Match(p) && (best < 0 || match.Less(p, parseStoredPlatform(ms[best].Platform))) {
+			best = i
 		}
-		if platform.Variant == "" && strings.HasPrefix(m.Platform, platform.OS+"/"+platform.Architecture+"/") {
+	}
+	if best >= 0 {
+		return ms[best], true
+	}
+	if platform.Variant != "" {
+		return schema.ImageManifest{}, false
+	}
+	want = platforms.Normalize(want)
+	var byArch []schema.ImageManifest
+	for _, m := range ms {
+		p := platforms.Normalize(parseStoredPlatform(m.Platform))
+		if p.OS == want.OS && p.Architecture == want.Architecture {
 			byArch = append(byArch, m)
 		}
 	}
 	if len(byArch) == 1 {
-		return digest.Digest(byArch[0].ManifestDigest), nil
+		return byArch[0], true
 	}
-	return "", errorf(http.StatusNotFound, api.CodeNotFound, "image %s@%s has no %s manifest", repository, im.Digest, want)
+	return schema.ImageManifest{}, false
+}
+
+// parseStoredPlatform splits a schema.ImageManifest platform
+// ("os/arch[/variant]", as the index or config had it).
+func parseStoredPlatform(s string) ocispec.Platform {
+	var p ocispec.Platform
+	p.OS, s, _ = strings.Cut(s, "/")
+	p.Architecture, p.Variant, _ = strings.Cut(s, "/")
+	return p
 }

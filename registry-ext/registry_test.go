@@ -556,6 +556,7 @@ func TestMultiPlatformIndex(t *testing.T) {
 	}{
 		{api.Platform{}, conv.Manifests[0].Digest, 200},
 		{api.Platform{OS: "linux", Architecture: "arm64"}, conv.Manifests[1].Digest, 200},
+		{api.Platform{OS: "linux", Architecture: "arm64", Variant: "v8"}, conv.Manifests[1].Digest, 200},
 		{api.Platform{OS: "linux", Architecture: "s390x"}, "", 404},
 	} {
 		req, _ := json.Marshal(api.DeltaRequest{Reference: "multi:v1", Platform: tc.platform})
