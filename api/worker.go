@@ -33,6 +33,10 @@ type PullRequest struct {
 	// Wait keeps the event stream open until every content has arrived,
 	// instead of ending it when the image is usable.
 	Wait bool `json:"wait,omitempty"`
+	// Platform selects the manifest of a multi-platform image:
+	// "os/arch[/variant]" as containerd parses it ("linux/arm64",
+	// "linux/arm/v7"). Empty means the worker's own platform.
+	Platform string `json:"platform,omitempty"`
 }
 
 // Pull states, in order. An image is usable from PullReady on.
@@ -76,6 +80,10 @@ type WorkerImage struct {
 	Namespace string `json:"namespace"`
 	// Digest is the (converted) manifest digest.
 	Digest string `json:"digest,omitempty"`
+	// Platform is the image's platform, "os/arch[/variant]" normalised
+	// as containerd does: the one its config names, else the one the
+	// pull asked for.
+	Platform string `json:"platform,omitempty"`
 	// Layers are the converted layer digests, base first.
 	Layers []string `json:"layers,omitempty"`
 	State  string   `json:"state"`

@@ -268,14 +268,15 @@ func randomID() string {
 
 // PullPlain is the fallback for a host that is not a Starlight registry: a
 // standard containerd pull of ref (fully qualified, as containerd's
-// resolver wants it) through resolver, unpacked by containerd's default
+// resolver wants it) for platform ("os/arch[/variant]"; empty is
+// containerd's) through resolver, unpacked by containerd's default
 // snapshotter.
-func (im *Importer) PullPlain(ctx context.Context, ref string, resolver remotes.Resolver) (images.Image, error) {
+func (im *Importer) PullPlain(ctx context.Context, ref, platform string, resolver remotes.Resolver) (images.Image, error) {
 	c, err := im.Client(ctx)
 	if err != nil {
 		return images.Image{}, err
 	}
-	img, err := c.Pull(ctx, ref, containerd.WithResolver(resolver), containerd.WithPullUnpack)
+	img, err := c.Pull(ctx, ref, containerd.WithResolver(resolver), containerd.WithPullUnpack, containerd.WithPlatform(platform))
 	if err != nil {
 		return images.Image{}, fmt.Errorf("pulling %s: %w", ref, err)
 	}

@@ -36,9 +36,6 @@ import (
 	"github.com/starlight-project/starlight/worker/store"
 )
 
-// DefaultPlatform is the platform a delta request asks for.
-var DefaultPlatform = api.Platform{OS: "linux", Architecture: "amd64"}
-
 // Puller runs pulls: one delta request per image, the image made usable in
 // containerd as soon as the bundle header arrives, the contents received in
 // the background, a broken stream resumed.
@@ -111,6 +108,9 @@ type Job struct {
 	// signals header once the layers are recorded.
 	cri    bool
 	header func(error)
+	// platform is the platform the delta request asks for; zero for a
+	// CRI pull, which names its platform manifest by digest.
+	platform api.Platform
 }
 
 // Snapshot returns the image's state now, and a channel closed at the
@@ -230,6 +230,10 @@ func (pl *Puller) Start(req api.PullRequest) (*Job, error) {
 	if err != nil {
 		return nil, err
 	}
+	platform, err := ParsePlatform(req.Platform)
+	if err != nil {
+		return nil, err
+	}
 	ep, err := ResolveEndpoint(pl.cfg, ref, req.PlainHTTP)
 	if err != nil {
 		return nil, err
@@ -245,16 +249,20 @@ func (pl *Puller) Start(req api.PullRequest) (*Job, error) {
 		active := p.active
 		p.mu.Unlock()
 		if active {
+			if p.platform != (api.Platform{}) && p.platform != platform {
+				return nil, fmt.Errorf("%s is being pulled for %s; wait for that pull to end before pulling it for %s", ref.Name, p.platform, platform)
+			}
 			return p, nil
 		}
 	}
 	p := &Job{
 		img: api.WorkerImage{
-			Ref: ref.Name, Namespace: req.Namespace, State: api.PullResolving,
+			Ref: ref.Name, Namespace: req.Namespace, State: api.PullResolving, Platform: platform.String(),
 			Started: time.Now().UTC(), PlainHTTP: ep.Registry.PlainHTTP,
 		},
-		changed: make(chan struct{}),
-		active:  true,
+		changed:  make(chan struct{}),
+		active:   true,
+		platform: platform,
 	}
 	pl.pulls[key] = p
 	pl.wg.Add(1)
@@ -300,10 +308,14 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	pl.metrics.ActivePulls.Inc()
 	defer pl.metrics.ActivePulls.Dec()
 
+	platform := p.platform
+	if platform == (api.Platform{}) {
+		platform = DefaultPlatform
+	}
 	rc := pl.client(ep)
 	if !ep.Starlight {
 		log.G(ctx).WithField("registry", ep.Registry.String()).Info("host is not a Starlight registry, falling back to a standard pull")
-		md, err := pl.importer.PullPlain(ctx, ref.Normalized, rc.Resolver())
+		md, err := pl.importer.PullPlain(ctx, ref.Normalized, platform.String(), rc.Resolver())
 		if err != nil {
 			return fmt.Errorf("%s: %w", ref.Name, err)
 		}
@@ -329,11 +341,11 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	defer unlockGC()
 	req := api.DeltaRequest{
 		Reference:     ref.DeltaReference(),
-		Platform:      DefaultPlatform,
+		Platform:      platform,
 		Have:          pl.layers.Inventory(),
 		HeaderVersion: bundle.Version,
 	}
-	log.G(ctx).WithField("registry", ep.Registry.String()).WithField("have", len(req.Have)).Info("requesting delta bundle")
+	log.G(ctx).WithFields(log.Fields{"registry": ep.Registry.String(), "platform": platform, "have": len(req.Have)}).Info("requesting delta bundle")
 	body, err := rc.Delta(ctx, ref.Host, ref.Repository, req)
 	if err != nil {
 		return fmt.Errorf("%s: %w", ref.Name, err)
@@ -357,6 +369,11 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	p.update(func(img *api.WorkerImage) {
 		img.State = api.PullImporting
 		img.Digest = h.ManifestDigest
+		// The image's own platform: a single-platform image is served
+		// whatever the request asked, and a CRI pull names none.
+		if cp, ok := configPlatform(h.Config); ok {
+			img.Platform = cp.String()
+		}
 		img.Layers = nil
 		for _, l := range plan.Layers {
 			img.Layers = append(img.Layers, l.String())

@@ -40,7 +40,7 @@ func init() {
 
 func printImages(out io.Writer, imgs []api.WorkerImage) error {
 	tw := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "REF\tDIGEST\tSIZE\tDEDUP\tSENT\tRECEIVED\tSTATE")
+	fmt.Fprintln(tw, "REF\tDIGEST\tPLATFORM\tSIZE\tDEDUP\tSENT\tRECEIVED\tSTATE")
 	for _, img := range imgs {
 		dgst := img.Digest
 		if len(dgst) > 19 {
@@ -66,7 +66,11 @@ func printImages(out io.Writer, imgs []api.WorkerImage) error {
 		if img.ImageBytes > 0 || img.SendBytes > 0 || img.DedupBytes > 0 {
 			dedup, sent = humanBytes(img.DedupBytes), humanBytes(img.SendBytes)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", img.Ref, dgst, humanBytes(size), dedup, sent, received, state)
+		platform := img.Platform
+		if platform == "" {
+			platform = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", img.Ref, dgst, platform, humanBytes(size), dedup, sent, received, state)
 	}
 	return tw.Flush()
 }

@@ -19,15 +19,18 @@ import (
 var pullOpts struct {
 	plainHTTP bool
 	wait      bool
+	platform  string
 }
 
 var pullCmd = &cobra.Command{
-	Use:   "pull [--plain-http] [--wait] REF",
+	Use:   "pull [--plain-http] [--wait] [--platform os/arch[/variant]] REF",
 	Short: "Pull an image through the worker: one delta bundle, usable before it has arrived",
 	Long: `Pull asks the worker to pull REF from its Starlight registry. It returns as
 soon as the image is usable (it exists in containerd and its snapshot chain is
 committed in the "starlight" snapshotter) while contents keep streaming; with
---wait it returns once everything has arrived. Then:
+--wait it returns once everything has arrived. The worker pulls the manifest of
+its own platform from a multi-platform image unless --platform names another
+(as "ctr pull --platform" does). Then:
 
   ctr run --snapshotter starlight REF ID`,
 	Args: cobra.ExactArgs(1),
@@ -39,6 +42,7 @@ committed in the "starlight" snapshotter) while contents keep streaming; with
 			PlainHTTP: pullOpts.plainHTTP,
 			Namespace: global.namespace,
 			Wait:      pullOpts.wait,
+			Platform:  pullOpts.platform,
 		})
 	},
 }
@@ -46,6 +50,7 @@ committed in the "starlight" snapshotter) while contents keep streaming; with
 func init() {
 	pullCmd.Flags().BoolVar(&pullOpts.plainHTTP, "plain-http", false, "talk HTTP, not HTTPS, to the registry for this pull")
 	pullCmd.Flags().BoolVar(&pullOpts.wait, "wait", false, "return once every content has arrived, not when the image is usable")
+	pullCmd.Flags().StringVar(&pullOpts.platform, "platform", "", `platform of a multi-platform image to pull, e.g. linux/arm64 (default: the worker's)`)
 	rootCmd.AddCommand(pullCmd)
 }
 

@@ -118,14 +118,14 @@ func TestRunPull(t *testing.T) {
 func TestPrintImages(t *testing.T) {
 	var out bytes.Buffer
 	printImages(&out, []api.WorkerImage{
-		{Ref: "127.0.0.1:5000/app:v1", Digest: "sha256:0123456789abcdef0123", State: "complete", Complete: true,
+		{Ref: "127.0.0.1:5000/app:v1", Digest: "sha256:0123456789abcdef0123", Platform: "linux/arm64", State: "complete", Complete: true,
 			ImageBytes: 2_000_000, DedupBytes: 1_000_000, SendBytes: 1_000_000,
 			PullProgress: api.PullProgress{BytesReceived: 1_000_000, BytesTotal: 1_000_000}},
 		{Ref: "127.0.0.1:5000/app:v2", State: "failed", Error: "registry: NOT_FOUND: no"},
 	})
-	want := "REF                    DIGEST               SIZE    DEDUP   SENT    RECEIVED       STATE\n" +
-		"127.0.0.1:5000/app:v1  sha256:0123456789ab  2.0 MB  1.0 MB  1.0 MB  1.0 MB (100%)  complete\n" +
-		"127.0.0.1:5000/app:v2                       0 B     -       -       -              failed: registry: NOT_FOUND: no\n"
+	want := "REF                    DIGEST               PLATFORM     SIZE    DEDUP   SENT    RECEIVED       STATE\n" +
+		"127.0.0.1:5000/app:v1  sha256:0123456789ab  linux/arm64  2.0 MB  1.0 MB  1.0 MB  1.0 MB (100%)  complete\n" +
+		"127.0.0.1:5000/app:v2                       -            0 B     -       -       -              failed: registry: NOT_FOUND: no\n"
 	if out.String() != want {
 		t.Fatalf("got\n%s\nwant\n%s", out.String(), want)
 	}
