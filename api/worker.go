@@ -15,6 +15,7 @@ import "time"
 //	PUT    /v1/optimize        OptimizeState → OptimizeState
 //	GET    /v1/traces          → []TraceSummary
 //	POST   /v1/traces/report   ReportRequest → ReportResult
+//	GET    /v1/info            → WorkerInfo
 //
 // Errors outside a pull stream are answered with a non-2xx status and an
 // Error (the same body as the registry's /starlight/ routes).
@@ -105,6 +106,21 @@ type WorkerImage struct {
 	Started   time.Time  `json:"started"`
 	Ready     *time.Time `json:"ready,omitempty"`
 	Completed *time.Time `json:"completed,omitempty"`
+}
+
+// WorkerInfo answers GET /v1/info: what the worker is and what it is
+// wired to. Paths are as the worker sees them.
+type WorkerInfo struct {
+	Version string `json:"version"`
+	Commit  string `json:"commit"`
+	// Containerd is the socket of the containerd the worker imports its
+	// images into (ctr-starlight create dials it when given no address).
+	Containerd string `json:"containerd"`
+	// Root holds the worker's state; Address is its snapshotter socket.
+	Root    string `json:"root"`
+	Address string `json:"address"`
+	// Platform is what a pull asks for when it names none, "os/arch[/variant]".
+	Platform string `json:"platform"`
 }
 
 // Snapshot labels of a Starlight container (set by ctr-starlight create).

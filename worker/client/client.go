@@ -157,6 +157,16 @@ func (c *Client) Report(ctx context.Context, req api.ReportRequest) (*api.Report
 	return &out, nil
 }
 
+// Info returns the worker's version and what it is wired to (its
+// containerd, root, snapshotter socket, default platform).
+func (c *Client) Info(ctx context.Context) (*api.WorkerInfo, error) {
+	var out api.WorkerInfo
+	if err := c.get(ctx, "/v1/info", &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
 func (c *Client) get(ctx context.Context, path string, v any) error {
 	return c.call(ctx, http.MethodGet, path, nil, v)
 }

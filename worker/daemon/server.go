@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/starlight-project/starlight/api"
+	"github.com/starlight-project/starlight/api/version"
 	"github.com/starlight-project/starlight/worker/pull"
 )
 
@@ -85,6 +86,14 @@ func (d *Daemon) APIHandler() http.Handler {
 			return
 		}
 		api.WriteJSON(w, http.StatusOK, res)
+	})
+	mux.HandleFunc("GET /v1/info", func(w http.ResponseWriter, r *http.Request) {
+		v := version.Get()
+		api.WriteJSON(w, http.StatusOK, api.WorkerInfo{
+			Version: v.Version, Commit: v.Commit,
+			Containerd: d.cfg.Containerd, Root: d.cfg.Root, Address: d.cfg.Address,
+			Platform: pull.DefaultPlatform.String(),
+		})
 	})
 	return mux
 }

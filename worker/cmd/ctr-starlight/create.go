@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 
@@ -22,7 +23,8 @@ var createCmd = &cobra.Command{
 the starlight snapshotter. ARGS, if given, replace the image's command. With
 --optimize the worker records the container's first access of every file
 (startup trace), kept until "ctr-starlight report" sends it to the registry.
-Start the container with:
+The containerd is the one -a (or CONTAINERD_ADDRESS) names, else the one the
+worker imports its images into. Start the container with:
 
   ctr task start CONTAINER_ID
 
@@ -46,9 +48,13 @@ is then complete.`,
 				return fmt.Errorf("--optimize: %w (only images pulled with ctr-starlight pull can be traced)", err)
 			}
 		}
-		c, err := containerd.New(global.address, containerd.WithDefaultNamespace(global.namespace))
+		address, err := containerdAddress(cmd.Context())
 		if err != nil {
-			return fmt.Errorf("connecting to containerd at %s: %w", global.address, err)
+			return err
+		}
+		c, err := containerd.New(address, containerd.WithDefaultNamespace(global.namespace))
+		if err != nil {
+			return fmt.Errorf("connecting to containerd at %s: %w (give its socket with -a or CONTAINERD_ADDRESS)", address, err)
 		}
 		defer c.Close()
 		ctr, err := client.NewContainer(cmd.Context(), c, client.ContainerOptions{
@@ -65,6 +71,25 @@ is then complete.`,
 		fmt.Fprintf(os.Stdout, "%s: %s; start it with: ctr task start %s\n", ctr.ID(), what, ctr.ID())
 		return nil
 	},
+}
+
+// containerdAddress is the socket create dials: --address, whose default
+// is $CONTAINERD_ADDRESS, else the containerd the worker imports its
+// images into (GET /v1/info).
+func containerdAddress(ctx context.Context) (string, error) {
+	if global.address != "" {
+		return global.address, nil
+	}
+	wc := client.New(global.worker)
+	defer wc.Close()
+	info, err := wc.Info(ctx)
+	if err != nil {
+		return "", fmt.Errorf("asking the worker (--worker %s) which containerd it uses: %w; give containerd's socket with -a or CONTAINERD_ADDRESS", global.worker, err)
+	}
+	if info.Containerd == "" {
+		return "", fmt.Errorf("the worker (--worker %s) names no containerd; give containerd's socket with -a or CONTAINERD_ADDRESS", global.worker)
+	}
+	return info.Containerd, nil
 }
 
 func init() {

@@ -8,6 +8,7 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/starlight-project/starlight/api/version"
 )
@@ -16,7 +17,7 @@ import (
 type globalOptions struct {
 	worker    string // the worker's API socket
 	namespace string // containerd namespace
-	address   string // containerd's socket, for create
+	address   string // containerd's socket, for create; "" asks the worker
 }
 
 var global globalOptions
@@ -30,9 +31,21 @@ var rootCmd = &cobra.Command{
 
 func init() {
 	rootCmd.Version = version.Get().String() // --version
-	rootCmd.PersistentFlags().StringVar(&global.worker, "worker", "/run/starlight/api.sock", "the starlight-worker API socket")
-	rootCmd.PersistentFlags().StringVarP(&global.namespace, "namespace", "n", "default", "containerd namespace")
-	rootCmd.PersistentFlags().StringVarP(&global.address, "address", "a", "/run/containerd/containerd.sock", "containerd's socket (for create)")
+	addGlobalFlags(rootCmd.PersistentFlags(), &global, os.Getenv)
+}
+
+// addGlobalFlags defines the shared flags. As with ctr, CONTAINERD_ADDRESS
+// and CONTAINERD_NAMESPACE are the defaults of --address and --namespace,
+// and a flag given wins.
+func addGlobalFlags(fs *pflag.FlagSet, g *globalOptions, getenv func(string) string) {
+	namespace := getenv("CONTAINERD_NAMESPACE")
+	if namespace == "" {
+		namespace = "default"
+	}
+	fs.StringVar(&g.worker, "worker", "/run/starlight/api.sock", "the starlight-worker API socket")
+	fs.StringVarP(&g.namespace, "namespace", "n", namespace, "containerd namespace [$CONTAINERD_NAMESPACE]")
+	fs.StringVarP(&g.address, "address", "a", getenv("CONTAINERD_ADDRESS"),
+		"containerd's socket, for create [$CONTAINERD_ADDRESS] (default: the containerd the worker uses)")
 }
 
 func main() {
