@@ -16,6 +16,7 @@ const (
 	MediaTypeOCIConfig   = "application/vnd.oci.image.config.v1+json"
 	MediaTypeLayerGzip   = "application/vnd.oci.image.layer.v1.tar+gzip"
 	MediaTypeLayerTar    = "application/vnd.oci.image.layer.v1.tar"
+	MediaTypeOCIIndex    = "application/vnd.oci.image.index.v1+json"
 )
 
 // Descriptor is an OCI content descriptor.
@@ -23,6 +24,15 @@ type Descriptor struct {
 	MediaType string `json:"mediaType"`
 	Digest    string `json:"digest"`
 	Size      int64  `json:"size"`
+	// Platform is set on the manifests of an index.
+	Platform *Platform `json:"platform,omitempty"`
+}
+
+// Platform is an OCI platform, as in an index and an image config.
+type Platform struct {
+	OS           string `json:"os"`
+	Architecture string `json:"architecture"`
+	Variant      string `json:"variant,omitempty"`
 }
 
 // Digest returns "sha256:<hex>" of b.
@@ -100,6 +110,55 @@ func (r *Registry) PushLayers(t T, repo, tag string, layers []Descriptor, diffID
 	}
 	mJSON, _ := json.Marshal(m)
 	return r.PushManifest(t, repo, tag, mJSON, MediaTypeOCIManifest)
+}
+
+// PushPlatformImage pushes an OCI image of platform made of layers (gzip
+// blobs, see LayerBlob) to repo, its manifest by digest only, and returns
+// the manifest's descriptor with its platform, for PushIndex. The image
+// need not run on the host: a foreign platform's image can hold just
+// files.
+func (r *Registry) PushPlatformImage(t T, repo string, platform Platform, layers []Layer) Descriptor {
+	t.Helper()
+	var descs []Descriptor
+	var diffIDs []string
+	for i, l := range layers {
+		blob, diffID, err := LayerBlob(l)
+		if err != nil {
+			t.Fatalf("layer %d of the %s/%s image: %v", i, platform.OS, platform.Architecture, err)
+		}
+		descs = append(descs, r.PushBlob(t, repo, blob, MediaTypeLayerGzip))
+		diffIDs = append(diffIDs, diffID)
+	}
+	cfg := map[string]any{
+		"architecture": platform.Architecture,
+		"os":           platform.OS,
+		"config":       map[string]any{"Cmd": []string{"/bin/sh"}},
+		"rootfs":       map[string]any{"type": "layers", "diff_ids": diffIDs},
+	}
+	if platform.Variant != "" {
+		cfg["variant"] = platform.Variant
+	}
+	cfgJSON, _ := json.Marshal(cfg)
+	m, _ := json.Marshal(map[string]any{
+		"schemaVersion": 2,
+		"mediaType":     MediaTypeOCIManifest,
+		"config":        r.PushBlob(t, repo, cfgJSON, MediaTypeOCIConfig),
+		"layers":        descs,
+	})
+	d := r.PushManifest(t, repo, Digest(m), m, MediaTypeOCIManifest)
+	return Descriptor{MediaType: MediaTypeOCIManifest, Digest: d, Size: int64(len(m)), Platform: &platform}
+}
+
+// PushIndex pushes an OCI image index of manifests (pushed before, see
+// PushPlatformImage) as repo:tag and returns its digest.
+func (r *Registry) PushIndex(t T, repo, tag string, manifests []Descriptor) string {
+	t.Helper()
+	idx, _ := json.Marshal(map[string]any{
+		"schemaVersion": 2,
+		"mediaType":     MediaTypeOCIIndex,
+		"manifests":     manifests,
+	})
+	return r.PushManifest(t, repo, tag, idx, MediaTypeOCIIndex)
 }
 
 // ManifestDigest returns the digest the registry serves for repo:ref.
