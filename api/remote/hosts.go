@@ -126,17 +126,20 @@ type HostsOptions struct {
 
 // Hosts is the registry host configuration of containerd's hosts.toml
 // directories combined with Starlight's own settings and credential
-// sources. Its Lookup is an Options.Hosts, its CredentialSource an
-// Options.CredentialSource:
+// sources. Its Lookup is an Options.Hosts, its Changed an
+// Options.HostsChanged, its CredentialSource an Options.CredentialSource:
 //
 //	h := remote.NewHosts(opts)
-//	c := remote.New(remote.Options{Hosts: h.Lookup, CredentialSource: h.CredentialSource})
+//	c := remote.New(remote.Options{Hosts: h.Lookup, HostsChanged: h.Changed,
+//		CredentialSource: h.CredentialSource})
 type Hosts struct {
 	opts    HostsOptions
 	hostDir func(string) (string, error)
 
 	mu      sync.Mutex
 	sources map[string]credentialSource // by endpoint host: the last lookup
+	// fingerprints of the host directories, by host: at the last Lookup
+	fingerprints map[string]string
 }
 
 type credentialSource struct {
@@ -146,7 +149,7 @@ type credentialSource struct {
 
 // NewHosts returns the host configuration of opts.
 func NewHosts(opts HostsOptions) *Hosts {
-	h := &Hosts{opts: opts, sources: map[string]credentialSource{}}
+	h := &Hosts{opts: opts, sources: map[string]credentialSource{}, fingerprints: map[string]string{}}
 	if opts.Dir != "" {
 		h.hostDir = config.HostDirFromRoot(opts.Dir)
 	}
@@ -164,6 +167,10 @@ func (h *Hosts) Lookup(host string) ([]docker.RegistryHost, error) {
 	if h.opts.Static != nil && h.opts.Static(host).PlainHTTP {
 		scheme = "http"
 	}
+	fp := h.fingerprint(host)
+	h.mu.Lock()
+	h.fingerprints[host] = fp
+	h.mu.Unlock()
 	endpoints, err := config.ConfigureHosts(context.Background(), config.HostOptions{
 		HostDir:       h.hostDir,
 		Credentials:   h.credentials,
@@ -187,6 +194,38 @@ func (h *Hosts) Lookup(host string) ([]docker.RegistryHost, error) {
 		e.Client = &c
 	}
 	return endpoints, nil
+}
+
+// Changed tells whether the host directory of host changed (appeared,
+// went, or a file in it changed) since its last Lookup, so that an edit of
+// hosts.toml applies without a restart, as in containerd.
+func (h *Hosts) Changed(host string) bool {
+	fp := h.fingerprint(host)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	old, ok := h.fingerprints[host]
+	return ok && old != fp
+}
+
+// fingerprint is the host directory of host and the names, sizes and
+// modification times of its files.
+func (h *Hosts) fingerprint(host string) string {
+	if h.hostDir == nil {
+		return ""
+	}
+	dir, err := h.hostDir(host)
+	if err != nil || dir == "" {
+		return "-"
+	}
+	var b strings.Builder
+	b.WriteString(dir)
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if info, err := e.Info(); err == nil {
+			fmt.Fprintf(&b, "\x00%s %d %d", e.Name(), info.Size(), info.ModTime().UnixNano())
+		}
+	}
+	return b.String()
 }
 
 // credentials is the Authorizer's lookup: Static's credentials, else
@@ -245,16 +284,20 @@ func (h *Hosts) CredentialSource(host string) (source string, found bool) {
 // caSet is the CA files that hosts.toml (or certs.d *.crt files) of one
 // host gives each endpoint host.
 type caSet struct {
-	dir   string              // the host directory, "" for none
+	root  string              // HostsOptions.Dir
+	host  string              // the host looked up
+	dir   string              // its host directory, "" for none
 	files map[string][]string // by endpoint host
 }
 
 func (s caSet) describe(endpoint string) string {
-	if files := s.files[endpoint]; len(files) > 0 {
-		return "the system roots and " + strings.Join(files, ", ")
-	}
-	if s.dir != "" {
+	switch {
+	case len(s.files[endpoint]) > 0:
+		return "the system roots and " + strings.Join(s.files[endpoint], ", ")
+	case s.dir != "":
 		return "the system roots only: " + s.dir + " gives " + endpoint + " no ca"
+	case s.root != "":
+		return "the system roots only: " + s.root + " has no directory for " + s.host
 	}
 	return "the system roots only"
 }
@@ -270,9 +313,9 @@ func (h *Hosts) caFiles(host string) caSet {
 	}
 	dir, err := h.hostDir(host)
 	if err != nil || dir == "" {
-		return caSet{}
+		return caSet{root: h.opts.Dir, host: host}
 	}
-	set := caSet{dir: dir, files: map[string][]string{}}
+	set := caSet{root: h.opts.Dir, host: host, dir: dir, files: map[string][]string{}}
 	self := host
 	if host == "docker.io" {
 		self = "registry-1.docker.io"

@@ -102,7 +102,7 @@ func staticCreds(user, secret string) CredentialFunc {
 
 func hostsClient(o HostsOptions) *Client {
 	h := NewHosts(o)
-	return New(Options{Hosts: h.Lookup, CredentialSource: h.CredentialSource})
+	return New(Options{Hosts: h.Lookup, HostsChanged: h.Changed, CredentialSource: h.CredentialSource})
 }
 
 // A hosts.toml gives the CA of a TLS registry and a header; credentials
@@ -175,13 +175,15 @@ func TestHostsTLSErrorNamesCA(t *testing.T) {
 	other, otherCA := startTLSFake(t, &fakeRegistry{}) // a CA that does not verify host
 
 	dir := t.TempDir()
-	_, err := hostsClient(HostsOptions{Dir: dir}).Delta(context.Background(), host, "team/app", api.DeltaRequest{Reference: "team/app:v1"})
-	if err == nil || !strings.Contains(err.Error(), "x509") || !strings.Contains(err.Error(), "trusted CAs: the system roots only") {
+	// One client throughout: it sees the edits of the directory.
+	c := hostsClient(HostsOptions{Dir: dir})
+	_, err := c.Delta(context.Background(), host, "team/app", api.DeltaRequest{Reference: "team/app:v1"})
+	if err == nil || !strings.Contains(err.Error(), "x509") || !strings.Contains(err.Error(), "trusted CAs: the system roots only: "+dir+" has no directory for "+host) {
 		t.Fatalf("error %v, want an x509 error naming the system roots", err)
 	}
 
 	writeHostsTOML(t, dir, host, fmt.Sprintf("[host.\"https://%s\"]\n  ca = [%q]\n", host, otherCA))
-	_, err = hostsClient(HostsOptions{Dir: dir}).Delta(context.Background(), host, "team/app", api.DeltaRequest{Reference: "team/app:v1"})
+	_, err = c.Delta(context.Background(), host, "team/app", api.DeltaRequest{Reference: "team/app:v1"})
 	if err == nil || !strings.Contains(err.Error(), "trusted CAs: the system roots and "+otherCA) {
 		t.Fatalf("error %v, want an x509 error naming %s", err, otherCA)
 	}
@@ -195,8 +197,14 @@ func TestHostsTLSErrorNamesCA(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(d, "ca.crt"), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if b := delta(t, hostsClient(HostsOptions{Dir: dir}), other); b != "bundle bytes" {
+	if b := delta(t, c, other); b != "bundle bytes" {
 		t.Fatalf("body %q", b)
+	}
+	// Unchanged, the host keeps its endpoints (connections, tokens).
+	first, _ := c.Hosts()(other)
+	again, _ := c.Hosts()(other)
+	if first[0].Client != again[0].Client {
+		t.Fatal("the endpoints of an unchanged host were made again")
 	}
 }
 

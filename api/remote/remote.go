@@ -28,8 +28,9 @@
 // A Client asks Options.Hosts once per host name and keeps the answer, so
 // that connections and tokens are reused across requests (ConfigureHosts
 // builds a new HTTP client and Authorizer on every call). It asks again
-// after an authorization failure: containerd's Authorizer keeps a failed
-// token fetch for good, and a fresh one starts over.
+// after an authorization failure (containerd's Authorizer keeps a failed
+// token fetch for good, and a fresh one starts over), and when
+// Options.HostsChanged says the host's configuration changed.
 //
 // Unlike package api, this package depends on containerd.
 package remote
@@ -84,6 +85,10 @@ type Options struct {
 	// for: Hosts.CredentialSource. It never answers a secret. nil: the
 	// error names no source.
 	CredentialSource func(host string) (source string, found bool)
+	// HostsChanged, if set, tells that the configuration of a host
+	// changed since Hosts answered for it (Hosts.Changed): the Client
+	// asks Hosts again instead of keeping the answer.
+	HostsChanged func(host string) bool
 }
 
 // Client talks to registries. It is safe for concurrent use.
@@ -101,7 +106,8 @@ func New(opts Options) *Client {
 	if opts.IdleTimeout == 0 {
 		opts.IdleTimeout = DefaultIdleTimeout
 	}
-	return &Client{opts: opts, cache: &hostCache{hosts: opts.Hosts, known: map[string]*cachedHost{}, warned: map[string]bool{}}}
+	return &Client{opts: opts, cache: &hostCache{hosts: opts.Hosts, changed: opts.HostsChanged,
+		known: map[string]*cachedHost{}, warned: map[string]bool{}}}
 }
 
 // WithPlainHTTP returns a Client that talks HTTP to the registry host
@@ -438,12 +444,14 @@ func drain(resp *http.Response) {
 }
 
 // hostCache keeps the first successful answer of hosts for every host
-// name, until an Authorizer of the answer fails.
+// name, until an Authorizer of the answer fails or changed says the
+// configuration changed.
 type hostCache struct {
-	hosts  docker.RegistryHosts
-	mu     sync.Mutex
-	known  map[string]*cachedHost
-	warned map[string]bool // see Client.warnOnce
+	hosts   docker.RegistryHosts
+	changed func(host string) bool
+	mu      sync.Mutex
+	known   map[string]*cachedHost
+	warned  map[string]bool // see Client.warnOnce
 }
 
 type cachedHost struct{ endpoints []docker.RegistryHost }
@@ -451,7 +459,7 @@ type cachedHost struct{ endpoints []docker.RegistryHost }
 func (hc *hostCache) lookup(host string) ([]docker.RegistryHost, error) {
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
-	if ch, ok := hc.known[host]; ok {
+	if ch, ok := hc.known[host]; ok && (hc.changed == nil || !hc.changed(host)) {
 		return ch.endpoints, nil
 	}
 	endpoints, err := hc.hosts(host)
