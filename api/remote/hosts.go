@@ -126,11 +126,11 @@ type HostsOptions struct {
 
 // Hosts is the registry host configuration of containerd's hosts.toml
 // directories combined with Starlight's own settings and credential
-// sources. Its Lookup is an Options.Hosts, its Changed an
-// Options.HostsChanged, its CredentialSource an Options.CredentialSource:
+// sources. Its Lookup is an Options.Hosts, its Version an
+// Options.HostsVersion, its CredentialSource an Options.CredentialSource:
 //
 //	h := remote.NewHosts(opts)
-//	c := remote.New(remote.Options{Hosts: h.Lookup, HostsChanged: h.Changed,
+//	c := remote.New(remote.Options{Hosts: h.Lookup, HostsVersion: h.Version,
 //		CredentialSource: h.CredentialSource})
 type Hosts struct {
 	opts    HostsOptions
@@ -138,8 +138,6 @@ type Hosts struct {
 
 	mu      sync.Mutex
 	sources map[string]credentialSource // by endpoint host: the last lookup
-	// fingerprints of the host directories, by host: at the last Lookup
-	fingerprints map[string]string
 }
 
 type credentialSource struct {
@@ -149,7 +147,7 @@ type credentialSource struct {
 
 // NewHosts returns the host configuration of opts.
 func NewHosts(opts HostsOptions) *Hosts {
-	h := &Hosts{opts: opts, sources: map[string]credentialSource{}, fingerprints: map[string]string{}}
+	h := &Hosts{opts: opts, sources: map[string]credentialSource{}}
 	if opts.Dir != "" {
 		h.hostDir = config.HostDirFromRoot(opts.Dir)
 	}
@@ -167,10 +165,6 @@ func (h *Hosts) Lookup(host string) ([]docker.RegistryHost, error) {
 	if h.opts.Static != nil && h.opts.Static(host).PlainHTTP {
 		scheme = "http"
 	}
-	fp := h.fingerprint(host)
-	h.mu.Lock()
-	h.fingerprints[host] = fp
-	h.mu.Unlock()
 	endpoints, err := config.ConfigureHosts(context.Background(), config.HostOptions{
 		HostDir:       h.hostDir,
 		Credentials:   h.credentials,
@@ -196,20 +190,12 @@ func (h *Hosts) Lookup(host string) ([]docker.RegistryHost, error) {
 	return endpoints, nil
 }
 
-// Changed tells whether the host directory of host changed (appeared,
-// went, or a file in it changed) since its last Lookup, so that an edit of
-// hosts.toml applies without a restart, as in containerd.
-func (h *Hosts) Changed(host string) bool {
-	fp := h.fingerprint(host)
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	old, ok := h.fingerprints[host]
-	return ok && old != fp
-}
-
-// fingerprint is the host directory of host and the names, sizes and
-// modification times of its files.
-func (h *Hosts) fingerprint(host string) string {
+// Version changes when the host directory of host does (it appears or
+// goes, a file in it changes): the host directory and the names, sizes
+// and modification times of its files. A Client asks Lookup again then,
+// so that an edit of hosts.toml applies without a restart, as in
+// containerd.
+func (h *Hosts) Version(host string) string {
 	if h.hostDir == nil {
 		return ""
 	}

@@ -102,7 +102,7 @@ func staticCreds(user, secret string) CredentialFunc {
 
 func hostsClient(o HostsOptions) *Client {
 	h := NewHosts(o)
-	return New(Options{Hosts: h.Lookup, HostsChanged: h.Changed, CredentialSource: h.CredentialSource})
+	return New(Options{Hosts: h.Lookup, HostsVersion: h.Version, CredentialSource: h.CredentialSource})
 }
 
 // A hosts.toml gives the CA of a TLS registry and a header; credentials

@@ -30,7 +30,7 @@
 // builds a new HTTP client and Authorizer on every call). It asks again
 // after an authorization failure (containerd's Authorizer keeps a failed
 // token fetch for good, and a fresh one starts over), and when
-// Options.HostsChanged says the host's configuration changed.
+// Options.HostsVersion says the host's configuration changed.
 //
 // Unlike package api, this package depends on containerd.
 package remote
@@ -85,10 +85,11 @@ type Options struct {
 	// for: Hosts.CredentialSource. It never answers a secret. nil: the
 	// error names no source.
 	CredentialSource func(host string) (source string, found bool)
-	// HostsChanged, if set, tells that the configuration of a host
-	// changed since Hosts answered for it (Hosts.Changed): the Client
-	// asks Hosts again instead of keeping the answer.
-	HostsChanged func(host string) bool
+	// HostsVersion, if set, answers a value that changes with the
+	// configuration of a host (Hosts.Version): when it differs from the
+	// one at the time Hosts answered, the Client asks Hosts again
+	// instead of keeping the answer.
+	HostsVersion func(host string) string
 }
 
 // Client talks to registries. It is safe for concurrent use.
@@ -106,7 +107,7 @@ func New(opts Options) *Client {
 	if opts.IdleTimeout == 0 {
 		opts.IdleTimeout = DefaultIdleTimeout
 	}
-	return &Client{opts: opts, cache: &hostCache{hosts: opts.Hosts, changed: opts.HostsChanged,
+	return &Client{opts: opts, cache: &hostCache{hosts: opts.Hosts, version: opts.HostsVersion,
 		known: map[string]*cachedHost{}, warned: map[string]bool{}}}
 }
 
@@ -444,29 +445,36 @@ func drain(resp *http.Response) {
 }
 
 // hostCache keeps the first successful answer of hosts for every host
-// name, until an Authorizer of the answer fails or changed says the
-// configuration changed.
+// name, until an Authorizer of the answer fails or the version of the
+// host's configuration changes.
 type hostCache struct {
 	hosts   docker.RegistryHosts
-	changed func(host string) bool
+	version func(host string) string
 	mu      sync.Mutex
 	known   map[string]*cachedHost
 	warned  map[string]bool // see Client.warnOnce
 }
 
-type cachedHost struct{ endpoints []docker.RegistryHost }
+type cachedHost struct {
+	endpoints []docker.RegistryHost
+	version   string // of the host's configuration, when asked
+}
 
 func (hc *hostCache) lookup(host string) ([]docker.RegistryHost, error) {
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
-	if ch, ok := hc.known[host]; ok && (hc.changed == nil || !hc.changed(host)) {
+	var version string
+	if hc.version != nil {
+		version = hc.version(host)
+	}
+	if ch, ok := hc.known[host]; ok && ch.version == version {
 		return ch.endpoints, nil
 	}
 	endpoints, err := hc.hosts(host)
 	if err != nil {
 		return nil, err
 	}
-	ch := &cachedHost{endpoints: make([]docker.RegistryHost, len(endpoints))}
+	ch := &cachedHost{endpoints: make([]docker.RegistryHost, len(endpoints)), version: version}
 	for i, e := range endpoints {
 		if e.Authorizer != nil {
 			e.Authorizer = &renewingAuthorizer{Authorizer: e.Authorizer, renew: func() { hc.forget(host, ch) }}

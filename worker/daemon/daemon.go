@@ -169,7 +169,7 @@ func dockerConfigPath(cfg *config.Config) string {
 
 // newRemote is the worker's registry client over h.
 func newRemote(h *remote.Hosts) *remote.Client {
-	return remote.New(remote.Options{UserAgent: "starlight-worker", Hosts: h.Lookup, HostsChanged: h.Changed, CredentialSource: h.CredentialSource})
+	return remote.New(remote.Options{UserAgent: "starlight-worker", Hosts: h.Lookup, HostsVersion: h.Version, CredentialSource: h.CredentialSource})
 }
 
 // listenUnix listens on a unix socket, replacing a stale socket file.
