@@ -11,21 +11,26 @@
 // service, cached per scope). Options.Hosts is the single point where
 // registry access is configured:
 //
-//   - [StaticHosts] answers from simple per-host settings (plain HTTP,
-//     username and password): what the worker config and the CLI flags
-//     give today.
-//   - containerd's hosts.toml directories plug in unchanged:
-//     config.ConfigureHosts(ctx, config.HostOptions{HostDir:
-//     config.HostDirFromRoot(dir), Credentials: creds, UpdateClient:
-//     remote.UpdateClient}), where creds may read a docker config.json, a
-//     credential helper or a Kubernetes pull secret. [UpdateClient] gives
-//     those clients the timeouts a delta stream needs.
+//   - [NewHosts] is what the worker and ctr-starlight use: containerd's
+//     own hosts.toml directories (config.ConfigureHosts with
+//     config.HostDirFromRoot: mirrors, ca, client, skip_verify, header,
+//     server = "http://..."), combined with Starlight's per-host settings
+//     (plain HTTP, username and password) and a credential source such
+//     as a docker config.json (package dockerconfig). Every client it
+//     builds gets the timeouts a delta stream needs ([UpdateClient]).
+//   - [StaticHosts] answers from simple per-host settings alone.
+//
+// Errors say what to fix: an [AuthError] names the endpoint host and where
+// its credentials came from (Options.CredentialSource, never the secret),
+// a [CredentialError] the source that failed, and a certificate error the
+// CA files the endpoint trusts.
 //
 // A Client asks Options.Hosts once per host name and keeps the answer, so
 // that connections and tokens are reused across requests (ConfigureHosts
 // builds a new HTTP client and Authorizer on every call). It asks again
-// after an authorization failure: containerd's Authorizer keeps a failed
-// token fetch for good, and a fresh one starts over.
+// after an authorization failure (containerd's Authorizer keeps a failed
+// token fetch for good, and a fresh one starts over), and when
+// Options.HostsVersion says the host's configuration changed.
 //
 // Unlike package api, this package depends on containerd.
 package remote
@@ -46,6 +51,7 @@ import (
 
 	"github.com/containerd/containerd/remotes"
 	"github.com/containerd/containerd/remotes/docker"
+	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/starlight-project/starlight/api"
@@ -74,6 +80,16 @@ type Options struct {
 	IdleTimeout time.Duration
 	// UserAgent, if set, is sent with every request, the Resolver's too.
 	UserAgent string
+	// CredentialSource names, for an AuthError, where the credentials
+	// of an endpoint host came from (found), or where they were looked
+	// for: Hosts.CredentialSource. It never answers a secret. nil: the
+	// error names no source.
+	CredentialSource func(host string) (source string, found bool)
+	// HostsVersion, if set, answers a value that changes with the
+	// configuration of a host (Hosts.Version): when it differs from the
+	// one at the time Hosts answered, the Client asks Hosts again
+	// instead of keeping the answer.
+	HostsVersion func(host string) string
 }
 
 // Client talks to registries. It is safe for concurrent use.
@@ -91,12 +107,14 @@ func New(opts Options) *Client {
 	if opts.IdleTimeout == 0 {
 		opts.IdleTimeout = DefaultIdleTimeout
 	}
-	return &Client{opts: opts, cache: &hostCache{hosts: opts.Hosts, known: map[string]*cachedHost{}}}
+	return &Client{opts: opts, cache: &hostCache{hosts: opts.Hosts, version: opts.HostsVersion,
+		known: map[string]*cachedHost{}, warned: map[string]bool{}}}
 }
 
-// WithPlainHTTP returns a Client that talks HTTP to every endpoint,
-// whatever Options.Hosts says: for a request that asks for plain HTTP. It
-// shares c's connections and tokens.
+// WithPlainHTTP returns a Client that talks HTTP to the registry host
+// itself, whatever Options.Hosts says: for a request that asks for plain
+// HTTP. Mirrors (endpoints on other hosts) keep their scheme. It shares
+// c's connections and tokens.
 func (c *Client) WithPlainHTTP() *Client {
 	p := *c
 	p.plainHTTP = true
@@ -105,7 +123,7 @@ func (c *Client) WithPlainHTTP() *Client {
 
 // Hosts returns the host configuration c uses: Options.Hosts, memoized
 // (every call for a host name answers the same HTTP clients and
-// Authorizers), over HTTP after WithPlainHTTP.
+// Authorizers), the host's own endpoint over HTTP after WithPlainHTTP.
 func (c *Client) Hosts() docker.RegistryHosts {
 	if c.plainHTTP {
 		return func(host string) ([]docker.RegistryHost, error) {
@@ -115,7 +133,9 @@ func (c *Client) Hosts() docker.RegistryHosts {
 			}
 			plain := make([]docker.RegistryHost, len(endpoints))
 			for i, e := range endpoints {
-				e.Scheme = "http"
+				if !isMirror(host, e.Host) {
+					e.Scheme = "http"
+				}
 				plain[i] = e
 			}
 			return plain, nil
@@ -143,7 +163,9 @@ func (c *Client) header() http.Header {
 // The caller closes the stream; it is aborted when ctx is done or when it
 // stalls for IdleTimeout. The request goes to the first endpoint of host
 // that may pull and resolve (a mirror that answers 404 or cannot be
-// reached passes it on to the next).
+// reached passes it on to the next). The request names the repository
+// without the host, so a mirror that is a Starlight registry serves its
+// own copy of the same repository.
 func (c *Client) Delta(ctx context.Context, host, repository string, req api.DeltaRequest) (io.ReadCloser, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
@@ -249,8 +271,10 @@ type request struct {
 
 // do sends r to the endpoints of host that have r.caps, in order, until
 // one answers something else than 404 or a transport error, and returns
-// that answer (the last endpoint's, whatever it is) or the first error.
-// The caller owns the response.
+// that answer (the last endpoint's, whatever it is) or an error: the
+// first authentication error, else the first error. A mirror that is not
+// a Starlight registry, or that cannot be reached, is logged once. The
+// caller owns the response.
 func (c *Client) do(ctx context.Context, host string, r request) (*http.Response, error) {
 	endpoints, err := c.Hosts()(host)
 	if err != nil {
@@ -266,22 +290,56 @@ func (c *Client) do(ctx context.Context, host string, r request) (*http.Response
 		return nil, fmt.Errorf("registry %s: no endpoint is configured for this request", host)
 	}
 	ctx = docker.WithScope(ctx, r.scope)
-	var firstErr error
+	var firstErr, authErr error
 	for i, e := range candidates {
 		resp, err := c.send(ctx, host, e, r)
+		last := i == len(candidates)-1
 		switch {
-		case err == nil && (resp.StatusCode != http.StatusNotFound || i == len(candidates)-1):
+		case err == nil && (resp.StatusCode != http.StatusNotFound || last):
 			return resp, nil
 		case err == nil:
 			err = readRegistryError(resp, r.starlight)
+			var re *RegistryError
+			if r.starlight && errors.As(err, &re) && re.Code == "" {
+				c.warnOnce(ctx, host, e.Host, "not-starlight", func(l *log.Entry) {
+					l.Warnf("registry endpoint %s of %s is not a Starlight registry (404 without an error code on %s): Starlight requests go to the next endpoint", e.Host, host, r.path)
+				})
+			}
 		case ctx.Err() != nil:
 			return nil, err
+		default:
+			var ae *AuthError
+			var ce *CredentialError
+			if (errors.As(err, &ae) || errors.As(err, &ce)) && authErr == nil {
+				authErr = err
+			}
+			if !last {
+				c.warnOnce(ctx, host, e.Host, "unreachable", func(l *log.Entry) {
+					l.WithError(err).Warnf("registry endpoint %s of %s failed: requests go to the next endpoint", e.Host, host)
+				})
+			}
 		}
 		if firstErr == nil {
 			firstErr = err
 		}
 	}
+	if authErr != nil {
+		return nil, authErr
+	}
 	return nil, firstErr
+}
+
+// warnOnce logs with warn, once per endpoint of host and kind of problem
+// for the life of c (and the clients derived from it).
+func (c *Client) warnOnce(ctx context.Context, host, endpoint, kind string, warn func(*log.Entry)) {
+	key := host + " " + endpoint + " " + kind
+	c.cache.mu.Lock()
+	seen := c.cache.warned[key]
+	c.cache.warned[key] = true
+	c.cache.mu.Unlock()
+	if !seen {
+		warn(log.G(ctx).WithFields(log.Fields{"host": host, "endpoint": endpoint}))
+	}
 }
 
 // send sends r to endpoint e, authorized by e.Authorizer, answering one
@@ -331,7 +389,11 @@ func (c *Client) send(ctx context.Context, host string, e docker.RegistryHost, r
 		}
 		if e.Authorizer != nil {
 			if err := e.Authorizer.Authorize(ctx, req); err != nil {
-				return nil, fmt.Errorf("%s %s: authorizing: %w", r.method, u, err)
+				err = fmt.Errorf("%s %s: authorizing: %w", r.method, u, err)
+				if isAuthFailure(err) {
+					err = c.authError(e.Host, err)
+				}
+				return nil, err
 			}
 		}
 		resp, err := hc.Do(req)
@@ -346,12 +408,11 @@ func (c *Client) send(ctx context.Context, host string, e docker.RegistryHost, r
 			if a, ok := e.Authorizer.(*renewingAuthorizer); ok {
 				a.renew()
 			}
-			return resp, nil
+			return nil, c.authError(e.Host, readRegistryError(resp, r.starlight))
 		}
 		responses = append(responses, resp)
 		if err := e.Authorizer.AddResponses(ctx, responses); err != nil {
-			return nil, fmt.Errorf("registry %s requires authentication: configure credentials for it (%v): %w",
-				e.Host, err, readRegistryError(resp, r.starlight))
+			return nil, c.authError(e.Host, fmt.Errorf("%w (%w)", readRegistryError(resp, r.starlight), err))
 		}
 		drain(resp)
 	}
@@ -384,26 +445,36 @@ func drain(resp *http.Response) {
 }
 
 // hostCache keeps the first successful answer of hosts for every host
-// name, until an Authorizer of the answer fails.
+// name, until an Authorizer of the answer fails or the version of the
+// host's configuration changes.
 type hostCache struct {
-	hosts docker.RegistryHosts
-	mu    sync.Mutex
-	known map[string]*cachedHost
+	hosts   docker.RegistryHosts
+	version func(host string) string
+	mu      sync.Mutex
+	known   map[string]*cachedHost
+	warned  map[string]bool // see Client.warnOnce
 }
 
-type cachedHost struct{ endpoints []docker.RegistryHost }
+type cachedHost struct {
+	endpoints []docker.RegistryHost
+	version   string // of the host's configuration, when asked
+}
 
 func (hc *hostCache) lookup(host string) ([]docker.RegistryHost, error) {
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
-	if ch, ok := hc.known[host]; ok {
+	var version string
+	if hc.version != nil {
+		version = hc.version(host)
+	}
+	if ch, ok := hc.known[host]; ok && ch.version == version {
 		return ch.endpoints, nil
 	}
 	endpoints, err := hc.hosts(host)
 	if err != nil {
 		return nil, err
 	}
-	ch := &cachedHost{endpoints: make([]docker.RegistryHost, len(endpoints))}
+	ch := &cachedHost{endpoints: make([]docker.RegistryHost, len(endpoints)), version: version}
 	for i, e := range endpoints {
 		if e.Authorizer != nil {
 			e.Authorizer = &renewingAuthorizer{Authorizer: e.Authorizer, renew: func() { hc.forget(host, ch) }}

@@ -286,9 +286,9 @@ func TestErrors(t *testing.T) {
 		{"distribution error", 403, "", `{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}`, "", "", "registry: DENIED: requested access"},
 		{"not starlight", 404, "", "404 page not found", "", "", "is this a Starlight registry?"},
 		{"empty body", 502, "", "", "", "", "registry: HTTP 502: Bad Gateway"},
-		{"no credentials", 401, `Basic realm="x"`, `{"code":"UNAUTHORIZED","message":"authentication required"}`, "", "", "requires authentication: configure credentials"},
-		{"wrong credentials", 401, `Basic realm="x"`, `{"code":"UNAUTHORIZED","message":"authentication required"}`, "u", "bad", "registry: UNAUTHORIZED: authentication required"},
-		{"unknown scheme", 401, `Negotiate`, "", "u", "p", "requires authentication"},
+		{"no credentials", 401, `Basic realm="x"`, `{"code":"UNAUTHORIZED","message":"authentication required"}`, "", "", "no basic auth credentials"},
+		{"wrong credentials", 401, `Basic realm="x"`, `{"code":"UNAUTHORIZED","message":"authentication required"}`, "u", "bad", ": authentication failed: registry: UNAUTHORIZED: authentication required"},
+		{"unknown scheme", 401, `Negotiate`, "", "u", "p", "failed to find supported auth scheme"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

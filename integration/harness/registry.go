@@ -29,12 +29,15 @@ type RegistryOptions struct {
 	Workers int
 	// LogLevel of the registry; "info" when empty.
 	LogLevel string
+	// TLS, if set, makes the registry serve HTTPS with the CA's server
+	// certificate (URL is then https://); the helpers trust the CA.
+	TLS *CA
 }
 
 // Registry is a running starlight-registry.
 type Registry struct {
 	Addr       string // 127.0.0.1:PORT
-	URL        string // http://127.0.0.1:PORT
+	URL        string // http://127.0.0.1:PORT (https:// with RegistryOptions.TLS)
 	Dir        string // config, storage, database and log
 	ConfigPath string
 	// User and Password are sent by the helpers when the registry has auth.
@@ -52,6 +55,11 @@ func StartRegistry(t T, opts RegistryOptions) *Registry {
 	bin := filepath.Join(Binaries(t), RegistryBinary)
 	dir := ShortTempDir(t, "reg-")
 	r := &Registry{Dir: dir, ConfigPath: filepath.Join(dir, "config.yml"), client: &http.Client{Timeout: 30 * time.Second}}
+	scheme := "http"
+	if opts.TLS != nil {
+		scheme = "https"
+		r.client.Transport = &http.Transport{TLSClientConfig: opts.TLS.TLSConfig()}
+	}
 	htpasswd := ""
 	if len(opts.Htpasswd) > 0 {
 		htpasswd = filepath.Join(dir, "htpasswd")
@@ -72,7 +80,7 @@ func StartRegistry(t T, opts RegistryOptions) *Registry {
 			t.Fatalf("registry: %v", err)
 		}
 		r.Addr = fmt.Sprintf("127.0.0.1:%d", port)
-		r.URL = "http://" + r.Addr
+		r.URL = scheme + "://" + r.Addr
 		cfg := RegistryConfig(dir, r.Addr, htpasswd, opts)
 		if err := os.WriteFile(r.ConfigPath, []byte(cfg), 0o644); err != nil {
 			t.Fatalf("registry config: %v", err)
@@ -135,6 +143,9 @@ http:
   addr: %s
   secret: starlight-integration-test
 `, level, filepath.Join(dir, "storage"), addr)
+	if opts.TLS != nil {
+		fmt.Fprintf(&b, "  tls:\n    certificate: %s\n    key: %s\n", opts.TLS.CertFile, opts.TLS.KeyFile)
+	}
 	if htpasswd != "" {
 		fmt.Fprintf(&b, `auth:
   htpasswd:

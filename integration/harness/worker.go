@@ -32,6 +32,10 @@ type WorkerOptions struct {
 	// Metrics serves the worker's Prometheus metrics on an ephemeral
 	// port (see Worker.Metric).
 	Metrics bool
+	// Args are more command line flags ("--hosts-dir", dir).
+	Args []string
+	// Env is added to the worker's environment ("DOCKER_CONFIG=dir").
+	Env []string
 }
 
 // Worker is a running starlight-worker.
@@ -83,7 +87,8 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 		w.MetricsAddr = fmt.Sprintf("127.0.0.1:%d", port)
 		args = append(args, "--metrics", w.MetricsAddr)
 	}
-	p, err := startProcess("starlight-worker", filepath.Join(dir, "worker.log"), nil, filepath.Join(bins, WorkerBinary), args...)
+	args = append(args, opts.Args...)
+	p, err := startProcess("starlight-worker", filepath.Join(dir, "worker.log"), opts.Env, filepath.Join(bins, WorkerBinary), args...)
 	if err != nil {
 		t.Fatalf("worker: %v", err)
 	}

@@ -24,6 +24,9 @@ const (
 	DefaultMaxConcurrentPulls = 4
 	DefaultPullRetries        = 5
 	DefaultDemandFetches      = 8
+	// DefaultConfigPath is containerd's host configuration directory,
+	// the one its CRI plugin reads too.
+	DefaultConfigPath = "/etc/containerd/certs.d"
 )
 
 // Config is the worker configuration.
@@ -55,6 +58,17 @@ type Config struct {
 	// the bundle stream, the chunks a blocked read waits for. 0 turns
 	// on-demand fetching off: reads wait for the stream.
 	DemandFetches int `toml:"demand_fetches"`
+	// ConfigPath is containerd's host configuration directory
+	// (hosts.toml: mirrors, CAs, client certificates, skip_verify,
+	// headers, plain HTTP servers) for every registry request of the
+	// worker. Empty, or a host without a directory there: the host
+	// itself over HTTPS (HTTP with its registry's plain_http).
+	ConfigPath string `toml:"config_path"`
+	// DockerConfig is the docker config.json whose credentials (auths,
+	// credHelpers, credsStore) apply to hosts that have none in a
+	// [[registry]] entry. Empty: $DOCKER_CONFIG/config.json, else
+	// ~/.docker/config.json.
+	DockerConfig string `toml:"docker_config"`
 	// Registries are the Starlight registries references may point at.
 	Registries []Registry `toml:"registry"`
 }
@@ -107,6 +121,7 @@ func Default() *Config {
 		MaxConcurrentPulls: DefaultMaxConcurrentPulls,
 		PullRetries:        DefaultPullRetries,
 		DemandFetches:      DefaultDemandFetches,
+		ConfigPath:         DefaultConfigPath,
 	}
 }
 

@@ -75,6 +75,8 @@ metrics = "127.0.0.1:9100"
 log_level = "debug"
 allow_plain_fallback = true
 demand_fetches = 0
+config_path = "/srv/certs.d"
+docker_config = "/srv/docker/config.json"
 
 [[registry]]
 host = "127.0.0.1:5000"
@@ -107,6 +109,8 @@ host = "registry.example.com"
 				c.LogLevel = "debug"
 				c.AllowPlainFallback = true
 				c.DemandFetches = 0
+				c.ConfigPath = "/srv/certs.d"
+				c.DockerConfig = "/srv/docker/config.json"
 				c.Registries = []Registry{
 					{Host: "127.0.0.1:5000", PlainHTTP: true, Username: "alice", Password: "from-file", PasswordFile: pw},
 					{Host: "registry.example.com"},
@@ -116,11 +120,14 @@ host = "registry.example.com"
 		{
 			name: "flags override the file",
 			args: []string{"--config", file, "--root", "/flag/root", "--log-level", "warn", "--demand-fetches", "3",
+				"--hosts-dir", "", "--docker-config", "/flag/config.json",
 				"--registry", "https://bob:pw@127.0.0.1:5000", "--registry", "http://other:5001"},
 			want: func(c *Config) {
 				*c = *Default()
 				c.Root = "/flag/root"
 				c.DemandFetches = 3
+				c.ConfigPath = ""
+				c.DockerConfig = "/flag/config.json"
 				c.API = "/tmp/file-api.sock"
 				c.Metrics = "127.0.0.1:9100"
 				c.LogLevel = "warn"

@@ -19,6 +19,8 @@ type Flags struct {
 	logLevel   string
 	registries []string
 	demand     int
+	hostsDir   string
+	dockerCfg  string
 }
 
 // AddFlags registers the worker flags on fs.
@@ -32,6 +34,8 @@ func AddFlags(fs *pflag.FlagSet) *Flags {
 	fs.StringVar(&f.metrics, "metrics", "", "listen address for Prometheus metrics, e.g. 127.0.0.1:9100 (empty: off)")
 	fs.StringVar(&f.logLevel, "log-level", DefaultLogLevel, "log level: trace, debug, info, warn, error")
 	fs.IntVar(&f.demand, "demand-fetches", DefaultDemandFetches, "concurrent ranged GETs for chunks a blocked read waits for (0: wait for the bundle stream)")
+	fs.StringVar(&f.hostsDir, "hosts-dir", DefaultConfigPath, "containerd's host configuration directory (hosts.toml), config_path (empty: none)")
+	fs.StringVar(&f.dockerCfg, "docker-config", "", "docker config.json for registry credentials (default $DOCKER_CONFIG/config.json or ~/.docker/config.json)")
 	fs.StringArrayVar(&f.registries, "registry", nil, "Starlight registry, repeatable: http://host:port (plain HTTP), https://host, userinfo allowed")
 	return f
 }
@@ -48,12 +52,14 @@ func (f *Flags) Load() (*Config, error) {
 		}
 	}
 	for name, dst := range map[string]*string{
-		"root":       &c.Root,
-		"address":    &c.Address,
-		"api":        &c.API,
-		"containerd": &c.Containerd,
-		"metrics":    &c.Metrics,
-		"log-level":  &c.LogLevel,
+		"root":          &c.Root,
+		"address":       &c.Address,
+		"api":           &c.API,
+		"containerd":    &c.Containerd,
+		"metrics":       &c.Metrics,
+		"log-level":     &c.LogLevel,
+		"hosts-dir":     &c.ConfigPath,
+		"docker-config": &c.DockerConfig,
 	} {
 		if fl := f.fs.Lookup(name); fl != nil && fl.Changed {
 			*dst = fl.Value.String()

@@ -18,7 +18,6 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/contrib/snapshotservice"
-	"github.com/containerd/containerd/remotes/docker"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/log"
 	"github.com/prometheus/client_golang/prometheus"
@@ -27,6 +26,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/starlight-project/starlight/api/remote"
+	"github.com/starlight-project/starlight/api/remote/dockerconfig"
 	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/cri"
 	"github.com/starlight-project/starlight/worker/demand"
@@ -94,7 +94,9 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 	if d.Layers, err = layers.Open(ctx, filepath.Join(cfg.Root, "layers"), d.Store, layers.FUSEMounter(d.Store, nil)); err != nil {
 		return nil, err
 	}
-	rc := remote.New(remote.Options{UserAgent: "starlight-worker", Hosts: registryHosts(cfg)})
+	rc := newRemote(registryHosts(cfg, nil))
+	log.G(ctx).WithFields(log.Fields{"config_path": cfg.ConfigPath, "docker_config": dockerConfigPath(cfg)}).
+		Info("registry host configuration and credentials")
 	var fetcher *demand.Fetcher
 	if cfg.DemandFetches > 0 {
 		fetcher = demand.New(bg, d.Store, cfg.DemandFetches, d.metrics)
@@ -108,6 +110,9 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 	}
 	if d.Tracer, err = tracer.New(filepath.Join(cfg.Root, "traces"), cfg, d.Layers, d.Store, rc, d.Puller); err != nil {
 		return nil, err
+	}
+	d.Tracer.ReportClient = func(server config.Registry) *remote.Client {
+		return newRemote(registryHosts(cfg, &server))
 	}
 	// The snapshotter sees the layer registry through the CRI resolver: a
 	// Kubernetes pull of an image the worker does not know fetches it.
@@ -126,14 +131,45 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 	return d, nil
 }
 
-// registryHosts resolves the hosts of image references to the configured
-// Starlight registries (address scheme and credentials); other hosts are
-// reached over HTTPS without credentials.
-func registryHosts(cfg *config.Config) docker.RegistryHosts {
-	return remote.StaticHosts(func(host string) remote.HostConfig {
-		reg, _ := cfg.Registry(host)
-		return remote.HostConfig{PlainHTTP: reg.PlainHTTP, Username: reg.Username, Password: reg.Password}
+// registryHosts is how the worker reaches every registry host, for every
+// request (delta bundles, ranged blob reads, trace reports, plain pulls):
+// containerd's host configuration directory (config_path: hosts.toml
+// mirrors, CAs, client certificates, headers, plain HTTP servers),
+// combined with the [[registry]] entries (plain_http for a host that
+// hosts.toml does not configure; username and password first) and the
+// docker config.json (credentials of the hosts the worker config has none
+// for). override, if set, is a trace report's --server, whose scheme and
+// credentials win for its host.
+func registryHosts(cfg *config.Config, override *config.Registry) *remote.Hosts {
+	source := "the worker configuration"
+	if override != nil {
+		source = "the --server URL or the worker configuration"
+	}
+	return remote.NewHosts(remote.HostsOptions{
+		Dir: cfg.ConfigPath,
+		Static: func(host string) remote.HostConfig {
+			reg, _ := cfg.Registry(host)
+			if override != nil && host == override.Host {
+				reg = *override
+			}
+			return remote.HostConfig{PlainHTTP: reg.PlainHTTP, Username: reg.Username, Password: reg.Password}
+		},
+		StaticSource: source,
+		Credentials:  (&dockerconfig.File{Path: cfg.DockerConfig}).Credentials,
 	})
+}
+
+// dockerConfigPath is the docker config.json the worker reads.
+func dockerConfigPath(cfg *config.Config) string {
+	if cfg.DockerConfig != "" {
+		return cfg.DockerConfig
+	}
+	return dockerconfig.DefaultPath()
+}
+
+// newRemote is the worker's registry client over h.
+func newRemote(h *remote.Hosts) *remote.Client {
+	return remote.New(remote.Options{UserAgent: "starlight-worker", Hosts: h.Lookup, HostsVersion: h.Version, CredentialSource: h.CredentialSource})
 }
 
 // listenUnix listens on a unix socket, replacing a stale socket file.

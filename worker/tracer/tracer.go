@@ -55,8 +55,12 @@ type Tracer struct {
 	layers *layers.Registry
 	store  *store.Store
 	remote *remote.Client
-	worker string // reported as the trace's worker
-	images ImageFinder
+	// ReportClient, if set, makes the client of a report to another
+	// registry (--server): server's scheme and credentials, the worker's
+	// host configuration for the rest. Unset: server's settings alone.
+	ReportClient func(server config.Registry) *remote.Client
+	worker       string // reported as the trace's worker
+	images       ImageFinder
 
 	mu       sync.Mutex
 	on       bool
@@ -471,9 +475,14 @@ func (t *Tracer) Report(ctx context.Context, server string) (*api.ReportResult, 
 		}
 		// One client for the whole report: its connections and token
 		// serve every trace.
-		hc := remote.HostConfig{PlainHTTP: reg.PlainHTTP, Username: reg.Username, Password: reg.Password}
-		override = &reportTarget{reg: reg, client: remote.New(remote.Options{UserAgent: "starlight-worker",
-			Hosts: remote.StaticHosts(func(string) remote.HostConfig { return hc })})}
+		override = &reportTarget{reg: reg}
+		if t.ReportClient != nil {
+			override.client = t.ReportClient(reg)
+		} else {
+			hc := remote.HostConfig{PlainHTTP: reg.PlainHTTP, Username: reg.Username, Password: reg.Password}
+			override.client = remote.New(remote.Options{UserAgent: "starlight-worker",
+				Hosts: remote.StaticHosts(func(string) remote.HostConfig { return hc })})
+		}
 	}
 	t.reportMu.Lock()
 	defer t.reportMu.Unlock()

@@ -17,6 +17,7 @@ import (
 
 	"github.com/starlight-project/starlight/api"
 	registry "github.com/starlight-project/starlight/api/remote"
+	"github.com/starlight-project/starlight/api/remote/dockerconfig"
 	"github.com/starlight-project/starlight/convert"
 	"github.com/starlight-project/starlight/convert/remote"
 )
@@ -48,7 +49,7 @@ in eStargz are kept. SRC is never modified.`,
 	f := cmd.Flags()
 	f.BoolVar(&o.plainHTTP, "plain-http", false, "use HTTP instead of HTTPS for the registries")
 	f.StringSliceVar(&o.platforms, "platform", nil, "convert only these platforms of a multi-platform image (os/arch[/variant]; repeatable)")
-	f.StringVarP(&o.user, "user", "u", "", "registry credentials as user:password")
+	f.StringVarP(&o.user, "user", "u", "", "registry credentials as user:password (default: docker's config.json)")
 	f.StringVar(&o.tempDir, "temp-dir", "", "where layers are spooled during conversion (default $TMPDIR)")
 	f.IntVar(&o.chunkSize, "chunk-size", convert.DefaultChunkSize, "eStargz chunk size in bytes")
 	f.IntVar(&o.parallelism, "parallel", 2, "layers converted concurrently")
@@ -60,17 +61,25 @@ func runConvert(ctx context.Context, o convertOptions, src, dst string) error {
 		ctx = context.Background()
 	}
 	start := time.Now()
-	// --plain-http and --user apply to both registries.
+	// --plain-http and --user apply to both registries; without --user,
+	// the credentials come from docker's config.json ($DOCKER_CONFIG or
+	// ~/.docker: auths, credHelpers, credsStore).
 	hc := registry.HostConfig{PlainHTTP: o.plainHTTP}
+	userSource := ""
 	if o.user != "" {
 		user, pass, ok := strings.Cut(o.user, ":")
 		if !ok {
 			return fmt.Errorf("--user: want user:password")
 		}
-		hc.Username, hc.Password = user, pass
+		hc.Username, hc.Password, userSource = user, pass, "--user"
 	}
+	hosts := registry.NewHosts(registry.HostsOptions{
+		Static:       func(string) registry.HostConfig { return hc },
+		StaticSource: userSource,
+		Credentials:  (&dockerconfig.File{}).Credentials,
+	})
 	client := registry.New(registry.Options{
-		Hosts:     registry.StaticHosts(func(string) registry.HostConfig { return hc }),
+		Hosts: hosts.Lookup, CredentialSource: hosts.CredentialSource,
 		UserAgent: "ctr-starlight",
 	})
 	store, root, err := remote.New(ctx, src, dst, remote.Options{Client: client, Progress: os.Stderr})
