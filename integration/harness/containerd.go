@@ -49,7 +49,9 @@ type Containerd struct {
 	State     string
 	Dir       string
 	Namespace string
-	proc      *Process
+	// starlightSocket is where its starlight proxy snapshotter is.
+	starlightSocket string
+	proc            *Process
 }
 
 // StartContainerd starts /usr/bin/containerd with its own root, state and
@@ -65,6 +67,8 @@ func StartContainerd(t T, opts ContainerdOptions) *Containerd {
 		Root:      filepath.Join(dir, "root"),
 		State:     filepath.Join(dir, "state"),
 		Namespace: opts.Namespace,
+
+		starlightSocket: opts.StarlightSocket,
 	}
 	if c.Namespace == "" {
 		c.Namespace = "starlight-test"

@@ -115,6 +115,19 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 	}); err != nil {
 		t.Fatalf("start worker: %v\n%s", err, p.Log(32<<10))
 	}
+	// containerd dials its proxy snapshotters in the background from its
+	// own start; a dial that failed (the worker was not listening yet)
+	// leaves the connection in gRPC's reconnect backoff, during which
+	// containerd's own clients (crictl, ctr) are refused although the
+	// worker serves. Wait until containerd reaches it.
+	if c := opts.Containerd; c != nil && c.starlightSocket == w.Address {
+		if err := waitFor(p, 60*time.Second, func() error {
+			_, err := c.CtrE("snapshots", "--snapshotter", "starlight", "ls")
+			return err
+		}); err != nil {
+			t.Fatalf("containerd does not reach the worker's snapshotter: %v", err)
+		}
+	}
 	t.Logf("starlight-worker pid %d, snapshotter %s, api %s", p.PID(), w.Address, w.API)
 	return w
 }
