@@ -108,11 +108,10 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 	}); err != nil {
 		return nil, err
 	}
-	if d.Tracer, err = tracer.New(filepath.Join(cfg.Root, "traces"), cfg, d.Layers, d.Store, rc, d.Puller); err != nil {
+	reportClient := func(server config.Registry) *remote.Client { return newRemote(registryHosts(cfg, &server)) }
+	if d.Tracer, err = tracer.New(filepath.Join(cfg.Root, "traces"), cfg, d.Layers, d.Store, rc, d.Puller,
+		tracer.WithReportClient(reportClient)); err != nil {
 		return nil, err
-	}
-	d.Tracer.ReportClient = func(server config.Registry) *remote.Client {
-		return newRemote(registryHosts(cfg, &server))
 	}
 	// The snapshotter sees the layer registry through the CRI resolver: a
 	// Kubernetes pull of an image the worker does not know fetches it.

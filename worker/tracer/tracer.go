@@ -55,10 +55,9 @@ type Tracer struct {
 	layers *layers.Registry
 	store  *store.Store
 	remote *remote.Client
-	// ReportClient, if set, makes the client of a report to another
-	// registry (--server): server's scheme and credentials, the worker's
-	// host configuration for the rest. Unset: server's settings alone.
-	ReportClient func(server config.Registry) *remote.Client
+	// reportClient makes the client of a report to another registry
+	// (--server); see WithReportClient.
+	reportClient func(server config.Registry) *remote.Client
 	worker       string // reported as the trace's worker
 	images       ImageFinder
 
@@ -97,19 +96,41 @@ type session struct {
 
 var _ snapshotter.Tracer = (*Tracer)(nil)
 
+// Option changes how New builds the Tracer.
+type Option func(*Tracer)
+
+// WithReportClient sets how the client of a report to another registry
+// (--server) is made: from server's scheme and credentials, plus whatever
+// else the worker knows of registry hosts (its host configuration). The
+// default uses server's settings alone.
+func WithReportClient(f func(server config.Registry) *remote.Client) Option {
+	return func(t *Tracer) { t.reportClient = f }
+}
+
+// serverClient is the default report client: server's scheme and
+// credentials alone.
+func serverClient(server config.Registry) *remote.Client {
+	hc := remote.HostConfig{PlainHTTP: server.PlainHTTP, Username: server.Username, Password: server.Password}
+	return remote.New(remote.Options{UserAgent: "starlight-worker",
+		Hosts: remote.StaticHosts(func(string) remote.HostConfig { return hc })})
+}
+
 // optimizeFile is the persisted optimize mode.
 const optimizeFile = "optimize.json"
 
 // New opens the trace state under root. cfg names the registries traces
 // are reported to (and their credentials); images attributes containers to
 // the images they run.
-func New(root string, cfg *config.Config, l *layers.Registry, st *store.Store, rc *remote.Client, images ImageFinder) (*Tracer, error) {
+func New(root string, cfg *config.Config, l *layers.Registry, st *store.Store, rc *remote.Client, images ImageFinder, opts ...Option) (*Tracer, error) {
 	dir, err := trace.OpenDir(filepath.Join(root, "pending"))
 	if err != nil {
 		return nil, err
 	}
 	t := &Tracer{root: root, dir: dir, cfg: cfg, layers: l, store: st, remote: rc, images: images,
-		sessions: make(map[string]*session)}
+		reportClient: serverClient, sessions: make(map[string]*session)}
+	for _, opt := range opts {
+		opt(t)
+	}
 	t.worker, _ = os.Hostname()
 	b, err := os.ReadFile(filepath.Join(root, optimizeFile))
 	switch {
@@ -475,14 +496,7 @@ func (t *Tracer) Report(ctx context.Context, server string) (*api.ReportResult, 
 		}
 		// One client for the whole report: its connections and token
 		// serve every trace.
-		override = &reportTarget{reg: reg}
-		if t.ReportClient != nil {
-			override.client = t.ReportClient(reg)
-		} else {
-			hc := remote.HostConfig{PlainHTTP: reg.PlainHTTP, Username: reg.Username, Password: reg.Password}
-			override.client = remote.New(remote.Options{UserAgent: "starlight-worker",
-				Hosts: remote.StaticHosts(func(string) remote.HostConfig { return hc })})
-		}
+		override = &reportTarget{reg: reg, client: t.reportClient(reg)}
 	}
 	t.reportMu.Lock()
 	defer t.reportMu.Unlock()
