@@ -44,10 +44,7 @@ func StaticHosts(lookup func(host string) HostConfig) docker.RegistryHosts {
 	client := newHTTPClient()
 	// The Authorizer asks for the credentials of the endpoint's host.
 	creds := func(host string) (string, string, error) {
-		hc := lookup(host)
-		if hc.Username == "" && hc.Password == "" && host == "registry-1.docker.io" {
-			hc = lookup("docker.io")
-		}
+		hc := endpointConfig(lookup, host)
 		return hc.Username, hc.Password, nil
 	}
 	return func(host string) ([]docker.RegistryHost, error) {
@@ -63,11 +60,32 @@ func StaticHosts(lookup func(host string) HostConfig) docker.RegistryHosts {
 		if hc.PlainHTTP {
 			e.Scheme = "http"
 		}
-		if host == "docker.io" {
-			e.Host = "registry-1.docker.io"
-		}
+		e.Host = ownEndpoint(host)
 		return []docker.RegistryHost{e}, nil
 	}
+}
+
+// dockerHubEndpoint is where containerd sends the requests of references
+// on docker.io.
+const dockerHubEndpoint = "registry-1.docker.io"
+
+// ownEndpoint is the endpoint host of a registry host's own endpoint (not
+// a mirror): the host itself, registry-1.docker.io for docker.io.
+func ownEndpoint(host string) string {
+	if host == "docker.io" {
+		return dockerHubEndpoint
+	}
+	return host
+}
+
+// endpointConfig is lookup's setting for endpoint host: the credentials of
+// a configuration for docker.io serve Docker Hub's endpoint.
+func endpointConfig(lookup func(host string) HostConfig, endpoint string) HostConfig {
+	hc := lookup(endpoint)
+	if hc.Username == "" && hc.Password == "" && endpoint == dockerHubEndpoint {
+		hc = lookup("docker.io")
+	}
+	return hc
 }
 
 // newHTTPClient returns the HTTP client of StaticHosts: a transport
@@ -219,10 +237,7 @@ func (h *Hosts) Version(host string) string {
 func (h *Hosts) credentials(host string) (string, string, error) {
 	var looked []string
 	if h.opts.Static != nil {
-		hc := h.opts.Static(host)
-		if hc.Username == "" && hc.Password == "" && host == "registry-1.docker.io" {
-			hc = h.opts.Static("docker.io")
-		}
+		hc := endpointConfig(h.opts.Static, host)
 		if hc.Username != "" || hc.Password != "" {
 			h.remember(host, credentialSource{source: h.opts.StaticSource, found: true})
 			return hc.Username, hc.Password, nil
@@ -302,10 +317,7 @@ func (h *Hosts) caFiles(host string) caSet {
 		return caSet{root: h.opts.Dir, host: host}
 	}
 	set := caSet{root: h.opts.Dir, host: host, dir: dir, files: map[string][]string{}}
-	self := host
-	if host == "docker.io" {
-		self = "registry-1.docker.io"
-	}
+	self := ownEndpoint(host)
 	b, err := os.ReadFile(filepath.Join(dir, "hosts.toml"))
 	var tree *toml.Tree
 	if err == nil && len(b) > 0 {

@@ -421,7 +421,7 @@ func (c *Client) send(ctx context.Context, host string, e docker.RegistryHost, r
 // isMirror tells whether endpoint serves references of host for another
 // registry, which takes the namespace in the query (as in containerd).
 func isMirror(host, endpoint string) bool {
-	return endpoint != host && (host != "docker.io" || endpoint != "registry-1.docker.io")
+	return endpoint != host && endpoint != ownEndpoint(host)
 }
 
 // contentRangeStart parses the first byte position of a Content-Range
