@@ -42,6 +42,13 @@ const (
 	Version = VersionCompact
 )
 
+// NegotiateVersion is the header version to write for a client that reads
+// up to requested (api.DeltaRequest.HeaderVersion): the highest both
+// know, VersionJSON for a client that says nothing.
+func NegotiateVersion(requested int) int {
+	return min(max(requested, VersionJSON), Version)
+}
+
 func magic(version int) string { return fmt.Sprintf("SLBNDL%02d", version) }
 
 // Limits that protect a decoder from hostile or broken streams.
@@ -90,10 +97,7 @@ func NewWriterVersion(w io.Writer, h *api.BundleHeader, version int) (*Writer, e
 	default:
 		return nil, fmt.Errorf("bundle: unknown header version %d", version)
 	}
-	h.Version = version
-	if c, ok := body.(*compactHeader); ok {
-		c.Version = version
-	}
+	h.Version = version // the compact header carries its own
 	// The header's length precedes it, so it is compressed in memory. It
 	// holds metadata only (file trees), never file contents.
 	var buf bytes.Buffer

@@ -67,10 +67,7 @@ func (p *Planner) ServeDelta(w http.ResponseWriter, r *http.Request, req api.Del
 	hdr.Set(api.HeaderDedupBytes, strconv.FormatInt(h.Stats.DedupBytes, 10))
 	hdr.Set(api.HeaderSendBytes, strconv.FormatInt(h.Stats.SendBytes, 10))
 	fw := &flushWriter{w: w, rc: http.NewResponseController(w), last: time.Now()}
-	// The newest header version the worker reads (workers from before
-	// version 2 say nothing: 1).
-	version := min(max(req.HeaderVersion, bundle.VersionJSON), bundle.Version)
-	bw, err := bundle.NewWriterVersion(fw, h, version)
+	bw, err := bundle.NewWriterVersion(fw, h, bundle.NegotiateVersion(req.HeaderVersion))
 	if err != nil {
 		if fw.n == 0 {
 			// Nothing was written (the header could not be encoded):

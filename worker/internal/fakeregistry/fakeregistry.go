@@ -324,7 +324,7 @@ func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := f.Image.Header(req.Have)
 	h.Resume = req.Resume
 	w.Header().Set("Content-Type", api.MediaTypeBundle)
-	bw, err := bundle.NewWriterVersion(w, h, min(max(req.HeaderVersion, bundle.VersionJSON), bundle.Version))
+	bw, err := bundle.NewWriterVersion(w, h, bundle.NegotiateVersion(req.HeaderVersion))
 	if err != nil {
 		f.t.Error(err)
 		return
