@@ -48,8 +48,8 @@ func New(address string) *Importer {
 	return &Importer{address: address}
 }
 
-// Client returns the containerd client, connecting on first use.
-func (im *Importer) Client(ctx context.Context) (*containerd.Client, error) {
+// client returns the containerd client, connecting on first use.
+func (im *Importer) client(ctx context.Context) (*containerd.Client, error) {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	if im.c != nil {
@@ -164,7 +164,7 @@ func PlanImage(h *api.BundleHeader) (*Plan, error) {
 // starlight snapshotter. Everything is created under a lease, so the
 // garbage collector cannot take pieces before the image references them.
 func (im *Importer) Import(ctx context.Context, name string, p *Plan) error {
-	c, err := im.Client(ctx)
+	c, err := im.client(ctx)
 	if err != nil {
 		return err
 	}
@@ -272,7 +272,7 @@ func randomID() string {
 // containerd's) through resolver, unpacked by containerd's default
 // snapshotter.
 func (im *Importer) PullPlain(ctx context.Context, ref, platform string, resolver remotes.Resolver) (images.Image, error) {
-	c, err := im.Client(ctx)
+	c, err := im.client(ctx)
 	if err != nil {
 		return images.Image{}, err
 	}
@@ -288,7 +288,7 @@ func (im *Importer) PullPlain(ctx context.Context, ref, platform string, resolve
 // gone when Delete returns. found is false when containerd does not know
 // the image.
 func (im *Importer) Delete(ctx context.Context, name string) (found bool, err error) {
-	c, err := im.Client(ctx)
+	c, err := im.client(ctx)
 	if err != nil {
 		return false, err
 	}
