@@ -25,8 +25,12 @@ var (
 		Namespace: "starlight", Subsystem: "registry", Name: "queue_jobs",
 		Help: "Conversion jobs in the durable queue, by state.",
 	}, []string{"state"})
+	predictions = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "starlight", Subsystem: "registry", Name: "predictions_total",
+		Help: "Startup predictions of converted platform manifests, by result: stored, empty (nothing to predict), failed.",
+	}, []string{"result"})
 )
 
 func init() {
-	prometheus.MustRegister(conversionsTotal, conversionsFailed, conversionSeconds, queueDepth)
+	prometheus.MustRegister(conversionsTotal, conversionsFailed, conversionSeconds, queueDepth, predictions)
 }

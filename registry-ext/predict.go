@@ -9,7 +9,6 @@ import (
 
 	"github.com/containerd/log"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/convert"
@@ -19,15 +18,6 @@ import (
 // predictTimeout bounds the prediction of one converted image (all its
 // platforms), and separately the storage of its predictions.
 const predictTimeout = 10 * time.Second
-
-var predictions = prometheus.NewCounterVec(prometheus.CounterOpts{
-	Namespace: "starlight", Subsystem: "registry", Name: "predictions_total",
-	Help: "Startup predictions of converted platform manifests, by result: stored, empty (nothing to predict), failed.",
-}, []string{"result"})
-
-func init() {
-	prometheus.MustRegister(predictions)
-}
 
 // predictImage predicts, for every converted platform manifest of res,
 // the files a container of it reads first (package predict), as trace
