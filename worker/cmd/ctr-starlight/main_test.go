@@ -65,19 +65,11 @@ func TestVersionFlag(t *testing.T) {
 // infoWorker serves GET /v1/info with info.
 func infoWorker(t *testing.T, info api.WorkerInfo) string {
 	t.Helper()
-	sock := filepath.Join(t.TempDir(), "api.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/info", func(w http.ResponseWriter, r *http.Request) {
 		json.NewEncoder(w).Encode(info)
 	})
-	srv := &http.Server{Handler: mux}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	return sock
+	return serveWorkerAPI(t, mux)
 }
 
 func TestContainerdAddress(t *testing.T) {

@@ -16,11 +16,6 @@ import (
 // fakeWorker serves the worker API on a unix socket with canned events.
 func fakeWorker(t *testing.T, events []api.PullEvent, images []api.WorkerImage) string {
 	t.Helper()
-	sock := filepath.Join(t.TempDir(), "api.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/pull", func(w http.ResponseWriter, r *http.Request) {
 		var req api.PullRequest
@@ -37,7 +32,19 @@ func fakeWorker(t *testing.T, events []api.PullEvent, images []api.WorkerImage) 
 	mux.HandleFunc("GET /v1/images", func(w http.ResponseWriter, r *http.Request) {
 		json.NewEncoder(w).Encode(images)
 	})
-	srv := &http.Server{Handler: mux}
+	return serveWorkerAPI(t, mux)
+}
+
+// serveWorkerAPI serves h on a unix socket, as the worker serves its API,
+// until the test ends, and returns the socket's path.
+func serveWorkerAPI(t *testing.T, h http.Handler) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
 	return sock
