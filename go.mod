@@ -139,6 +139,7 @@ require (
 	google.golang.org/protobuf v1.36.12 // indirect
 	gotest.tools/gotestsum v1.13.0 // indirect
 	honnef.co/go/tools v0.8.2 // indirect
+	k8s.io/cri-api v0.27.1 // indirect
 )
 
 tool (

@@ -1,8 +1,10 @@
 package integration
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -34,7 +36,7 @@ func TestCRIPullIsAccelerated(t *testing.T) {
 	ref := reg.Addr + "/" + repo + ":" + tag
 	docker.Push(t, img, ref)
 	reg.WaitReady(t, repo, tag)
-	manifest, layers := pushedManifest(t, reg.URL, repo, tag)
+	manifest, layers := pushedManifest(t, reg, repo, tag)
 
 	dir := harness.ShortTempDir(t, "cri-")
 	snSock := filepath.Join(dir, "sn.sock")
@@ -66,15 +68,7 @@ func TestCRIPullIsAccelerated(t *testing.T) {
 	}
 
 	// The worker pulled the image for CRI, under its reference.
-	var got api.WorkerImage
-	deadline := time.Now().Add(3 * time.Minute)
-	for {
-		got = w.Progress(t, ref, ns)
-		if got.Complete || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	got := waitComplete(t, w, ref, ns)
 	if !got.Complete || len(got.Layers) != len(layers) || got.FramesTotal == 0 || got.FramesReceived != got.FramesTotal {
 		t.Errorf("worker's record of the CRI pull: %+v", got)
 	}
@@ -83,26 +77,107 @@ func TestCRIPullIsAccelerated(t *testing.T) {
 	mustContain(t, "ctr run of the CRI-pulled image", run, "hello again from layer 3", "small file at the root")
 }
 
-// pushedManifest returns the digest of the manifest pushed as repo:tag
-// and its layer digests.
-func pushedManifest(t *testing.T, base, repo, tag string) (string, []string) {
-	t.Helper()
-	req, _ := http.NewRequest(http.MethodGet, base+"/v2/"+repo+"/manifests/"+tag, nil)
-	req.Header.Set("Accept", "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json")
-	resp, err := http.DefaultClient.Do(req)
+// TestCRIPullSecrets is a Kubernetes pull with a pod's pull secret:
+// crictl talks to the worker's CRI proxy (as kubelet would with its
+// imageServiceEndpoint there) and passes --creds, as kubelet passes a pod's
+// imagePullSecrets; the registry wants htpasswd credentials and the worker
+// holds none. Without --creds crictl gets the registry's refusal; with
+// them containerd pulls the manifest and config, the worker fetches the
+// bundle with the pod's credentials (containerd downloads no layer blob),
+// and the image runs. No secret reaches the worker's log.
+func TestCRIPullSecrets(t *testing.T) {
+	requireRoot(t)
+	crictl, err := exec.LookPath("crictl")
+	if err != nil {
+		t.Skip("SKIPPED: crictl is not installed (hack/install-deps.sh installs it)")
+	}
+	const user, password = "tenant-a", "pod-secret-5521"
+	reg := harness.StartRegistry(t, harness.RegistryOptions{Htpasswd: map[string]string{user: password}})
+	const repo, tag = "e2e/cri-secret", "v1"
+	pushRunnable(t, reg, repo, tag, "hello with a pull secret\n")
+	reg.WaitReady(t, repo, tag)
+	ref := reg.Addr + "/" + repo + ":" + tag
+
+	dir := harness.ShortTempDir(t, "cris-")
+	snSock := filepath.Join(dir, "sn.sock")
+	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: snSock, Namespace: "k8s.io", CRIRegistry: reg.Addr})
+	w := harness.StartWorker(t, harness.WorkerOptions{Registries: []string{reg.URL}, Containerd: ctd, Address: snSock})
+	crictlPull := func(args ...string) (string, error) {
+		args = append([]string{"--runtime-endpoint", "unix://" + ctd.Address, "--image-endpoint", "unix://" + w.CRIProxy,
+			"--timeout", "5m", "pull"}, args...)
+		out, err := exec.Command(crictl, append(args, ref)...).CombinedOutput()
+		return string(out), err
+	}
+
+	out, err := crictlPull()
+	t.Logf("crictl pull without credentials: %v: %s", err, strings.TrimSpace(out))
+	if err == nil || !strings.Contains(out, "401 Unauthorized") {
+		t.Fatalf("crictl pull without credentials: %v, want the registry's 401:\n%s", err, out)
+	}
+
+	timed(t, "crictl pull --creds through the CRI proxy", func() {
+		if out, err := crictlPull("--creds", user+":"+password); err != nil {
+			t.Fatalf("crictl pull --creds: %v\n%s", err, out)
+		}
+	})
+
+	const ns = "k8s.io"
+	content := ctd.CtrNS(t, ns, "content", "ls", "-q")
+	manifest, layers := pushedManifest(t, reg, repo, tag)
+	mustContain(t, "containerd content", content, manifest)
+	for i, l := range layers {
+		if strings.Contains(content, l) {
+			t.Errorf("containerd downloaded pushed layer %d (%s): the pull was not accelerated", i, l)
+		}
+	}
+	run := ctd.CtrNS(t, ns, "run", "--rm", "--snapshotter", "starlight", ref, uniqueID("cris"), "cat", "/hello.txt")
+	mustContain(t, "container of the CRI-pulled image", run, "hello with a pull secret")
+	if got := waitComplete(t, w, ref, ns); !got.Complete {
+		t.Errorf("worker's record of the CRI pull: %+v", got)
+	}
+
+	log, err := os.ReadFile(filepath.Join(w.Dir, "worker.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
+	if strings.Contains(string(log), password) || strings.Contains(string(log), base64.StdEncoding.EncodeToString([]byte(user+":"+password))) {
+		t.Error("the pod's password is in the worker log")
+	}
+	mustContain(t, "worker log", string(log), `pull_credentials=true`)
+}
+
+// waitComplete waits for the worker's record of ref to be complete.
+func waitComplete(t *testing.T, w *harness.Worker, ref, ns string) api.WorkerImage {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		got := w.Progress(t, ref, ns)
+		if got.Complete || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// pushedManifest returns the digest of the manifest pushed as repo:tag
+// and its layer digests (asked with the registry's own credentials).
+func pushedManifest(t *testing.T, reg *harness.Registry, repo, tag string) (string, []string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, reg.URL+"/v2/"+repo+"/manifests/"+tag, nil)
+	req.Header.Set("Accept", "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json")
+	resp, body, err := reg.Do(req, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("manifest of %s:%s: %s", repo, tag, resp.Status)
+	}
 	var m struct {
 		Layers []struct {
 			Digest string `json:"digest"`
 		} `json:"layers"`
 	}
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("manifest of %s:%s: %s", repo, tag, resp.Status)
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&m); err != nil {
+	if err := json.Unmarshal(body, &m); err != nil {
 		t.Fatal(err)
 	}
 	var layers []string

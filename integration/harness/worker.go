@@ -43,7 +43,9 @@ type Worker struct {
 	Root    string
 	Address string // snapshotter socket
 	API     string // API socket for ctr-starlight
-	Dir     string
+	// CRIProxy is the worker's CRI proxy socket (crictl --image-endpoint).
+	CRIProxy string
+	Dir      string
 	// MetricsAddr is the metrics listen address, if WorkerOptions.Metrics.
 	MetricsAddr string
 	proc        *Process
@@ -59,11 +61,12 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 	bins := Binaries(t)
 	dir := ShortTempDir(t, "wrk-")
 	w := &Worker{
-		Dir:     dir,
-		Root:    filepath.Join(dir, "root"),
-		Address: opts.Address,
-		API:     filepath.Join(dir, "api.sock"),
-		bin:     filepath.Join(bins, CLIBinary),
+		Dir:      dir,
+		Root:     filepath.Join(dir, "root"),
+		Address:  opts.Address,
+		API:      filepath.Join(dir, "api.sock"),
+		CRIProxy: filepath.Join(dir, "cri.sock"),
+		bin:      filepath.Join(bins, CLIBinary),
 	}
 	if w.Address == "" {
 		w.Address = filepath.Join(dir, "sn.sock")
@@ -72,7 +75,7 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 	if level == "" {
 		level = "debug"
 	}
-	args := []string{"--root", w.Root, "--address", w.Address, "--api", w.API, "--log-level", level}
+	args := []string{"--root", w.Root, "--address", w.Address, "--api", w.API, "--cri-proxy", w.CRIProxy, "--log-level", level}
 	if opts.Containerd != nil {
 		args = append(args, "--containerd", opts.Containerd.Address)
 	}
@@ -104,7 +107,7 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 		}
 	})
 	if err := waitFor(p, 60*time.Second, func() error {
-		for _, s := range []string{w.Address, w.API} {
+		for _, s := range []string{w.Address, w.API, w.CRIProxy} {
 			c, err := net.Dial("unix", s)
 			if err != nil {
 				return err

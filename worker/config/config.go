@@ -19,6 +19,7 @@ const (
 	DefaultRoot               = "/var/lib/starlight"
 	DefaultAddress            = "/run/starlight/starlight-snapshotter.sock"
 	DefaultAPI                = "/run/starlight/api.sock"
+	DefaultCRIProxy           = "/run/starlight/cri.sock"
 	DefaultContainerd         = "/run/containerd/containerd.sock"
 	DefaultLogLevel           = "info"
 	DefaultMaxConcurrentPulls = 4
@@ -40,6 +41,13 @@ type Config struct {
 	API string `toml:"api"`
 	// Containerd is containerd's socket.
 	Containerd string `toml:"containerd"`
+	// CRIProxy is the unix socket of the worker's CRI proxy: kubelet's
+	// imageServiceEndpoint (or crictl --image-endpoint) points at it
+	// instead of containerd. It forwards every call to containerd's CRI
+	// service on Containerd, and lends the registry credentials of each
+	// PullImage (a pod's imagePullSecrets) to the worker's fetch of that
+	// image. Empty turns it off.
+	CRIProxy string `toml:"cri_proxy"`
 	// Metrics is an optional TCP listen address for Prometheus metrics
 	// (served at /metrics). Empty disables them.
 	Metrics string `toml:"metrics"`
@@ -117,6 +125,7 @@ func Default() *Config {
 		Address:            DefaultAddress,
 		API:                DefaultAPI,
 		Containerd:         DefaultContainerd,
+		CRIProxy:           DefaultCRIProxy,
 		LogLevel:           DefaultLogLevel,
 		MaxConcurrentPulls: DefaultMaxConcurrentPulls,
 		PullRetries:        DefaultPullRetries,

@@ -49,6 +49,9 @@ type Puller struct {
 	// demand fetches the chunks blocked reads wait for ahead of the
 	// bundle stream; nil when disabled.
 	demand *demand.Fetcher
+	// criClient, if set, is the client of a CRI pull with credentials
+	// of its own (Deps.CRIClient).
+	criClient func(imageRef string) *remote.Client
 	// recordDir holds one JSON record per image (api.WorkerImage), so
 	// that `ctr-starlight images` survives a worker restart.
 	recordDir string
@@ -85,6 +88,12 @@ type Deps struct {
 	// the bundle stream.
 	Demand  *demand.Fetcher
 	Metrics *Metrics
+	// CRIClient, if set, returns the registry client of the CRI pull of
+	// imageRef when that pull has credentials of its own (a pod's pull
+	// secret, kept by the CRI proxy while containerd pulls), else nil:
+	// the pull, its resumes and its on-demand reads then use it instead
+	// of Remote.
+	CRIClient func(imageRef string) *remote.Client
 	// RecordDir holds the image records.
 	RecordDir string
 	// Backoff is the wait before the first resume of a broken stream
@@ -111,6 +120,9 @@ type Job struct {
 	// platform is the platform the delta request asks for; zero for a
 	// CRI pull, which names its platform manifest by digest.
 	platform api.Platform
+	// remote, if set, is the job's own registry client (a CRI pull with
+	// the pod's credentials), kept in memory for the life of the job.
+	remote *remote.Client
 }
 
 // Snapshot returns the image's state now, and a channel closed at the
@@ -146,7 +158,7 @@ func New(cfg *config.Config, deps Deps) (*Puller, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	pl := &Puller{
 		cfg: cfg, store: deps.Store, layers: deps.Layers, remote: deps.Remote, importer: deps.Importer,
-		metrics: deps.Metrics, demand: deps.Demand,
+		metrics: deps.Metrics, demand: deps.Demand, criClient: deps.CRIClient,
 		recordDir: recordDir,
 		backoff:   deps.Backoff,
 		sem:       make(chan struct{}, cfg.MaxConcurrentPulls),
@@ -312,7 +324,7 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	if platform == (api.Platform{}) {
 		platform = DefaultPlatform
 	}
-	rc := pl.client(ep)
+	rc := pl.client(p, ep)
 	if !ep.Starlight {
 		log.G(ctx).WithField("registry", ep.Registry.String()).Info("host is not a Starlight registry, falling back to a standard pull")
 		md, err := pl.importer.PullPlain(ctx, ref.Normalized, platform.String(), rc.Resolver())
@@ -509,7 +521,7 @@ func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req
 		p.update(func(img *api.WorkerImage) { img.Resumes++ })
 		req.Resume = last.Frames
 		br = nil
-		*body, err = pl.client(ep).Delta(ctx, ref.Host, ref.Repository, req)
+		*body, err = pl.client(p, ep).Delta(ctx, ref.Host, ref.Repository, req)
 		if err != nil {
 			continue
 		}
@@ -672,10 +684,14 @@ func (pl *Puller) BlockPulls() (unblock func()) {
 	return pl.gcLock.Unlock
 }
 
-// client is the registry client for a pull from ep.
-func (pl *Puller) client(ep Endpoint) *remote.Client {
-	if ep.Registry.PlainHTTP {
-		return pl.remote.WithPlainHTTP()
+// client is the registry client for the pull p from ep.
+func (pl *Puller) client(p *Job, ep Endpoint) *remote.Client {
+	rc := pl.remote
+	if p.remote != nil {
+		rc = p.remote
 	}
-	return pl.remote
+	if ep.Registry.PlainHTTP {
+		return rc.WithPlainHTTP()
+	}
+	return rc
 }
