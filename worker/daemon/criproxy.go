@@ -10,26 +10,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/starlight-project/starlight/api/remote"
-	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/criproxy"
 )
 
 // maxCRIMessage is the message size containerd's CRI service allows (a
 // ListImages answer of a node with many images is large).
 const maxCRIMessage = 16 << 20
-
-// criClient is the puller's Deps.CRIClient: the registry client of a CRI
-// pull whose PullImage carried credentials, with those first.
-func criClient(cfg *config.Config, secrets *criproxy.Secrets) func(imageRef string) *remote.Client {
-	return func(imageRef string) *remote.Client {
-		creds, ok := secrets.Credentials(imageRef)
-		if !ok {
-			return nil
-		}
-		return newRemote(registryHosts(cfg, nil).WithCredentials(creds))
-	}
-}
 
 // criProxyServer is the CRI proxy on cfg.CRIProxy, in front of
 // containerd's CRI service on cfg.Containerd. It returns the listener and

@@ -110,7 +110,10 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 	d.criSecrets, d.criMetrics = criproxy.NewSecrets(), criproxy.NewMetrics(d.metrics)
 	if d.Puller, err = pull.New(cfg, pull.Deps{
 		Store: d.Store, Layers: d.Layers, Remote: rc, Importer: d.importer, Demand: fetcher,
-		CRIClient: criClient(cfg, d.criSecrets),
+		ClientWith: func(first remote.CredentialFunc) *remote.Client {
+			return newRemote(registryHosts(cfg, nil).WithCredentials(first))
+		},
+		CRICredentials: d.criSecrets.Credentials,
 		Metrics: pull.NewMetrics(d.metrics), RecordDir: filepath.Join(cfg.Root, "images"), Backoff: o.pullBackoff,
 	}); err != nil {
 		return nil, err

@@ -105,8 +105,10 @@ func (pl *Puller) startCRI(imageRef string, ref Ref, ep Endpoint, namespace stri
 		active:  true,
 		cri:     true,
 	}
-	if pl.criClient != nil {
-		p.remote = pl.criClient(imageRef)
+	if pl.criCredentials != nil && pl.clientWith != nil {
+		if creds, ok := pl.criCredentials(imageRef); ok {
+			p.remote = pl.clientWith(creds)
+		}
 	}
 	p.header = func(err error) {
 		once.Do(func() {

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -49,9 +50,10 @@ type Puller struct {
 	// demand fetches the chunks blocked reads wait for ahead of the
 	// bundle stream; nil when disabled.
 	demand *demand.Fetcher
-	// criClient, if set, is the client of a CRI pull with credentials
-	// of its own (Deps.CRIClient).
-	criClient func(imageRef string) *remote.Client
+	// clientWith and criCredentials: Deps.ClientWith and
+	// Deps.CRICredentials.
+	clientWith     func(first remote.CredentialFunc) *remote.Client
+	criCredentials func(imageRef string) (remote.CredentialFunc, bool)
 	// recordDir holds one JSON record per image (api.WorkerImage), so
 	// that `ctr-starlight images` survives a worker restart.
 	recordDir string
@@ -88,12 +90,15 @@ type Deps struct {
 	// the bundle stream.
 	Demand  *demand.Fetcher
 	Metrics *Metrics
-	// CRIClient, if set, returns the registry client of the CRI pull of
-	// imageRef when that pull has credentials of its own (a pod's pull
-	// secret, kept by the CRI proxy while containerd pulls), else nil:
-	// the pull, its resumes and its on-demand reads then use it instead
-	// of Remote.
-	CRIClient func(imageRef string) *remote.Client
+	// ClientWith returns a registry client like Remote whose hosts try
+	// first for credentials: the client of a pull that has credentials
+	// of its own (PullRequest.User, a pod's pull secret). The pull, its
+	// resumes and its on-demand reads use it, and it goes with the job.
+	// nil: such credentials are refused.
+	ClientWith func(first remote.CredentialFunc) *remote.Client
+	// CRICredentials, if set, returns the credentials of the CRI pull of
+	// imageRef in flight, if it carries any (the CRI proxy's Secrets).
+	CRICredentials func(imageRef string) (remote.CredentialFunc, bool)
 	// RecordDir holds the image records.
 	RecordDir string
 	// Backoff is the wait before the first resume of a broken stream
@@ -158,7 +163,8 @@ func New(cfg *config.Config, deps Deps) (*Puller, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	pl := &Puller{
 		cfg: cfg, store: deps.Store, layers: deps.Layers, remote: deps.Remote, importer: deps.Importer,
-		metrics: deps.Metrics, demand: deps.Demand, criClient: deps.CRIClient,
+		metrics: deps.Metrics, demand: deps.Demand,
+		clientWith: deps.ClientWith, criCredentials: deps.CRICredentials,
 		recordDir: recordDir,
 		backoff:   deps.Backoff,
 		sem:       make(chan struct{}, cfg.MaxConcurrentPulls),
@@ -275,6 +281,12 @@ func (pl *Puller) Start(req api.PullRequest) (*Job, error) {
 		changed:  make(chan struct{}),
 		active:   true,
 		platform: platform,
+	}
+	if req.User != "" {
+		if pl.clientWith == nil {
+			return nil, errors.New("this worker takes no credentials with a pull request")
+		}
+		p.remote = pl.clientWith(userCredentials(req.User))
 	}
 	pl.pulls[key] = p
 	pl.wg.Add(1)
@@ -694,4 +706,16 @@ func (pl *Puller) client(p *Job, ep Endpoint) *remote.Client {
 		return rc.WithPlainHTTP()
 	}
 	return rc
+}
+
+// userSource names PullRequest.User in errors.
+const userSource = "--user"
+
+// userCredentials are the credentials of PullRequest.User ("user:password",
+// or "user" alone as ctr takes it) for every host of the pull.
+func userCredentials(user string) remote.CredentialFunc {
+	name, secret, _ := strings.Cut(user, ":")
+	return func(string) (remote.Credential, error) {
+		return remote.Credential{Username: name, Secret: secret, Source: userSource}, nil
+	}
 }
