@@ -114,7 +114,7 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 			return newRemote(registryHosts(cfg, nil).WithCredentials(first))
 		},
 		CRICredentials: d.criSecrets.Credentials,
-		Metrics: pull.NewMetrics(d.metrics), RecordDir: filepath.Join(cfg.Root, "images"), Backoff: o.pullBackoff,
+		Metrics:        pull.NewMetrics(d.metrics), RecordDir: filepath.Join(cfg.Root, "images"), Backoff: o.pullBackoff,
 	}); err != nil {
 		return nil, err
 	}
