@@ -108,13 +108,15 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 	}
 	d.importer = importer.New(cfg.Containerd)
 	d.criSecrets, d.criMetrics = criproxy.NewSecrets(), criproxy.NewMetrics(d.metrics)
+	// A pull with credentials of its own (--user, a pod's pull secret)
+	// gets a client of its own, those credentials first.
+	clientWith := func(first remote.CredentialFunc) *remote.Client {
+		return newRemote(registryHosts(cfg, nil).WithCredentials(first))
+	}
 	if d.Puller, err = pull.New(cfg, pull.Deps{
 		Store: d.Store, Layers: d.Layers, Remote: rc, Importer: d.importer, Demand: fetcher,
-		ClientWith: func(first remote.CredentialFunc) *remote.Client {
-			return newRemote(registryHosts(cfg, nil).WithCredentials(first))
-		},
-		CRICredentials: d.criSecrets.Credentials,
-		Metrics:        pull.NewMetrics(d.metrics), RecordDir: filepath.Join(cfg.Root, "images"), Backoff: o.pullBackoff,
+		Metrics: pull.NewMetrics(d.metrics), RecordDir: filepath.Join(cfg.Root, "images"), Backoff: o.pullBackoff,
+		ClientWith: clientWith, CRICredentials: d.criSecrets.Credentials,
 	}); err != nil {
 		return nil, err
 	}
