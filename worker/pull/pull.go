@@ -405,6 +405,8 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 		img.BytesTotal, img.FramesTotal, img.FilesTotal = total, len(h.Frames), files
 		img.ImageBytes, img.DedupBytes, img.SendBytes = h.Stats.ImageBytes, h.Stats.DedupBytes, h.Stats.SendBytes
 	})
+	pl.metrics.ImageBytes.Add(float64(h.Stats.ImageBytes))
+	pl.metrics.DedupBytes.Add(float64(h.Stats.DedupBytes))
 
 	// Trees and expected contents first, so that a read through a layer
 	// mounted from here on blocks until its content arrives.
