@@ -3,6 +3,7 @@ package integration
 import (
 	"encoding/base64"
 	"encoding/json"
+	"io/fs"
 	"net/http"
 	"os"
 	"os/exec"
@@ -75,6 +76,55 @@ func TestCRIPullIsAccelerated(t *testing.T) {
 
 	run := ctd.CtrNS(t, ns, "run", "--rm", "--snapshotter", "starlight", ref, uniqueID("cri"), "cat", "/data/hello.txt", "/small.txt")
 	mustContain(t, "ctr run of the CRI-pulled image", run, "hello again from layer 3", "small file at the root")
+
+	// kubelet's image garbage collection (here crictl rmi) frees the
+	// worker's storage: the worker follows containerd's deletion. A record
+	// is kept 10 s after its pull ended (containerd may still be creating
+	// the image of a CRI pull).
+	store := filepath.Join(w.Root, "store")
+	before := dirBytes(t, store)
+	time.Sleep(time.Until(got.Completed.Add(11 * time.Second)))
+	if out, err := exec.Command(crictl, "--runtime-endpoint", "unix://"+ctd.Address, "rmi", ref).CombinedOutput(); err != nil {
+		t.Fatalf("crictl rmi: %v\n%s", err, out)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		imgs, err := w.Images()
+		if err != nil {
+			t.Fatal(err)
+		}
+		gone := true
+		for _, im := range imgs {
+			gone = gone && im.Ref != ref
+		}
+		if after := dirBytes(t, store); gone && after < before/10 {
+			t.Logf("crictl rmi freed %d of the worker's %d store bytes", before-after, before)
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("a minute after crictl rmi the worker still lists the image (%v) or holds %d of %d store bytes", !gone, after, before)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// dirBytes is the size of the regular files under dir.
+func dirBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var n int64
+	err := filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		info, err := d.Info()
+		if err == nil {
+			n += info.Size()
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // TestCRIPullSecrets is a Kubernetes pull with a pod's pull secret:

@@ -642,6 +642,61 @@ func (pl *Puller) UsedLayers() map[digest.Digest]bool {
 	return used
 }
 
+// forgetGrace is how long a finished pull's record stays although
+// containerd has no image of its name: a CRI pull's contents may all
+// arrive before containerd, still unpacking, creates the image.
+const forgetGrace = 10 * time.Second
+
+// ForgetDeleted drops the records of the images containerd deleted
+// (`ctr image rm`, `crictl rmi`, kubelet's image garbage collection), so
+// that their layers and contents become garbage once no snapshot uses them:
+// the worker follows containerd. Records of running pulls, of pulls that
+// ended less than forgetGrace ago, and every record while containerd
+// cannot be asked, stay. It returns the refs forgotten.
+func (pl *Puller) ForgetDeleted(ctx context.Context) ([]string, error) {
+	pl.mu.Lock()
+	jobs := make(map[string]*Job, len(pl.pulls))
+	for k, p := range pl.pulls {
+		jobs[k] = p
+	}
+	pl.mu.Unlock()
+	var forgotten []string
+	for key, p := range jobs {
+		img, _ := p.Snapshot()
+		p.mu.Lock()
+		active := p.active
+		p.mu.Unlock()
+		end := img.Started
+		if img.Completed != nil {
+			end = *img.Completed
+		}
+		if active || time.Since(end) < forgetGrace {
+			continue
+		}
+		exists, err := pl.importer.Exists(namespaces.WithNamespace(ctx, img.Namespace), img.Ref)
+		if err != nil {
+			return forgotten, err
+		}
+		if exists {
+			continue
+		}
+		pl.mu.Lock()
+		if pl.pulls[key] != p {
+			pl.mu.Unlock()
+			continue
+		}
+		delete(pl.pulls, key)
+		pl.mu.Unlock()
+		if err := os.Remove(pl.recordPath(img.Namespace, img.Ref)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return forgotten, fmt.Errorf("removing the record of %s: %w", img.Ref, err)
+		}
+		log.G(ctx).WithFields(log.Fields{"ref": img.Ref, "namespace": img.Namespace}).
+			Info("containerd deleted the image: its layers are garbage once no snapshot uses them")
+		forgotten = append(forgotten, img.Ref)
+	}
+	return forgotten, nil
+}
+
 // ErrImageNotFound is returned by Remove for an image the worker and
 // containerd do not know.
 var ErrImageNotFound = errors.New("image not found")
