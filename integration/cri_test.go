@@ -3,6 +3,7 @@ package integration
 import (
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"io/fs"
 	"net/http"
 	"os"
@@ -238,4 +239,92 @@ func pushedManifest(t *testing.T, reg *harness.Registry, repo, tag string) (stri
 		t.Fatalf("pushed image has %d layers; the test wants several", len(layers))
 	}
 	return resp.Header.Get("Docker-Content-Digest"), layers
+}
+
+// TestCRIPod runs a Kubernetes pod the way kubelet does, through crictl:
+// a pod sandbox (runp, host network: this machine has no CNI) whose
+// sandbox image and container image both come through Starlight, a
+// container created and started in it, and its log read back.
+func TestCRIPod(t *testing.T) {
+	requireRoot(t)
+	crictl, err := exec.LookPath("crictl")
+	if err != nil {
+		t.Skip("SKIPPED: crictl is not installed (hack/install-deps.sh installs it)")
+	}
+	reg := harness.StartRegistry(t, harness.RegistryOptions{})
+	// The sandbox image containerd's CRI config names (see
+	// harness.ContainerdOptions.CRIRegistry): busybox sleeping.
+	busybox, diffID, err := harness.LayerBlob(harness.BusyboxLayer())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pauseLayer := reg.PushBlob(t, "starlight-test/pause", busybox, harness.MediaTypeLayerGzip)
+	reg.PushLayersCmd(t, "starlight-test/pause", "none", []harness.Descriptor{pauseLayer},
+		[]string{diffID}, []string{"/bin/sleep", "1000000"})
+	const repo, tag = "e2e/cri-pod", "v1"
+	pushRunnable(t, reg, repo, tag, "hello from a pod\n")
+	for _, r := range [][2]string{{"starlight-test/pause", "none"}, {repo, tag}} {
+		reg.WaitReady(t, r[0], r[1])
+	}
+	ref := reg.Addr + "/" + repo + ":" + tag
+
+	dir := harness.ShortTempDir(t, "pod-")
+	snSock := filepath.Join(dir, "sn.sock")
+	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: snSock, Namespace: "k8s.io", CRIRegistry: reg.Addr})
+	w := harness.StartWorker(t, harness.WorkerOptions{Registries: []string{reg.URL}, Containerd: ctd, Address: snSock})
+	crictlDo := func(args ...string) string {
+		t.Helper()
+		args = append([]string{"--runtime-endpoint", "unix://" + ctd.Address, "--image-endpoint", "unix://" + w.CRIProxy, "--timeout", "2m"}, args...)
+		out, err := exec.Command(crictl, args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("crictl %s: %v\n%s", strings.Join(args[6:], " "), err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+
+	logs := filepath.Join(dir, "logs")
+	podJSON := filepath.Join(dir, "pod.json")
+	writeFile(t, podJSON, fmt.Sprintf(`{"metadata": {"name": "starlight-pod", "namespace": "default", "uid": "starlight-pod-uid", "attempt": 0},
+ "log_directory": %q,
+ "linux": {"security_context": {"namespace_options": {"network": 2}}}}`, logs), 0o644)
+	ctrJSON := filepath.Join(dir, "container.json")
+	writeFile(t, ctrJSON, fmt.Sprintf(`{"metadata": {"name": "app"}, "image": {"image": %q},
+ "command": ["cat", "/hello.txt"], "log_path": "app.log", "linux": {}}`, ref), 0o644)
+
+	crictlDo("pull", ref)
+	pod := lastLine(crictlDo("runp", podJSON))
+	t.Cleanup(func() {
+		exec.Command(crictl, "--runtime-endpoint", "unix://"+ctd.Address, "stopp", pod).Run()
+		exec.Command(crictl, "--runtime-endpoint", "unix://"+ctd.Address, "rmp", "-f", pod).Run()
+	})
+	id := lastLine(crictlDo("create", pod, ctrJSON, podJSON))
+	crictlDo("start", id)
+	deadline := time.Now().Add(time.Minute)
+	for !strings.Contains(crictlDo("inspect", "-o", "go-template", "--template", "{{.status.state}}", id), "EXITED") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the pod's container did not exit: %s", crictlDo("ps", "-a"))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	mustContain(t, "crictl logs", crictlDo("logs", id), "hello from a pod")
+
+	// Both images came through Starlight: the worker pulled the app for
+	// CRI, and containerd downloaded no layer blob, the sandbox image's
+	// (busybox, which the app shares) included.
+	if got := waitComplete(t, w, ref, "k8s.io"); !got.Complete {
+		t.Errorf("worker's record of %s: %+v", ref, got)
+	}
+	_, layers := pushedManifest(t, reg, repo, tag)
+	content := ctd.CtrNS(t, "k8s.io", "content", "ls", "-q")
+	for _, l := range append(layers, pauseLayer.Digest) {
+		if strings.Contains(content, l) {
+			t.Errorf("containerd downloaded layer %s", l)
+		}
+	}
+}
+
+// lastLine is the last line of crictl's output (warnings come first).
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.TrimSpace(lines[len(lines)-1])
 }
