@@ -294,6 +294,8 @@ func headerError(err error, lim Limits) error {
 		return corrupt("header: the decompressed header exceeds %d bytes", lim.HeaderJSON)
 	case errors.Is(err, errHeaderItems):
 		return corrupt("header: more than %d JSON objects and arrays (entries, chunks, frames): the image is larger than this reader accepts", lim.HeaderItems)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return corrupt("header: the JSON ends before it is complete: %w", err)
 	}
 	return corrupt("header: %w", err)
 }

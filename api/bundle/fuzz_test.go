@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math"
 	"reflect"
 	"strings"
 	"testing"
@@ -81,6 +82,7 @@ func FuzzReader(f *testing.F) {
 		if err := ValidateHeader(h); err != nil {
 			t.Fatalf("accepted a header that does not validate: %v", err)
 		}
+		checkExtents(t, h)
 		for {
 			f, raw, err := br.Next()
 			if err == io.EOF {
@@ -189,6 +191,7 @@ func FuzzHeaderJSON(f *testing.F) {
 			return
 		}
 		h := br.Header()
+		checkExtents(t, h)
 		for _, v := range []int{VersionJSON, VersionCompact} {
 			var b bytes.Buffer
 			c := cloneHeader(t, h)
@@ -206,6 +209,32 @@ func FuzzHeaderJSON(f *testing.F) {
 			}
 		}
 	})
+}
+
+// checkExtents asserts what the store and the on-demand fetches rely on
+// in an accepted header: every chunk lies inside its file, every frame
+// inside its content, every compressed extent inside int64.
+func checkExtents(t *testing.T, h *api.BundleHeader) {
+	t.Helper()
+	inside := func(off, size, total int64) bool { return off >= 0 && size >= 0 && off <= total && size <= total-off }
+	sizes := map[string]int64{}
+	for _, l := range h.Layers {
+		for _, e := range l.Entries {
+			if e.Type == api.TypeReg && e.Size > 0 {
+				sizes[e.Digest] = e.Size
+			}
+			for _, c := range e.Chunks {
+				if !inside(c.Offset, c.Size, e.Size) || !inside(c.CompressedOffset, c.CompressedSize, math.MaxInt64) {
+					t.Fatalf("%s: accepted chunk %+v of a file of %d bytes", e.Name, c, e.Size)
+				}
+			}
+		}
+	}
+	for _, f := range h.Frames {
+		if !inside(f.Offset, f.Size, sizes[f.Digest]) {
+			t.Fatalf("accepted frame %+v of a content of %d bytes", f, sizes[f.Digest])
+		}
+	}
 }
 
 // cloneHeader deep-copies h (NewWriterVersion sets the version).

@@ -555,9 +555,10 @@ func (pl *Puller) retry(ctx context.Context, p *Job, r *retrier, progressed bool
 
 // receive stores the frames of the bundle, resuming a broken stream with
 // the same request (same Have, so the same frame order); see retry for
-// how often. When it gives up, or the store cannot write (a full disk:
-// asking again would not help), the contents still missing fail, so
-// blocked reads return EIO instead of hanging.
+// how often. When it gives up, when the store cannot write (a full disk),
+// or when a content fails its verification as a whole (asking again would
+// not help either), the contents still missing fail, so blocked reads
+// return EIO instead of hanging.
 func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req api.DeltaRequest, br *bundle.Reader, body *io.ReadCloser, stream *demand.Stream) error {
 	frames := br.Header().Frames
 	var last store.Progress
@@ -595,7 +596,10 @@ func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req
 			filesBase += last.Contents
 			last.Contents = 0
 			progressed = last.Frames > start
-			if errors.Is(err, store.ErrStorage) {
+			// Asking again does not help a disk that cannot be
+			// written, nor a content whose verified chunks do not
+			// make up its digest: the registry would send the same.
+			if errors.Is(err, store.ErrStorage) || errors.Is(err, store.ErrFailed) {
 				break
 			}
 		}

@@ -259,13 +259,14 @@ func sameLayout(a, b []api.Chunk) bool {
 // idempotent and a no-op for a complete content. Expecting a failed content
 // again re-arms it, for a new attempt.
 func (s *Store) Expect(d digest.Digest, size int64, chunks []api.Chunk) error {
-	return s.expect(d, size, chunks, nil)
+	return s.expect(d, size, chunks, nil, true)
 }
 
 // expect is Expect. partials, if not nil, names every file of partial/
 // (listed once for many contents), so that a content with no partial file
-// costs no lookup.
-func (s *Store) expect(d digest.Digest, size int64, chunks []api.Chunk, partials map[string]bool) error {
+// costs no lookup. Without rearm, a failed content stays failed and its
+// error is returned.
+func (s *Store) expect(d digest.Digest, size int64, chunks []api.Chunk, partials map[string]bool, rearm bool) error {
 	d, err := parse(d)
 	if err != nil {
 		return err
@@ -290,6 +291,10 @@ func (s *Store) expect(d digest.Digest, size int64, chunks []api.Chunk, partials
 			return fmt.Errorf("%w: %s expected again with another size or chunk layout", ErrMismatch, d)
 		}
 		return nil
+	} else if ok && !rearm {
+		err := c.err
+		s.mu.Unlock()
+		return err
 	}
 	s.mu.Unlock()
 	if s.Has(d) {
@@ -424,6 +429,12 @@ func (s *Store) putEmpty(d digest.Digest) error {
 // it sends when two layers store the same content with different chunk
 // sizes); the first entry's chunks are the fallback.
 func (s *Store) ExpectHeader(h *api.BundleHeader) error {
+	return s.expectHeader(h, true)
+}
+
+// expectHeader is ExpectHeader; without rearm, a content that failed
+// stays failed and fails the call.
+func (s *Store) expectHeader(h *api.BundleHeader, rearm bool) error {
 	// One listing of partial/ instead of a lookup per content: it is
 	// empty unless an earlier pull was interrupted.
 	dirents, err := os.ReadDir(filepath.Join(s.root, "partial"))
@@ -449,7 +460,7 @@ func (s *Store) ExpectHeader(h *api.BundleHeader) error {
 			if _, err := checkChunks(digest.Digest(e.Digest), e.Size, chunks); err != nil {
 				chunks = e.Chunks
 			}
-			if err := s.expect(digest.Digest(e.Digest), e.Size, chunks, partials); err != nil {
+			if err := s.expect(digest.Digest(e.Digest), e.Size, chunks, partials, rearm); err != nil {
 				return fmt.Errorf("layer %s: %s: %w", h.Layers[i].Digest, e.Name, err)
 			}
 			delete(frames, e.Digest)
