@@ -68,6 +68,12 @@ type compactChunk struct {
 	CompressedSize   int64  `json:"cs"`
 }
 
+// The mtimes RFC 3339 can write, in Unix seconds.
+var (
+	minMTime = time.Date(0, 1, 1, 0, 0, 0, 0, time.UTC).Unix()
+	maxMTime = time.Date(9999, 12, 31, 23, 59, 59, 0, time.UTC).Unix()
+)
+
 // frameKey identifies a frame by everything it carries.
 type frameKey struct {
 	digest      string
@@ -147,6 +153,11 @@ func (c *compactHeader) expand() (*api.BundleHeader, error) {
 			ce := &cl.Entries[ei]
 			if ce.MTimeNs < 0 || ce.MTimeNs >= int(time.Second) {
 				return nil, corrupt("layer %d entry %d: mtime nanoseconds out of range", li, ei)
+			}
+			// Version 1 carries RFC 3339 times, years 0 to 9999: so
+			// must version 2, or the same header would not re-encode.
+			if ce.MTime < minMTime || ce.MTime > maxMTime {
+				return nil, corrupt("layer %d entry %d: mtime %d outside the years 0 to 9999", li, ei, ce.MTime)
 			}
 			e := api.Entry{
 				Name: ce.Name, Type: ce.Type, Mode: ce.Mode, UID: ce.UID, GID: ce.GID, Size: ce.Size,

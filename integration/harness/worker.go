@@ -36,6 +36,10 @@ type WorkerOptions struct {
 	Args []string
 	// Env is added to the worker's environment ("DOCKER_CONFIG=dir").
 	Env []string
+	// Root is the worker's state directory (--root); a new one in the
+	// worker's private directory when empty. A test may give one on a
+	// filesystem of its own (a small tmpfs to fill).
+	Root string
 }
 
 // Worker is a running starlight-worker.
@@ -62,11 +66,14 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 	dir := ShortTempDir(t, "wrk-")
 	w := &Worker{
 		Dir:      dir,
-		Root:     filepath.Join(dir, "root"),
+		Root:     opts.Root,
 		Address:  opts.Address,
 		API:      filepath.Join(dir, "api.sock"),
 		CRIProxy: filepath.Join(dir, "cri.sock"),
 		bin:      filepath.Join(bins, CLIBinary),
+	}
+	if w.Root == "" {
+		w.Root = filepath.Join(dir, "root")
 	}
 	if w.Address == "" {
 		w.Address = filepath.Join(dir, "sn.sock")

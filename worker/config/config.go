@@ -59,8 +59,10 @@ type Config struct {
 	AllowPlainFallback bool `toml:"allow_plain_fallback"`
 	// MaxConcurrentPulls bounds the pulls that stream at the same time.
 	MaxConcurrentPulls int `toml:"max_concurrent_pulls"`
-	// PullRetries bounds how often a broken bundle stream is resumed
-	// before its pending contents fail.
+	// PullRetries bounds how often in a row a broken bundle stream is
+	// resumed without receiving a frame before its pending contents
+	// fail; a stream that brought frames before it broke is resumed at
+	// once and starts the count again. 0 never resumes.
 	PullRetries int `toml:"pull_retries"`
 	// DemandFetches bounds the ranged blob GETs that fetch, ahead of
 	// the bundle stream, the chunks a blocked read waits for. 0 turns

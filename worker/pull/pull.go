@@ -60,6 +60,8 @@ type Puller struct {
 	// backoff is the wait before the first resume of a broken stream;
 	// it doubles on every further attempt, up to 30s.
 	backoff time.Duration
+	// limits bound the bundle headers the puller accepts.
+	limits bundle.Limits
 
 	sem    chan struct{}
 	ctx    context.Context
@@ -105,6 +107,9 @@ type Deps struct {
 	// (default DefaultBackoff); it doubles on every further attempt, up
 	// to 30s.
 	Backoff time.Duration
+	// BundleLimits bound the bundle headers accepted (zero fields:
+	// bundle.DefaultLimits).
+	BundleLimits bundle.Limits
 }
 
 // DefaultBackoff is the default wait before resuming a broken stream.
@@ -167,6 +172,7 @@ func New(cfg *config.Config, deps Deps) (*Puller, error) {
 		clientWith: deps.ClientWith, criCredentials: deps.CRICredentials,
 		recordDir: recordDir,
 		backoff:   deps.Backoff,
+		limits:    deps.BundleLimits,
 		sem:       make(chan struct{}, cfg.MaxConcurrentPulls),
 		ctx:       ctx, cancel: cancel,
 		pulls: make(map[string]*Job),
@@ -370,15 +376,11 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 		HeaderVersion: bundle.Version,
 	}
 	log.G(ctx).WithFields(log.Fields{"registry": ep.Registry.String(), "platform": platform, "have": len(req.Have)}).Info("requesting delta bundle")
-	body, err := rc.Delta(ctx, ref.Host, ref.Repository, req)
+	body, br, err := pl.openBundle(ctx, p, ref, ep, req)
 	if err != nil {
-		return fmt.Errorf("%s: %w", ref.Name, err)
+		return err
 	}
 	defer func() { body.Close() }()
-	br, err := bundle.NewReader(body)
-	if err != nil {
-		return fmt.Errorf("%s: reading bundle: %w", ref.Name, err)
-	}
 	h := br.Header()
 	headerAt := time.Now()
 	plan, err := importer.PlanImage(h)
@@ -483,15 +485,86 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	return nil
 }
 
+// openBundle sends the delta request and reads the bundle header. A
+// stream that breaks before its header is complete is asked for again,
+// as receive resumes one that breaks later; any other failure (an error
+// answer, a header the reader refuses) ends the pull at once.
+func (pl *Puller) openBundle(ctx context.Context, p *Job, ref Ref, ep Endpoint, req api.DeltaRequest) (io.ReadCloser, *bundle.Reader, error) {
+	var r retrier
+	for {
+		body, err := pl.client(p, ep).Delta(ctx, ref.Host, ref.Repository, req)
+		if err != nil && r.failures == 0 {
+			return nil, nil, fmt.Errorf("%s: %w", ref.Name, err)
+		}
+		if err == nil {
+			br, rerr := bundle.NewReaderLimits(body, pl.limits)
+			if rerr == nil {
+				return body, br, nil
+			}
+			body.Close()
+			err = rerr
+			if !errors.Is(err, bundle.ErrTruncated) {
+				return nil, nil, fmt.Errorf("%s: reading bundle: %w", ref.Name, err)
+			}
+		}
+		if !pl.retry(ctx, p, &r, false, err, 0) {
+			return nil, nil, fmt.Errorf("%s: reading bundle: %w", ref.Name, err)
+		}
+	}
+}
+
+// retrier counts the attempts of one pull that delivered nothing.
+type retrier struct {
+	// failures is how many attempts in a row brought no frame.
+	failures int
+}
+
+// retry decides whether to ask the registry again after an attempt that
+// failed with err, and waits before it does. A stream that brought frames
+// before it broke is resumed at once: the registry was answering, and the
+// connection is what failed. Attempts that bring nothing count, and wait
+// the backoff, doubling, up to 30s; after cfg.PullRetries of them in a row
+// (or at once, with pull_retries = 0) the pull gives up, as it does when
+// ctx is done.
+func (pl *Puller) retry(ctx context.Context, p *Job, r *retrier, progressed bool, err error, resume int) bool {
+	if ctx.Err() != nil || pl.cfg.PullRetries == 0 {
+		return false
+	}
+	wait := time.Duration(0)
+	if progressed {
+		r.failures = 0
+	} else {
+		r.failures++
+		if r.failures > pl.cfg.PullRetries {
+			return false
+		}
+		wait = min(pl.backoff<<min(r.failures-1, 16), 30*time.Second)
+	}
+	log.G(ctx).WithError(err).WithField("resume", resume).WithField("retryIn", wait).Warn("bundle stream broke, resuming")
+	if wait > 0 {
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return false
+		}
+	}
+	pl.metrics.Resumes.Inc()
+	p.update(func(img *api.WorkerImage) { img.Resumes++ })
+	return true
+}
+
 // receive stores the frames of the bundle, resuming a broken stream with
-// the same request (same Have, so the same frame order) up to
-// cfg.PullRetries times. When it gives up, the contents still missing fail,
-// so blocked reads return EIO instead of hanging.
+// the same request (same Have, so the same frame order); see retry for
+// how often. When it gives up, when the store cannot write (a full disk),
+// or when a content fails its verification as a whole (asking again would
+// not help either), the contents still missing fail, so blocked reads
+// return EIO instead of hanging.
 func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req api.DeltaRequest, br *bundle.Reader, body *io.ReadCloser, stream *demand.Stream) error {
 	frames := br.Header().Frames
 	var last store.Progress
 	var countedBytes int64
 	countedFrames, filesBase := br.Header().Resume, 0
+	last.Frames = countedFrames
 	progress := func(sp store.Progress) {
 		last = sp
 		if stream != nil {
@@ -507,9 +580,14 @@ func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req
 			img.FilesReceived = filesBase + sp.Contents
 		})
 	}
-	var err error
-	for attempt := 0; ; attempt++ {
+	var (
+		err error
+		r   retrier
+	)
+	for {
+		progressed := false
 		if br != nil {
+			start := last.Frames
 			err = pl.store.Receive(ctx, br, progress)
 			(*body).Close()
 			if err == nil {
@@ -517,29 +595,30 @@ func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req
 			}
 			filesBase += last.Contents
 			last.Contents = 0
+			progressed = last.Frames > start
+			// Asking again does not help a disk that cannot be
+			// written, nor a content whose verified chunks do not
+			// make up its digest: the registry would send the same.
+			if errors.Is(err, store.ErrStorage) || errors.Is(err, store.ErrFailed) {
+				break
+			}
 		}
 		if ctx.Err() != nil {
 			return errors.New("the worker is shutting down; pull again to fetch the missing contents")
 		}
-		if attempt >= pl.cfg.PullRetries {
+		if !pl.retry(ctx, p, &r, progressed, err, last.Frames) {
+			if ctx.Err() != nil {
+				return errors.New("the worker is shutting down; pull again to fetch the missing contents")
+			}
 			break
 		}
-		wait := min(pl.backoff<<attempt, 30*time.Second)
-		log.G(ctx).WithError(err).WithField("resume", last.Frames).WithField("retryIn", wait).Warn("bundle stream broke, resuming")
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			continue
-		}
-		pl.metrics.Resumes.Inc()
-		p.update(func(img *api.WorkerImage) { img.Resumes++ })
 		req.Resume = last.Frames
 		br = nil
 		*body, err = pl.client(p, ep).Delta(ctx, ref.Host, ref.Repository, req)
 		if err != nil {
 			continue
 		}
-		nbr, nerr := bundle.NewReader(*body)
+		nbr, nerr := bundle.NewReaderLimits(*body, pl.limits)
 		if nerr != nil {
 			(*body).Close()
 			err = nerr
