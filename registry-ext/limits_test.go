@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/distribution/distribution/v3/configuration"
 	"github.com/distribution/distribution/v3/registry/auth"
@@ -238,5 +239,43 @@ func TestTraceReportDecodedWithinLimits(t *testing.T) {
 				t.Errorf("%s %+v, want %d mentioning %q", resp.Status, e, tc.status, tc.msg)
 			}
 		})
+	}
+}
+
+func TestParseBundleOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		in   map[string]any
+		ok   bool
+	}{
+		{"all", map[string]any{"maxbundlestreams": 8, "bundlequeuewait": "2s", "bundlewritetimeout": "30s",
+			"maxbundleplans": 1, "plancachesize": 0}, true},
+		{"no streams", map[string]any{"maxbundlestreams": 0}, false},
+		{"no plans", map[string]any{"maxbundleplans": 0}, false},
+		{"negative wait", map[string]any{"bundlequeuewait": "-1s"}, false},
+		{"tiny write timeout", map[string]any{"bundlewritetimeout": "10ms"}, false},
+		{"negative cache", map[string]any{"plancachesize": -1}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o, err := ParseOptions(tc.in)
+			if (err == nil) != tc.ok {
+				t.Fatalf("err = %v", err)
+			}
+			if !tc.ok {
+				return
+			}
+			want := Options{MaxBundleStreams: 8, BundleQueueWait: 2 * time.Second, BundleWriteTimeout: 30 * time.Second,
+				MaxBundlePlans: 1, PlanCacheSize: 0}
+			if o.MaxBundleStreams != want.MaxBundleStreams || o.BundleQueueWait != want.BundleQueueWait ||
+				o.BundleWriteTimeout != want.BundleWriteTimeout || o.MaxBundlePlans != want.MaxBundlePlans || o.PlanCacheSize != 0 {
+				t.Errorf("options %+v", o)
+			}
+			if l := planLimits(o); l.CacheSize >= 0 || l.Plans != 1 || l.WriteTimeout != 30*time.Second {
+				t.Errorf("plancachesize 0 gives planner limits %+v, want no cache", l)
+			}
+		})
+	}
+	if o, _ := ParseOptions(nil); o.MaxBundleStreams != DefaultMaxBundleStreams || o.PlanCacheSize != DefaultPlanCacheSize {
+		t.Errorf("defaults %+v", o)
 	}
 }
