@@ -125,40 +125,17 @@ func NewWriter(w io.Writer, h *api.BundleHeader) (*Writer, error) {
 // whose frames are not all chunks of its trees can only be written as
 // VersionJSON, and is.
 func NewWriterVersion(w io.Writer, h *api.BundleHeader, version int) (*Writer, error) {
-	var body any = h
-	switch version {
-	case VersionJSON:
-	case VersionCompact:
-		if c, ok := compact(h); ok {
-			body = c
-		} else {
-			version = VersionJSON
-		}
-	default:
-		return nil, fmt.Errorf("bundle: unknown header version %d", version)
-	}
-	h.Version = version // the compact header carries its own
 	// The header's length precedes it, so it is compressed in memory. It
-	// holds metadata only (file trees), never file contents.
+	// holds metadata only (file trees), never file contents. A server
+	// that writes one header to many streams keeps the EncodedHeader
+	// instead (EncodeHeader).
 	var buf bytes.Buffer
-	gz := gzip.NewWriter(&buf)
-	if err := json.NewEncoder(gz).Encode(body); err != nil {
-		return nil, fmt.Errorf("encoding bundle header: %w", err)
-	}
-	if err := gz.Close(); err != nil {
-		return nil, fmt.Errorf("encoding bundle header: %w", err)
-	}
-	hdr := buf.Bytes()
-	if len(hdr) > MaxHeaderSize {
-		return nil, fmt.Errorf("bundle header exceeds %d bytes", MaxHeaderSize)
-	}
-	var pre [16]byte
-	copy(pre[:8], magic(version))
-	binary.BigEndian.PutUint64(pre[8:], uint64(len(hdr)))
-	if _, err := w.Write(pre[:]); err != nil {
+	e, err := EncodeHeader(&buf, h, version)
+	if err != nil {
 		return nil, err
 	}
-	if _, err := w.Write(hdr); err != nil {
+	h.Version = e.Version() // the compact header carries its own
+	if _, err := e.WriteTo(w, &buf, h.Resume); err != nil {
 		return nil, err
 	}
 	return &Writer{w: w, frames: h.Frames, next: h.Resume}, nil

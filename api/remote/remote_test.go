@@ -446,3 +446,65 @@ func TestContentRangeStart(t *testing.T) {
 		}
 	}
 }
+
+// TestDeltaBusyRetry: a 503 with Retry-After is waited out and asked
+// again, a bounded number of times; a 503 without it is an error at once.
+func TestDeltaBusyRetry(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		busy       int    // 503 answers before the bundle
+		retryAfter string // "" for none
+		wantCalls  int
+		wantErr    bool
+	}{
+		{"busy once", 1, "1", 2, false},
+		{"HTTP date", 1, time.Now().Add(-time.Minute).UTC().Format(http.TimeFormat), 2, false},
+		{"busy for good", 100, "1", busyRetries + 1, true},
+		{"unavailable", 1, "", 1, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if testing.Short() && tc.busy > 1 {
+				t.Skip("waits for every retry")
+			}
+			var mu sync.Mutex
+			calls := 0
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				calls++
+				n := calls
+				mu.Unlock()
+				if n <= tc.busy {
+					if tc.retryAfter != "" {
+						w.Header().Set("Retry-After", tc.retryAfter)
+					}
+					api.WriteError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "busy")
+					return
+				}
+				w.Header().Set("Content-Type", api.MediaTypeBundle)
+				w.Write([]byte("bundle"))
+			}))
+			defer srv.Close()
+			host := strings.TrimPrefix(srv.URL, "http://")
+			c := New(Options{}).WithPlainHTTP()
+			rc, err := c.Delta(context.Background(), host, "team/app", api.DeltaRequest{Reference: "team/app:v1"})
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("Delta: %v, want error %v", err, tc.wantErr)
+			}
+			if err == nil {
+				b, _ := io.ReadAll(rc)
+				rc.Close()
+				if string(b) != "bundle" {
+					t.Errorf("body %q", b)
+				}
+			} else {
+				var re *RegistryError
+				if !errors.As(err, &re) || re.Status != http.StatusServiceUnavailable {
+					t.Errorf("error %v, want the registry's 503", err)
+				}
+			}
+			if calls != tc.wantCalls {
+				t.Errorf("%d requests, want %d", calls, tc.wantCalls)
+			}
+		})
+	}
+}
