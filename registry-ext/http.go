@@ -2,10 +2,8 @@ package registryext
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"slices"
@@ -24,7 +22,6 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/starlight-project/starlight/api"
-	"github.com/starlight-project/starlight/registry-ext/delta"
 	"github.com/starlight-project/starlight/schema"
 )
 
@@ -475,18 +472,15 @@ func parseDeltaRequest(w http.ResponseWriter, r *http.Request) (api.DeltaRequest
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
 		return req, nil, "", errorf(http.StatusUnsupportedMediaType, api.CodeUnsupportedMediaType, "Content-Type must be application/json")
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, api.MaxDeltaRequestSize))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
+	decoded, err := api.DecodeDeltaRequest(http.MaxBytesReader(w, r.Body, api.MaxDeltaRequestSize))
+	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			return req, nil, "", errorf(http.StatusRequestEntityTooLarge, api.CodeBadRequest, "request body larger than %d bytes", api.MaxDeltaRequestSize)
 		}
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid request body: %v", err)
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "%v", err)
 	}
-	if _, err := dec.Token(); err != io.EOF {
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid request body: trailing data after the JSON object")
-	}
+	req = *decoded
 	parsed, err := reference.Parse(req.Reference)
 	if err != nil {
 		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid reference %q: %v", req.Reference, err)
@@ -507,22 +501,8 @@ func parseDeltaRequest(w http.ResponseWriter, r *http.Request) (api.DeltaRequest
 	default:
 		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "reference %q has neither a tag nor a digest", req.Reference)
 	}
-	if (req.Platform.OS == "") != (req.Platform.Architecture == "") || (req.Platform.Variant != "" && req.Platform.OS == "") {
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "platform needs both os and architecture")
-	}
 	if req.Platform.OS == "" {
 		req.Platform = api.Platform{OS: "linux", Architecture: "amd64"}
-	}
-	if len(req.Have) > delta.MaxHave {
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "more than %d layers in have", delta.MaxHave)
-	}
-	for _, h := range req.Have {
-		if _, err := api.ParseDigest(h); err != nil {
-			return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "have: %v", err)
-		}
-	}
-	if req.Resume < 0 {
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "resume must not be negative")
 	}
 	// The repository as stored by distribution: the reference's full name,
 	// with no normalisation (no docker.io/library/ prefix).

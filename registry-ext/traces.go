@@ -22,11 +22,10 @@ import (
 // Bounds on POST /starlight/v1/traces, besides the body size and access
 // count of the API (api.MaxTraceReportSize, api.MaxTraceAccesses).
 const (
-	// maxTraceLabel bounds the free-form worker and container names.
-	maxTraceLabel = 256
-	// maxTraceTime bounds TimeNS (about 11 days), which keeps the merge's
-	// integer arithmetic far from overflow.
-	maxTraceTime = int64(1) << 50
+	// maxTraceLabel and maxTraceTime: the API's (the worker checks the
+	// same when it decodes a report).
+	maxTraceLabel = api.MaxTraceLabel
+	maxTraceTime  = api.MaxTraceTime
 	// maxOffenders is how many invalid accesses a 400 answer lists.
 	maxOffenders = 5
 	// traceIngestions bounds concurrent ingestions, decoding included:

@@ -61,7 +61,7 @@ type Source struct {
 const (
 	// MaxHave bounds DeltaRequest.Have. A worker with more complete layers
 	// than this sends the ones most likely to matter (the caller decides).
-	MaxHave = 10000
+	MaxHave = api.MaxHave
 	// maxManifestSize and maxConfigSize bound the JSON read from storage.
 	maxManifestSize = api.MaxManifestSize
 	maxConfigSize   = api.MaxConfigSize
