@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -42,6 +43,9 @@ type fakeRegistry struct {
 	challenges  int    // 401 answers of the registry
 	lastPath    string // last registry request, with its query
 	tokenScopes []string
+	// generation is in every token issued; a token of an older one has
+	// expired.
+	generation int
 }
 
 func startFake(t *testing.T, f *fakeRegistry) string {
@@ -53,7 +57,7 @@ func startFake(t *testing.T, f *fakeRegistry) string {
 
 func (f *fakeRegistry) tokenFor(scopes []string) string {
 	slices.Sort(scopes)
-	return "T-" + strings.Join(scopes, "+")
+	return fmt.Sprintf("T-%d-%s", f.generation, strings.Join(scopes, "+"))
 }
 
 // serveToken is a Docker token service: OAuth POST (grant_type=password)
@@ -91,8 +95,9 @@ func (f *fakeRegistry) serveToken(w http.ResponseWriter, r *http.Request) {
 	}
 	f.mu.Lock()
 	f.tokenScopes = append(f.tokenScopes, strings.Join(scopes, " "))
+	token := f.tokenFor(scopes)
 	f.mu.Unlock()
-	json.NewEncoder(w).Encode(map[string]string{"token": f.tokenFor(scopes), "access_token": f.tokenFor(scopes)})
+	json.NewEncoder(w).Encode(map[string]any{"token": token, "access_token": token, "expires_in": 60})
 }
 
 // authorized checks the request for access to scope, and answers a
@@ -102,9 +107,15 @@ func (f *fakeRegistry) authorized(w http.ResponseWriter, r *http.Request, scope 
 	var challenge string
 	switch {
 	case f.token:
-		granted, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer T-")
-		ok = slices.Contains(strings.Split(granted, "+"), scope)
+		f.mu.Lock()
+		current := fmt.Sprintf("Bearer T-%d-", f.generation)
+		f.mu.Unlock()
+		granted, fresh := strings.CutPrefix(r.Header.Get("Authorization"), current)
+		ok = fresh && slices.Contains(strings.Split(granted, "+"), scope)
 		challenge = `Bearer realm="` + f.srv.URL + `/token",service="reg",scope="` + scope + `"`
+		if !fresh && strings.HasPrefix(r.Header.Get("Authorization"), "Bearer T-") {
+			challenge += `,error="invalid_token"`
+		}
 	case f.user != "":
 		u, p, basic := r.BasicAuth()
 		ok = basic && u == f.user && p == f.pass
@@ -249,6 +260,28 @@ func TestBearerToken(t *testing.T) {
 	}
 	if f.tokenCalls != 2 || !strings.Contains(f.tokenScopes[1], "repository:team/app:pull,push") {
 		t.Fatalf("%d token requests, scopes %q", f.tokenCalls, f.tokenScopes)
+	}
+}
+
+// A token that expires mid-pull (the registry refuses it with
+// invalid_token) is replaced at once: the refused request is sent again
+// with a new token fetched with the same credentials.
+func TestBearerTokenExpires(t *testing.T) {
+	f := &fakeRegistry{user: "bob", pass: "pw", token: true}
+	host := startFake(t, f)
+	c := newClient("bob", "pw")
+	if b := delta(t, c, host); b != "bundle bytes" {
+		t.Fatalf("body %q", b)
+	}
+	f.mu.Lock()
+	f.generation++ // every token issued so far expires
+	f.mu.Unlock()
+	// The request the registry refuses is sent again with a new token.
+	if b := delta(t, c, host); b != "bundle bytes" {
+		t.Fatalf("body %q", b)
+	}
+	if f.tokenCalls != 2 {
+		t.Fatalf("%d token requests, want 2 (one new token after the expiry)", f.tokenCalls)
 	}
 }
 
