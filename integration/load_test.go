@@ -130,9 +130,10 @@ func TestRegistryUnderLoad(t *testing.T) {
 	}
 	client := remote.New(remote.Options{Hosts: hosts}).WithPlainHTTP()
 	type result struct {
-		d      time.Duration
-		frames int
-		err    error
+		d       time.Duration
+		frames  int
+		resumes int
+		err     error
 	}
 	results := make([]result, deltas)
 	var wg sync.WaitGroup
@@ -156,8 +157,8 @@ func TestRegistryUnderLoad(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			t0 := time.Now()
-			n, err := readDelta(ctx, client, reg.Addr, repo, req)
-			results[i] = result{time.Since(t0), n, err}
+			n, resumes, err := readDelta(ctx, client, reg.Addr, repo, req)
+			results[i] = result{time.Since(t0), n, resumes, err}
 		}()
 	}
 	wg.Wait()
@@ -165,13 +166,14 @@ func TestRegistryUnderLoad(t *testing.T) {
 	close(stopSampling)
 	peak := procStatus(t, pid, "VmHWM")
 
-	served, told := 0, 0
+	served, told, resumed := 0, 0, 0
 	var times []time.Duration
 	for i, r := range results {
 		var re *remote.RegistryError
 		switch {
 		case r.err == nil && r.frames == files:
 			served++
+			resumed += r.resumes
 			times = append(times, r.d)
 		case errors.As(r.err, &re) && re.Status == http.StatusServiceUnavailable:
 			told++
@@ -186,8 +188,8 @@ func TestRegistryUnderLoad(t *testing.T) {
 		}
 		return times[min(len(times)-1, int(p*float64(len(times))))].Round(time.Millisecond)
 	}
-	t.Logf("%d deltas of %d files and %d stalled readers in %v: %d served whole, %d told to retry for good; %d answers 503 + Retry-After on the way; stalled clients' statuses %v",
-		deltas, files, stalled, time.Since(loadStart).Round(time.Millisecond), served, told, busy.Load(), stalledStatus)
+	t.Logf("%d deltas of %d files and %d stalled readers in %v: %d served whole (%d resumes of cut streams), %d told to retry for good; %d answers 503 + Retry-After on the way; stalled clients' statuses %v",
+		deltas, files, stalled, time.Since(loadStart).Round(time.Millisecond), served, resumed, told, busy.Load(), stalledStatus)
 	t.Logf("delta time p50 %v, p99 %v; registry RSS %d MiB before, peak %d MiB (VmHWM; sampled %d MiB), limit %d MiB",
 		pct(0.5), pct(0.99), before>>20, peak>>20, rssPeakSeen.Load()>>20, maxRSS>>20)
 	for code := range stalledStatus {
@@ -208,7 +210,25 @@ func TestRegistryUnderLoad(t *testing.T) {
 
 // readDelta reads a whole bundle as a worker does (without storing it)
 // and returns its frames.
-func readDelta(ctx context.Context, c *remote.Client, host, repo string, req api.DeltaRequest) (int, error) {
+// readDelta reads the whole bundle of req as a worker does: a stream cut
+// short (on a loaded machine a write may wait past the registry's write
+// timeout) is resumed from the frames received, at most maxResumes times.
+// It returns the frames read and the resumes it took.
+func readDelta(ctx context.Context, c *remote.Client, host, repo string, req api.DeltaRequest) (int, int, error) {
+	const maxResumes = 5
+	n := 0
+	for resumes := 0; ; resumes++ {
+		req.Resume = n
+		got, err := readStream(ctx, c, host, repo, req)
+		n += got
+		if err == nil || !errors.Is(err, bundle.ErrTruncated) || resumes == maxResumes {
+			return n, resumes, err
+		}
+	}
+}
+
+// readStream reads one bundle stream and returns the frames it brought.
+func readStream(ctx context.Context, c *remote.Client, host, repo string, req api.DeltaRequest) (int, error) {
 	rc, err := c.Delta(ctx, host, repo, req)
 	if err != nil {
 		return 0, err
