@@ -20,6 +20,9 @@ import (
 // hostile blob cannot make ReadIndex allocate without limit.
 const MaxTOCSize = 128 << 20
 
+// tocLimit is MaxTOCSize; tests lower it.
+var tocLimit int64 = MaxTOCSize
+
 // IsMetadataEntry reports whether a tar entry name is one of eStargz's own
 // metadata entries (the prefetch landmarks and the TOC), which are part of
 // a converted layer's tar but not of the image's file tree.
@@ -46,6 +49,9 @@ func ReadIndex(ra io.ReaderAt, size int64) (*Index, error) {
 	var errs []error
 	for _, p := range []footerParser{&estargz.GzipDecompressor{}, &estargz.LegacyGzipDecompressor{}} {
 		toc, tocOff, tocDigest, err := readTOC(ra, size, p)
+		if errors.Is(err, ErrInvalid) {
+			return nil, err // too large, whatever the format
+		}
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -75,8 +81,8 @@ func readTOC(ra io.ReaderAt, size int64, p footerParser) (*estargz.JTOC, int64, 
 	if tocOff < 0 || tocOff >= size-fsize {
 		return nil, 0, "", fmt.Errorf("TOC offset %d out of range", tocOff)
 	}
-	if tocSize := size - fsize - tocOff; tocSize > MaxTOCSize {
-		return nil, 0, "", fmt.Errorf("TOC of %d bytes exceeds %d", tocSize, MaxTOCSize)
+	if tocSize := size - fsize - tocOff; tocSize > tocLimit {
+		return nil, 0, "", tocTooLarge()
 	}
 	rc, err := p.DecompressTOC(io.NewSectionReader(ra, tocOff, size-fsize-tocOff))
 	if err != nil {
@@ -84,10 +90,14 @@ func readTOC(ra io.ReaderAt, size int64, p footerParser) (*estargz.JTOC, int64, 
 	}
 	defer rc.Close()
 	h := sha256.New()
-	lr := &io.LimitedReader{R: rc, N: MaxTOCSize + 1}
+	lr := &io.LimitedReader{R: rc, N: tocLimit + 1}
 	tr := io.TeeReader(lr, h)
 	var toc estargz.JTOC
 	if err := json.NewDecoder(tr).Decode(&toc); err != nil {
+		if lr.N == 0 {
+			// The decoder ran into the cap, not into the end of the TOC.
+			return nil, 0, "", tocTooLarge()
+		}
 		return nil, 0, "", fmt.Errorf("decoding TOC: %w", err)
 	}
 	// The TOC digest covers the whole JSON file, whatever the decoder left.
@@ -95,9 +105,15 @@ func readTOC(ra io.ReaderAt, size int64, p footerParser) (*estargz.JTOC, int64, 
 		return nil, 0, "", fmt.Errorf("reading TOC: %w", err)
 	}
 	if lr.N == 0 {
-		return nil, 0, "", fmt.Errorf("TOC JSON exceeds %d bytes", MaxTOCSize)
+		return nil, 0, "", tocTooLarge()
 	}
 	return &toc, tocOff, digest.NewDigest(digest.SHA256, h), nil
+}
+
+// tocTooLarge is the error of a TOC past MaxTOCSize: the layer has too many
+// entries (or too long names) to be indexed, whatever the attempt.
+func tocTooLarge() error {
+	return invalid(fmt.Errorf("eStargz TOC larger than %d bytes: the layer has too many entries or too long names to be indexed", tocLimit))
 }
 
 // dataRef locates the api.Chunk a TOC data entry became (entry < 0 for
@@ -196,9 +212,11 @@ func tocEntries(toc *estargz.JTOC, tocOff int64) ([]api.Entry, error) {
 		if err != nil {
 			return nil, err
 		}
+		// As in the tar (tarValidator.checkParents): nothing below an
+		// entry that is not a directory, which the worker's tree refuses.
 		for p := path.Dir(name); p != "."; p = path.Dir(p) {
-			if types[p] == api.TypeSymlink {
-				return nil, fmt.Errorf("entry %q: its parent %q is a symlink", name, p)
+			if t, ok := types[p]; ok && t != api.TypeDir {
+				return nil, fmt.Errorf("entry %q: its parent %q is not a directory but a %s", name, p, t)
 			}
 		}
 		if _, dup := types[name]; dup {
@@ -206,11 +224,16 @@ func tocEntries(toc *estargz.JTOC, tocOff int64) ([]api.Entry, error) {
 		}
 		if e.Type == api.TypeHardlink {
 			t, ok := types[e.LinkName]
-			if !ok || t == api.TypeDir {
+			if !ok || t == api.TypeDir || t == "whiteout" {
 				return nil, fmt.Errorf("hard link %q: target %q is not an earlier file", name, e.LinkName)
 			}
 		}
 		types[name] = e.Type
+		if dir, base := path.Split(name); strings.HasPrefix(base, api.WhiteoutPrefix) && base != api.WhiteoutOpaque {
+			if hidden := strings.TrimPrefix(base, api.WhiteoutPrefix); hidden != "" {
+				types[path.Join(dir, hidden)] = "whiteout"
+			}
+		}
 		out = append(out, e)
 		if e.Type == api.TypeReg && e.Size > 0 {
 			cur = len(out) - 1
