@@ -416,11 +416,13 @@ func (v *tarValidator) check(h *tar.Header) error {
 	if h.Size < 0 || (h.Typeflag != tar.TypeReg && h.Size != 0) {
 		return fmt.Errorf("entry %q: invalid size %d", h.Name, h.Size)
 	}
+	hidden, isWhiteout, err := whiteoutTarget(name)
+	if err != nil {
+		return fmt.Errorf("entry %q: %w", h.Name, err)
+	}
 	v.types[name] = h.Typeflag
-	if dir, base := path.Split(name); strings.HasPrefix(base, api.WhiteoutPrefix) && base != api.WhiteoutOpaque {
-		if hidden := strings.TrimPrefix(base, api.WhiteoutPrefix); hidden != "" {
-			v.types[path.Join(dir, hidden)] = typeWhiteout
-		}
+	if isWhiteout {
+		v.types[hidden] = typeWhiteout
 	}
 	return nil
 }
