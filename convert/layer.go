@@ -94,7 +94,6 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 	if err != nil {
 		return nil, err
 	}
-	defer removeTemp(src.file)
 
 	// Cancellation reaches estargz through its input, not through
 	// estargz.WithContext: on cancellation that option removes the
@@ -106,6 +105,10 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 		estargz.WithCompression(newCompression(opts.CompressionLevel)),
 		estargz.WithParallelism(buildParts(src.size)),
 	)
+	// Build has read the whole tar into its parts: the spool goes now, so
+	// a conversion needs about twice the layer's size of temporary space,
+	// not three times.
+	removeTemp(src.file)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
