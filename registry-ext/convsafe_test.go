@@ -57,7 +57,7 @@ func TestPushesWhileIndexing(t *testing.T) {
 			r.pushBlob("small/app", l)
 		}
 		r.pushBlob("small/app", im.config)
-		start := time.Now() // the manifest PUT queues the job
+		start := time.Now()                                                           // the manifest PUT queues the job
 		r.pushManifest("small/app", ref, ocispec.MediaTypeImageManifest, im.manifest) // fails the test unless 201
 		times = append(times, time.Since(start))
 		pushed = append(pushed, ref)
