@@ -57,8 +57,10 @@ func TestPushesWhileIndexing(t *testing.T) {
 			r.pushBlob("small/app", l)
 		}
 		r.pushBlob("small/app", im.config)
-		start := time.Now()                                                           // the manifest PUT queues the job
-		r.pushManifest("small/app", ref, ocispec.MediaTypeImageManifest, im.manifest) // fails the test unless 201
+		// The manifest PUT queues the job; pushManifest fails the test
+		// unless it is answered 201.
+		start := time.Now()
+		r.pushManifest("small/app", ref, ocispec.MediaTypeImageManifest, im.manifest)
 		times = append(times, time.Since(start))
 		pushed = append(pushed, ref)
 	}
