@@ -33,18 +33,24 @@ var (
 	magicZstd = []byte{0x28, 0xb5, 0x2f, 0xfd}
 )
 
-// bytesPerBuildPart sets how many uncompressed bytes each concurrent estargz
-// builder gets. estargz slices the tar into parts that are compressed in
-// parallel, and the part boundaries show in the blob (each part starts a new
-// gzip member). Deriving the part count from the input, not from the CPU
-// count, keeps a conversion reproducible on any machine.
+// bytesPerBuildPart sets how many bytes of file contents each concurrent
+// estargz builder gets. estargz slices the tar into parts that are
+// compressed in parallel, and the part boundaries show in the blob (each
+// part starts a new gzip member). Deriving the part count from the input,
+// not from the CPU count, keeps a conversion reproducible on any machine.
+//
+// The count must come from the contents, not from the tar's size: estargz
+// cuts a part every (contents / parts) bytes of contents, and when that is
+// 0 (more parts than content bytes, as in a layer of 100,000 empty files
+// and a few MiB of tar headers) it cuts one part per entry, each with its
+// goroutine and temporary file, until the process runs out of files.
 const (
 	bytesPerBuildPart = 16 << 20
 	maxBuildParts     = 16
 )
 
-func buildParts(size int64) int {
-	n := size / bytesPerBuildPart
+func buildParts(contents int64) int {
+	n := contents / bytesPerBuildPart
 	if n < 1 {
 		return 1
 	}
@@ -103,7 +109,7 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 	blob, err := estargz.Build(io.NewSectionReader(ctxReaderAt{ctx: ctx, r: src.file}, 0, src.size),
 		estargz.WithChunkSize(opts.ChunkSize),
 		estargz.WithCompression(newCompression(opts.CompressionLevel)),
-		estargz.WithParallelism(buildParts(src.size)),
+		estargz.WithParallelism(buildParts(src.contents)),
 	)
 	// Build has read the whole tar into its parts: the spool goes now, so
 	// a conversion needs about twice the layer's size of temporary space,
@@ -176,9 +182,10 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 
 // spooledTar is a validated, uncompressed source tar in a temporary file.
 type spooledTar struct {
-	file   *os.File
-	size   int64
-	diffID digest.Digest
+	file     *os.File
+	size     int64
+	contents int64 // bytes of regular file contents
+	diffID   digest.Digest
 }
 
 // spoolTar decompresses r into a temporary file, validating every tar header
@@ -194,7 +201,11 @@ func spoolTar(ctx context.Context, r io.Reader, opts Options) (_ *spooledTar, re
 		}
 	}()
 	bw := bufio.NewWriterSize(f, 1<<20)
-	size, diffID, err := scanTar(ctx, r, opts, bw, nil)
+	var contents int64
+	size, diffID, err := scanTar(ctx, r, opts, bw, func(h *tar.Header, _ io.Reader) error {
+		contents += h.Size // 0 but for regular files (tarValidator)
+		return nil
+	})
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -204,7 +215,7 @@ func spoolTar(ctx context.Context, r io.Reader, opts Options) (_ *spooledTar, re
 		}
 		return nil, tempErr(opts.TempDir, fmt.Errorf("spooling the uncompressed layer: %w", err))
 	}
-	return &spooledTar{file: f, size: size, diffID: diffID}, nil
+	return &spooledTar{file: f, size: size, contents: contents, diffID: diffID}, nil
 }
 
 // scanTar reads a layer (gzip, zstd or plain tar) to its end, validating

@@ -170,3 +170,50 @@ func TestConvertLayerTempDirFull(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestConvertLayerOfEmptyFiles converts a layer of many empty files and
+// 34 MiB of tar headers (long PAX comments) but no contents: estargz used
+// to build it in one part per file, each with its goroutine and open
+// temporary file, until the registry ran out of file descriptors ("too
+// many open files" for a layer of 100,000 empty files).
+func TestConvertLayerOfEmptyFiles(t *testing.T) {
+	entries := make([]tarEntry, 5000)
+	for i := range entries {
+		entries[i] = tarEntry{hdr: tar.Header{Typeflag: tar.TypeReg, Name: fmt.Sprintf("usr/share/doc/pkg%03d/file%06d", i/1000, i), Mode: 0o644, ModTime: baseTime}}
+	}
+	for i := range 40 { // 900 KiB each: tar's limit of a PAX header is 1 MiB
+		entries[i].hdr.Format = tar.FormatPAX
+		entries[i].hdr.PAXRecords = map[string]string{"comment": strings.Repeat("x", 900<<10)}
+	}
+	layer := gzipBytes(t, buildTar(t, entries))
+	opts, _ := testOptions(t)
+	stop, maxFDs := make(chan struct{}), make(chan int)
+	go func() {
+		most := 0
+		for {
+			select {
+			case <-stop:
+				maxFDs <- most
+				return
+			default:
+			}
+			if ents, err := os.ReadDir("/proc/self/fd"); err == nil && len(ents) > most {
+				most = len(ents)
+			}
+		}
+	}()
+	l, err := ConvertLayer(context.Background(), bytes.NewReader(layer), opts)
+	close(stop)
+	most := <-maxFDs
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if len(l.Index.Entries) != len(entries) {
+		t.Errorf("%d entries indexed", len(l.Index.Entries))
+	}
+	if most > 200 {
+		t.Errorf("%d files open at once while converting", most)
+	}
+	t.Logf("at most %d files open", most)
+}
