@@ -331,3 +331,26 @@ func TestTempDirFull(t *testing.T) {
 		t.Errorf("temporary files left: %v", ents)
 	}
 }
+
+func TestParseLimitOptions(t *testing.T) {
+	for _, tc := range []struct {
+		in   map[string]any
+		want Options
+		ok   bool
+	}{
+		{nil, Options{MaxUncompressed: 16 << 30, MaxFiles: 300_000, SweepInterval: 10 * time.Minute}, true},
+		{map[string]any{"maxuncompressed": 1 << 20, "maxfiles": "10", "sweepinterval": "0s"}, Options{MaxUncompressed: 1 << 20, MaxFiles: 10}, true},
+		{map[string]any{"maxuncompressed": 0}, Options{}, false},
+		{map[string]any{"maxfiles": -1}, Options{}, false},
+		{map[string]any{"sweepinterval": "-1m"}, Options{}, false},
+	} {
+		o, err := ParseOptions(tc.in)
+		if (err == nil) != tc.ok {
+			t.Errorf("%v: error %v", tc.in, err)
+			continue
+		}
+		if tc.ok && (o.MaxUncompressed != tc.want.MaxUncompressed || o.MaxFiles != tc.want.MaxFiles || o.SweepInterval != tc.want.SweepInterval) {
+			t.Errorf("%v: %d bytes, %d files, sweep %s", tc.in, o.MaxUncompressed, o.MaxFiles, o.SweepInterval)
+		}
+	}
+}
