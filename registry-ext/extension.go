@@ -123,7 +123,9 @@ func acquire(opts Options, ns distribution.Namespace, ref bool) (*Extension, err
 	}
 	if ns != nil && x.ns == nil {
 		x.ns = ns
-		x.planner = delta.New(x.db, blobOpener{ns: ns}).WithPriority(delta.NewTraced(x.db)).WithLimits(planLimits(x.opts))
+		limits := planLimits(x.opts)
+		limits.SpoolDir = x.tmp.Path() // plan spools too live in the process's directory
+		x.planner = delta.New(x.db, blobOpener{ns: ns}).WithPriority(delta.NewTraced(x.db)).WithLimits(limits)
 		x.startLocked()
 	}
 	return x, nil
