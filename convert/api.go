@@ -40,7 +40,29 @@ type Options struct {
 	CompressionLevel int    // gzip level; gzip.BestCompression... default 6 (gzip.DefaultCompression) when 0
 	TempDir          string // where uncompressed and converted layers are spooled; os.TempDir() when ""
 	Parallelism      int    // concurrent layers and estargz workers; GOMAXPROCS when 0
+
+	// MaxUncompressedSize bounds the uncompressed tar of one layer, in
+	// bytes: a larger layer, or a gzip bomb, fails as invalid as soon as
+	// its decompressed stream passes the limit, before more is written.
+	// DefaultMaxUncompressedSize when 0; no limit when negative.
+	MaxUncompressedSize int64
+	// MaxEntries bounds the tar entries (files, directories, links...) of
+	// one layer; a layer with more fails as invalid before it is built.
+	// DefaultMaxEntries when 0; no limit when negative.
+	MaxEntries int
 }
+
+// Default limits of a layer (Options). A conversion spools the uncompressed
+// layer and its eStargz form, so it needs about twice MaxUncompressedSize of
+// temporary space per concurrent layer. The TOC of a layer, which the index
+// reads back, must stay under MaxTOCSize: a TOC takes about 370 bytes per
+// regular file with a 55-byte name, so a layer of DefaultMaxEntries such
+// files fits; a layer under the limit whose TOC does not (longer names)
+// fails with a clear "TOC larger than" error.
+const (
+	DefaultMaxUncompressedSize = 16 << 30
+	DefaultMaxEntries          = 300_000
+)
 
 // Index is what the registry indexes of one eStargz layer: its TOC digest
 // and every entry, in TOC order, with chunk locations in the blob.

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"maps"
 	"os"
 	"strconv"
 
@@ -60,7 +61,7 @@ func convertIndex(ctx context.Context, store Store, src ocispec.Descriptor, opts
 	}
 	var idx ocispec.Index
 	if err := json.Unmarshal(raw, &idx); err != nil {
-		return nil, fmt.Errorf("index %s: %w", src.Digest, err)
+		return nil, invalid(fmt.Errorf("index %s: malformed JSON: %w", src.Digest, err))
 	}
 	res := &ImageResult{Desc: src}
 	changed := false
@@ -105,7 +106,7 @@ func convertManifest(ctx context.Context, store Store, src ocispec.Descriptor, p
 	}
 	var m ocispec.Manifest
 	if err := json.Unmarshal(raw, &m); err != nil {
-		return nil, fmt.Errorf("manifest %s: %w", src.Digest, err)
+		return nil, invalid(fmt.Errorf("manifest %s: malformed JSON: %w", src.Digest, err))
 	}
 	switch m.Config.MediaType {
 	case ocispec.MediaTypeImageConfig, images.MediaTypeDockerSchema2Config:
@@ -118,7 +119,7 @@ func convertManifest(ctx context.Context, store Store, src ocispec.Descriptor, p
 	}
 	cfg, diffIDs, err := parseConfig(cfgRaw)
 	if err != nil {
-		return nil, fmt.Errorf("config %s: %w", m.Config.Digest, err)
+		return nil, invalid(fmt.Errorf("config %s: %w", m.Config.Digest, err))
 	}
 	if len(diffIDs) != len(m.Layers) {
 		return nil, invalid(fmt.Errorf("manifest %s: %d layers but %d diff_ids in the config", src.Digest, len(m.Layers), len(diffIDs)))
@@ -196,6 +197,9 @@ func convertManifest(ctx context.Context, store Store, src ocispec.Descriptor, p
 // convertImageLayer keeps an eStargz layer whose TOC digest it verified, or
 // converts the layer and pushes the result.
 func convertImageLayer(ctx context.Context, store Store, desc ocispec.Descriptor, diffID digest.Digest, opts Options) (*LayerResult, error) {
+	if err := desc.Digest.Validate(); err != nil {
+		return nil, invalid(fmt.Errorf("layer descriptor: %w", err))
+	}
 	switch desc.MediaType {
 	case ocispec.MediaTypeImageLayerGzip, images.MediaTypeDockerSchema2LayerGzip:
 		if toc, ok := desc.Annotations[AnnotationTOCDigest]; ok {
@@ -227,8 +231,11 @@ func convertImageLayer(ctx context.Context, store Store, desc ocispec.Descriptor
 	return pushLayer(ctx, store, l, diffID)
 }
 
-// reuseOrConvert spools a layer that claims to be eStargz, verifies its TOC
-// digest and keeps it, or converts it if it is not valid eStargz.
+// reuseOrConvert spools a layer that claims to be eStargz and keeps it if
+// it is exactly what its conversion would index (verifyEStargz: tar rules
+// and limits, TOC against the tar, chunks against their members, diff_id
+// against the config), or converts it from its tar otherwise. A layer
+// whose tar breaks the rules fails as a conversion would.
 func reuseOrConvert(ctx context.Context, store Store, desc ocispec.Descriptor, diffID, toc digest.Digest, opts Options) (_ *LayerResult, retErr error) {
 	f, err := spool(ctx, store, desc, opts.TempDir)
 	if err != nil {
@@ -236,14 +243,26 @@ func reuseOrConvert(ctx context.Context, store Store, desc ocispec.Descriptor, d
 	}
 	defer removeTemp(f)
 	idx, err := ReadIndex(f, desc.Size)
-	if err == nil && idx.TOCDigest == toc {
-		idx.UncompressedSize, _ = strconv.ParseInt(desc.Annotations[AnnotationUncompressedSize], 10, 64)
-		out := desc
-		out.MediaType = ocispec.MediaTypeImageLayerGzip
-		return &LayerResult{Desc: out, DiffID: diffID, Index: idx, Reused: true}, nil
+	if err == nil && idx.TOCDigest != toc {
+		err = fmt.Errorf("TOC digest %s, annotation says %s", idx.TOCDigest, toc)
 	}
 	if err == nil {
-		err = fmt.Errorf("TOC digest %s, annotation says %s", idx.TOCDigest, toc)
+		usize, tarDiffID, verr := verifyEStargz(ctx, f, desc.Size, idx, opts)
+		switch {
+		case verr == nil && tarDiffID != diffID:
+			return nil, invalid(fmt.Errorf("uncompressed digest %s does not match the config's diff_id %s", tarDiffID, diffID))
+		case verr == nil:
+			idx.UncompressedSize = usize
+			out := desc
+			out.MediaType = ocispec.MediaTypeImageLayerGzip
+			// The size annotation is the pusher's claim; the tar says.
+			out.Annotations = maps.Clone(desc.Annotations) // has the TOC digest: not nil
+			out.Annotations[AnnotationUncompressedSize] = strconv.FormatInt(usize, 10)
+			return &LayerResult{Desc: out, DiffID: diffID, Index: idx, Reused: true}, nil
+		case !errors.Is(verr, errNotReusable):
+			return nil, verr
+		}
+		err = verr
 	}
 	log.G(ctx).WithError(err).WithField("layer", desc.Digest).Info("layer annotated as eStargz is not valid eStargz; converting it")
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
@@ -329,7 +348,7 @@ func (v *verifier) Read(p []byte) (int, error) {
 // by limit and verified.
 func readManifest(ctx context.Context, store Store, desc ocispec.Descriptor, limit int64) ([]byte, error) {
 	if err := desc.Digest.Validate(); err != nil {
-		return nil, fmt.Errorf("%s: %w", desc.MediaType, err)
+		return nil, invalid(fmt.Errorf("%s: %w", desc.MediaType, err))
 	}
 	if desc.Size < 0 || desc.Size > limit {
 		return nil, invalid(fmt.Errorf("%s %s: size %d out of range", desc.MediaType, desc.Digest, desc.Size))
@@ -360,7 +379,7 @@ func pushJSON(ctx context.Context, store Store, mediaType string, v any) (ocispe
 func parseConfig(b []byte) (map[string]json.RawMessage, []digest.Digest, error) {
 	var cfg map[string]json.RawMessage
 	if err := json.Unmarshal(b, &cfg); err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("malformed JSON: %w", err)
 	}
 	var rootfs struct {
 		DiffIDs []digest.Digest `json:"diff_ids"`

@@ -20,6 +20,9 @@ import (
 // hostile blob cannot make ReadIndex allocate without limit.
 const MaxTOCSize = 128 << 20
 
+// tocLimit is MaxTOCSize; tests lower it.
+var tocLimit int64 = MaxTOCSize
+
 // IsMetadataEntry reports whether a tar entry name is one of eStargz's own
 // metadata entries (the prefetch landmarks and the TOC), which are part of
 // a converted layer's tar but not of the image's file tree.
@@ -46,17 +49,35 @@ func ReadIndex(ra io.ReaderAt, size int64) (*Index, error) {
 	var errs []error
 	for _, p := range []footerParser{&estargz.GzipDecompressor{}, &estargz.LegacyGzipDecompressor{}} {
 		toc, tocOff, tocDigest, err := readTOC(ra, size, p)
+		if errors.Is(err, ErrInvalid) {
+			return nil, err // too large, whatever the format
+		}
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		entries, err := tocEntries(toc, tocOff)
 		if err != nil {
-			return nil, fmt.Errorf("eStargz TOC: %w", err)
+			return nil, invalid(fmt.Errorf("eStargz TOC: %w", err))
 		}
 		return &Index{TOCDigest: tocDigest, Entries: entries}, nil
 	}
 	return nil, fmt.Errorf("not an eStargz blob: %w", errors.Join(errs...))
+}
+
+// parseFooter is p.ParseFooter, which must not take the registry down:
+// estargz v0.19.1's GzipDecompressor.ParseFooter slices the footer's gzip
+// extra field by the length the field claims, not the one it has, and
+// panics on a pushed blob whose footer lies about it (found by
+// FuzzReadIndex).
+func parseFooter(p footerParser, footer []byte) (tocOff int64, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("malformed footer: %v", r)
+		}
+	}()
+	_, tocOff, _, err = p.ParseFooter(footer)
+	return tocOff, err
 }
 
 func readTOC(ra io.ReaderAt, size int64, p footerParser) (*estargz.JTOC, int64, digest.Digest, error) {
@@ -68,15 +89,15 @@ func readTOC(ra io.ReaderAt, size int64, p footerParser) (*estargz.JTOC, int64, 
 	if _, err := ra.ReadAt(footer, size-fsize); err != nil {
 		return nil, 0, "", fmt.Errorf("reading footer: %w", err)
 	}
-	_, tocOff, _, err := p.ParseFooter(footer)
+	tocOff, err := parseFooter(p, footer)
 	if err != nil {
 		return nil, 0, "", fmt.Errorf("parsing footer: %w", err)
 	}
 	if tocOff < 0 || tocOff >= size-fsize {
 		return nil, 0, "", fmt.Errorf("TOC offset %d out of range", tocOff)
 	}
-	if tocSize := size - fsize - tocOff; tocSize > MaxTOCSize {
-		return nil, 0, "", fmt.Errorf("TOC of %d bytes exceeds %d", tocSize, MaxTOCSize)
+	if tocSize := size - fsize - tocOff; tocSize > tocLimit {
+		return nil, 0, "", tocTooLarge()
 	}
 	rc, err := p.DecompressTOC(io.NewSectionReader(ra, tocOff, size-fsize-tocOff))
 	if err != nil {
@@ -84,10 +105,14 @@ func readTOC(ra io.ReaderAt, size int64, p footerParser) (*estargz.JTOC, int64, 
 	}
 	defer rc.Close()
 	h := sha256.New()
-	lr := &io.LimitedReader{R: rc, N: MaxTOCSize + 1}
+	lr := &io.LimitedReader{R: rc, N: tocLimit + 1}
 	tr := io.TeeReader(lr, h)
 	var toc estargz.JTOC
 	if err := json.NewDecoder(tr).Decode(&toc); err != nil {
+		if lr.N == 0 {
+			// The decoder ran into the cap, not into the end of the TOC.
+			return nil, 0, "", tocTooLarge()
+		}
 		return nil, 0, "", fmt.Errorf("decoding TOC: %w", err)
 	}
 	// The TOC digest covers the whole JSON file, whatever the decoder left.
@@ -95,9 +120,45 @@ func readTOC(ra io.ReaderAt, size int64, p footerParser) (*estargz.JTOC, int64, 
 		return nil, 0, "", fmt.Errorf("reading TOC: %w", err)
 	}
 	if lr.N == 0 {
-		return nil, 0, "", fmt.Errorf("TOC JSON exceeds %d bytes", MaxTOCSize)
+		return nil, 0, "", tocTooLarge()
 	}
 	return &toc, tocOff, digest.NewDigest(digest.SHA256, h), nil
+}
+
+// tocWhiteout stands, in the types of tocEntries, for a name a whiteout
+// hides.
+const tocWhiteout = "whiteout"
+
+// tocParentsAreDirs rejects a name below an earlier entry that is not a
+// directory.
+func tocParentsAreDirs(types map[string]string, name string) error {
+	for p := path.Dir(name); p != "."; p = path.Dir(p) {
+		if t, ok := types[p]; ok && t != api.TypeDir {
+			return fmt.Errorf("its parent %q is not a directory but a %s", p, t)
+		}
+	}
+	return nil
+}
+
+// whiteoutTarget returns the name a whiteout entry (".wh.NAME", not the
+// opaque marker) hides; ok is false for other names. A whiteout hiding ""
+// "." or ".." is an error, as in the worker's tree.
+func whiteoutTarget(name string) (hidden string, ok bool, err error) {
+	dir, base := path.Split(name)
+	if !strings.HasPrefix(base, api.WhiteoutPrefix) || base == api.WhiteoutOpaque {
+		return "", false, nil
+	}
+	h := strings.TrimPrefix(base, api.WhiteoutPrefix)
+	if h == "" || h == "." || h == ".." {
+		return "", false, fmt.Errorf("invalid whiteout %q", base)
+	}
+	return path.Join(dir, h), true, nil
+}
+
+// tocTooLarge is the error of a TOC past MaxTOCSize: the layer has too many
+// entries (or too long names) to be indexed, whatever the attempt.
+func tocTooLarge() error {
+	return invalid(fmt.Errorf("eStargz TOC larger than %d bytes: the layer has too many entries or too long names to be indexed", tocLimit))
 }
 
 // dataRef locates the api.Chunk a TOC data entry became (entry < 0 for
@@ -114,7 +175,8 @@ type dataRef struct {
 func tocEntries(toc *estargz.JTOC, tocOff int64) ([]api.Entry, error) {
 	var (
 		out     []api.Entry
-		types   = map[string]string{}
+		types   = map[string]string{} // name -> type, or tocWhiteout
+		listed  = map[string]bool{}
 		refs    []dataRef
 		cur     = -1  // index in out of the regular file whose chunks follow
 		covered int64 // bytes of out[cur] covered by chunks so far
@@ -196,21 +258,30 @@ func tocEntries(toc *estargz.JTOC, tocOff int64) ([]api.Entry, error) {
 		if err != nil {
 			return nil, err
 		}
-		for p := path.Dir(name); p != "."; p = path.Dir(p) {
-			if types[p] == api.TypeSymlink {
-				return nil, fmt.Errorf("entry %q: its parent %q is a symlink", name, p)
-			}
+		// The rules of the worker's tree, in TOC order (the order it
+		// applies the entries in), as tarValidator applies them to the tar.
+		if err := tocParentsAreDirs(types, name); err != nil {
+			return nil, fmt.Errorf("entry %q: %w", name, err)
 		}
-		if _, dup := types[name]; dup {
+		if listed[name] {
 			return nil, fmt.Errorf("entry %q: listed twice", name)
 		}
+		listed[name] = true
 		if e.Type == api.TypeHardlink {
 			t, ok := types[e.LinkName]
-			if !ok || t == api.TypeDir {
+			if !ok || t == api.TypeDir || t == tocWhiteout {
 				return nil, fmt.Errorf("hard link %q: target %q is not an earlier file", name, e.LinkName)
+			}
+			if err := tocParentsAreDirs(types, e.LinkName); err != nil {
+				return nil, fmt.Errorf("hard link %q: target %q: %w", name, e.LinkName, err)
 			}
 		}
 		types[name] = e.Type
+		if hidden, ok, err := whiteoutTarget(name); err != nil {
+			return nil, fmt.Errorf("entry %q: %w", name, err)
+		} else if ok {
+			types[hidden] = tocWhiteout
+		}
 		out = append(out, e)
 		if e.Type == api.TypeReg && e.Size > 0 {
 			cur = len(out) - 1

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	kgzip "github.com/klauspost/compress/gzip"
@@ -32,18 +33,24 @@ var (
 	magicZstd = []byte{0x28, 0xb5, 0x2f, 0xfd}
 )
 
-// bytesPerBuildPart sets how many uncompressed bytes each concurrent estargz
-// builder gets. estargz slices the tar into parts that are compressed in
-// parallel, and the part boundaries show in the blob (each part starts a new
-// gzip member). Deriving the part count from the input, not from the CPU
-// count, keeps a conversion reproducible on any machine.
+// bytesPerBuildPart sets how many bytes of file contents each concurrent
+// estargz builder gets. estargz slices the tar into parts that are
+// compressed in parallel, and the part boundaries show in the blob (each
+// part starts a new gzip member). Deriving the part count from the input,
+// not from the CPU count, keeps a conversion reproducible on any machine.
+//
+// The count must come from the contents, not from the tar's size: estargz
+// cuts a part every (contents / parts) bytes of contents, and when that is
+// 0 (more parts than content bytes, as in a layer of 100,000 empty files
+// and a few MiB of tar headers) it cuts one part per entry, each with its
+// goroutine and temporary file, until the process runs out of files.
 const (
 	bytesPerBuildPart = 16 << 20
 	maxBuildParts     = 16
 )
 
-func buildParts(size int64) int {
-	n := size / bytesPerBuildPart
+func buildParts(contents int64) int {
+	n := contents / bytesPerBuildPart
 	if n < 1 {
 		return 1
 	}
@@ -66,6 +73,14 @@ func (o Options) withDefaults() Options {
 	if o.Parallelism <= 0 {
 		o.Parallelism = runtime.GOMAXPROCS(0)
 	}
+	// Negative limits (none) stay negative, so that applying the defaults
+	// twice changes nothing.
+	if o.MaxUncompressedSize == 0 {
+		o.MaxUncompressedSize = DefaultMaxUncompressedSize
+	}
+	if o.MaxEntries == 0 {
+		o.MaxEntries = DefaultMaxEntries
+	}
 	return o
 }
 
@@ -74,32 +89,43 @@ func (o Options) withDefaults() Options {
 //
 // The source tar is validated entry by entry while it is decompressed; a
 // layer with paths escaping the root, hard links to unknown or escaping
-// targets, entries written through a symlink of the same layer, unknown
-// entry types or a truncated stream is rejected with an error naming the
-// entry. estargz builds its intermediate parts in os.TempDir(); they are
-// removed before ConvertLayer returns.
+// targets, entries written through a symlink or below a non-directory of
+// the same layer, unknown entry types, a truncated stream, or more bytes or
+// entries than opts allows is rejected with an error naming the entry or
+// the limit. estargz builds its intermediate parts in os.TempDir(); they
+// are removed before ConvertLayer returns.
 func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, retErr error) {
 	opts = opts.withDefaults()
-	src, err := spoolTar(ctx, r, opts.TempDir)
+	src, err := spoolTar(ctx, r, opts)
 	if err != nil {
 		return nil, err
 	}
-	defer removeTemp(src.file)
 
-	blob, err := estargz.Build(io.NewSectionReader(src.file, 0, src.size),
+	// Cancellation reaches estargz through its input, not through
+	// estargz.WithContext: on cancellation that option removes the
+	// temporary files created so far while the parts still being started
+	// create theirs, which then stay behind. A failing input makes Build
+	// fail and remove every file after its parts have stopped.
+	blob, err := estargz.Build(io.NewSectionReader(ctxReaderAt{ctx: ctx, r: src.file}, 0, src.size),
 		estargz.WithChunkSize(opts.ChunkSize),
 		estargz.WithCompression(newCompression(opts.CompressionLevel)),
-		estargz.WithParallelism(buildParts(src.size)),
-		estargz.WithContext(ctx),
+		estargz.WithParallelism(buildParts(src.contents)),
 	)
+	// Build has read the whole tar into its parts: the spool goes now, so
+	// a conversion needs about twice the layer's size of temporary space,
+	// not three times.
+	removeTemp(src.file)
 	if err != nil {
-		return nil, fmt.Errorf("building eStargz: %w", err)
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, tempErr(os.TempDir(), fmt.Errorf("building eStargz: %w", err))
 	}
-	defer blob.Close()
+	defer closeBlob(blob)
 
 	out, err := os.CreateTemp(opts.TempDir, "starlight-estargz-*")
 	if err != nil {
-		return nil, fmt.Errorf("creating temporary file: %w", err)
+		return nil, tempErr(opts.TempDir, fmt.Errorf("creating temporary file: %w", err))
 	}
 	defer func() {
 		if retErr != nil {
@@ -113,7 +139,7 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 		err = bw.Flush()
 	}
 	if err != nil {
-		return nil, fmt.Errorf("writing eStargz blob: %w", err)
+		return nil, tempErr(opts.TempDir, fmt.Errorf("writing eStargz blob: %w", err))
 	}
 	// DiffID and UncompressedSize are valid once the blob has been read to
 	// its end, which io.Copy did.
@@ -123,6 +149,11 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 	}
 	idx, err := ReadIndex(out, size)
 	if err != nil {
+		// A layer within the limits can still make a TOC larger than
+		// MaxTOCSize (long names); that is the layer's doing.
+		if errors.Is(err, ErrInvalid) {
+			return nil, fmt.Errorf("layer: converted: %w", err)
+		}
 		return nil, fmt.Errorf("reading back the converted layer: %w", err)
 	}
 	if idx.TOCDigest != blob.TOCDigest() {
@@ -151,40 +182,18 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 
 // spooledTar is a validated, uncompressed source tar in a temporary file.
 type spooledTar struct {
-	file   *os.File
-	size   int64
-	diffID digest.Digest
+	file     *os.File
+	size     int64
+	contents int64 // bytes of regular file contents
+	diffID   digest.Digest
 }
 
 // spoolTar decompresses r into a temporary file, validating every tar header
 // on the way.
-func spoolTar(ctx context.Context, r io.Reader, dir string) (_ *spooledTar, retErr error) {
-	br := bufio.NewReaderSize(&ctxReader{ctx: ctx, r: r}, 1<<20)
-	magic, err := br.Peek(4)
-	if err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("reading layer: %w", err)
-	}
-	var src io.Reader = br
-	switch {
-	case bytes.HasPrefix(magic, magicGzip):
-		zr, err := pgzip.NewReader(br)
-		if err != nil {
-			return nil, invalid(fmt.Errorf("layer: invalid gzip stream: %w", err))
-		}
-		defer zr.Close()
-		src = zr
-	case bytes.HasPrefix(magic, magicZstd):
-		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
-		if err != nil {
-			return nil, invalid(fmt.Errorf("layer: invalid zstd stream: %w", err))
-		}
-		defer zr.Close()
-		src = zr
-	}
-
-	f, err := os.CreateTemp(dir, "starlight-tar-*")
+func spoolTar(ctx context.Context, r io.Reader, opts Options) (_ *spooledTar, retErr error) {
+	f, err := os.CreateTemp(opts.TempDir, "starlight-tar-*")
 	if err != nil {
-		return nil, fmt.Errorf("creating temporary file: %w", err)
+		return nil, tempErr(opts.TempDir, fmt.Errorf("creating temporary file: %w", err))
 	}
 	defer func() {
 		if retErr != nil {
@@ -192,35 +201,109 @@ func spoolTar(ctx context.Context, r io.Reader, dir string) (_ *spooledTar, retE
 		}
 	}()
 	bw := bufio.NewWriterSize(f, 1<<20)
+	var contents int64
+	size, diffID, err := scanTar(ctx, r, opts, bw, func(h *tar.Header, _ io.Reader) error {
+		contents += h.Size // 0 but for regular files (tarValidator)
+		return nil
+	})
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err != nil {
+		if errors.Is(err, ErrInvalid) || ctx.Err() != nil {
+			return nil, err
+		}
+		return nil, tempErr(opts.TempDir, fmt.Errorf("spooling the uncompressed layer: %w", err))
+	}
+	return &spooledTar{file: f, size: size, contents: contents, diffID: diffID}, nil
+}
+
+// scanTar reads a layer (gzip, zstd or plain tar) to its end, validating
+// every tar header (tarValidator) and the limits of opts, copying the
+// uncompressed stream to sink, and calling visit, if not nil, with every
+// header and its content. It returns the uncompressed size and digest
+// (the diff_id). Errors caused by the layer match ErrInvalid; an error
+// writing to sink is returned as it is.
+func scanTar(ctx context.Context, r io.Reader, opts Options, sink io.Writer, visit func(*tar.Header, io.Reader) error) (int64, digest.Digest, error) {
+	br := bufio.NewReaderSize(&ctxReader{ctx: ctx, r: r}, 1<<20)
+	magic, err := br.Peek(4)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return 0, "", fmt.Errorf("reading layer: %w", err)
+	}
+	var src io.Reader = br
+	switch {
+	case bytes.HasPrefix(magic, magicGzip):
+		zr, err := pgzip.NewReader(br)
+		if err != nil {
+			return 0, "", invalid(fmt.Errorf("layer: invalid gzip stream: %w", err))
+		}
+		defer zr.Close()
+		src = zr
+	case bytes.HasPrefix(magic, magicZstd):
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return 0, "", invalid(fmt.Errorf("layer: invalid zstd stream: %w", err))
+		}
+		defer zr.Close()
+		src = zr
+	}
+
+	// The limit is applied to the decompressed stream before anything is
+	// written: a gzip bomb fails after at most the limit, not after
+	// filling the disk.
+	lim := &limitReader{r: src, max: opts.MaxUncompressedSize}
+	out := &errWriter{w: sink}
 	h := sha256.New()
 	cw := &countWriter{}
 	// The tar reader sees every byte of the stream (it reads through, not
-	// seeks over, the contents), so the file receives the tar verbatim.
-	tee := io.TeeReader(src, io.MultiWriter(bw, h, cw))
+	// seeks over, the contents), so the sink receives the tar verbatim.
+	tee := io.TeeReader(lim, io.MultiWriter(out, h, cw))
+	// fail turns a read error into the error that caused it: the limit, the
+	// sink, the context, or the layer.
+	fail := func(err error, what string) error {
+		switch {
+		case lim.err != nil:
+			return lim.err
+		case out.err != nil:
+			return out.err
+		case ctx.Err() != nil:
+			return ctx.Err()
+		}
+		return invalid(fmt.Errorf("layer: %s: %w", what, err))
+	}
 	tr := tar.NewReader(tee)
 	v := newTarValidator()
 	last := "(none)"
+	entries := 0
 	for {
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
-			if ctxErr := ctx.Err(); ctxErr != nil {
-				return nil, ctxErr
-			}
 			if errors.Is(err, io.ErrUnexpectedEOF) {
-				return nil, invalid(fmt.Errorf("layer: tar truncated in or after entry %s: %w", last, err))
+				return 0, "", fail(err, "tar truncated in or after entry "+last)
 			}
-			return nil, invalid(fmt.Errorf("layer: invalid tar header after entry %s: %w", last, err))
+			return 0, "", fail(err, "invalid tar header after entry "+last)
+		}
+		if entries++; opts.MaxEntries > 0 && entries > opts.MaxEntries {
+			return 0, "", invalid(fmt.Errorf("layer: more than %d entries, the limit of entries per layer", opts.MaxEntries))
 		}
 		if err := v.check(hdr); err != nil {
-			return nil, invalid(fmt.Errorf("layer: %w", err))
+			return 0, "", invalid(fmt.Errorf("layer: %w", err))
 		}
 		last = strconv.Quote(hdr.Name)
+		if visit != nil {
+			if err := visit(hdr, tr); err != nil {
+				if lim.err != nil || out.err != nil || ctx.Err() != nil {
+					return 0, "", fail(err, "")
+				}
+				return 0, "", err
+			}
+		}
 	}
 	if cw.n == 0 {
-		return nil, invalid(errors.New("layer: empty blob, not a tar archive"))
+		return 0, "", invalid(errors.New("layer: empty blob, not a tar archive"))
 	}
 	// Read the stream to its end through the tee: the diff_id covers every
 	// uncompressed byte, including the zero padding after the end-of-archive
@@ -228,12 +311,59 @@ func spoolTar(ctx context.Context, r io.Reader, dir string) (_ *spooledTar, retE
 	// verifies the gzip checksum and notices a stream truncated after the
 	// tar trailer.
 	if _, err := io.Copy(io.Discard, tee); err != nil {
-		return nil, invalid(fmt.Errorf("layer: reading to the end of the stream: %w", err))
+		return 0, "", fail(err, "reading to the end of the stream")
 	}
-	if err := bw.Flush(); err != nil {
-		return nil, fmt.Errorf("writing temporary file: %w", err)
+	return cw.n, digest.NewDigest(digest.SHA256, h), nil
+}
+
+// limitReader fails the read that takes the stream past max bytes (no
+// limit when max <= 0).
+type limitReader struct {
+	r      io.Reader
+	max, n int64
+	err    error
+}
+
+func (l *limitReader) Read(p []byte) (int, error) {
+	if l.err != nil {
+		return 0, l.err
 	}
-	return &spooledTar{file: f, size: cw.n, diffID: digest.NewDigest(digest.SHA256, h)}, nil
+	if l.max > 0 && int64(len(p)) > l.max-l.n+1 {
+		p = p[:l.max-l.n+1]
+	}
+	n, err := l.r.Read(p)
+	l.n += int64(n)
+	if l.max > 0 && l.n > l.max {
+		l.err = invalid(fmt.Errorf("layer: uncompressed size exceeds %d bytes, the limit per layer", l.max))
+		return 0, l.err
+	}
+	return n, err
+}
+
+// errWriter remembers the first error of w, so that a disk-full spool is
+// not mistaken for a broken layer by the reader that saw it.
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) Write(p []byte) (int, error) {
+	if e.err != nil {
+		return 0, e.err
+	}
+	n, err := e.w.Write(p)
+	if err != nil {
+		e.err = err
+	}
+	return n, err
+}
+
+// tempErr names the temporary directory in an error that filled it.
+func tempErr(dir string, err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("temporary directory %s is full (free space, or set a larger tempdir): %w", dir, err)
+	}
+	return err
 }
 
 // tarValidator rejects tar entries that would escape or corrupt the root
@@ -282,6 +412,9 @@ func (v *tarValidator) check(h *tar.Header) error {
 		if t == tar.TypeDir {
 			return fmt.Errorf("hard link %q to %q: the target is a directory", h.Name, h.Linkname)
 		}
+		if t == typeWhiteout {
+			return fmt.Errorf("hard link %q to %q: the target is a whiteout", h.Name, h.Linkname)
+		}
 		if err := v.checkParents(target); err != nil {
 			return fmt.Errorf("hard link %q to %q: %w", h.Name, h.Linkname, err)
 		}
@@ -297,20 +430,59 @@ func (v *tarValidator) check(h *tar.Header) error {
 	if h.Size < 0 || (h.Typeflag != tar.TypeReg && h.Size != 0) {
 		return fmt.Errorf("entry %q: invalid size %d", h.Name, h.Size)
 	}
+	hidden, isWhiteout, err := whiteoutTarget(name)
+	if err != nil {
+		return fmt.Errorf("entry %q: %w", h.Name, err)
+	}
 	v.types[name] = h.Typeflag
+	if isWhiteout {
+		v.types[hidden] = typeWhiteout
+	}
 	return nil
 }
 
-// checkParents rejects a name below a symlink created earlier in the layer:
-// unpacking it would write through the symlink, possibly outside the root.
+// checkParents rejects a name below an entry of the layer that is not a
+// directory. Below a symlink, unpacking it would write through the link,
+// possibly outside the root; below a regular file (or a device, a hard
+// link, a whiteout), unpacking fails, and so does the worker's tree, so
+// the layer must not convert.
 func (v *tarValidator) checkParents(name string) error {
 	for p := path.Dir(name); p != "."; p = path.Dir(p) {
-		if v.types[p] == tar.TypeSymlink {
+		t, ok := v.types[p]
+		switch {
+		case !ok || t == tar.TypeDir:
+		case t == tar.TypeSymlink:
 			return fmt.Errorf("its parent %q is a symlink created earlier in the layer", p)
+		default:
+			return fmt.Errorf("its parent %q is not a directory: an earlier entry of the layer made it a %s", p, tarTypeName(t))
 		}
 	}
 	return nil
 }
+
+// tarTypeName names a tar type flag of a validated entry.
+func tarTypeName(t byte) string {
+	switch t {
+	case tar.TypeReg:
+		return "regular file"
+	case tar.TypeLink:
+		return "hard link"
+	case tar.TypeChar:
+		return "character device"
+	case tar.TypeBlock:
+		return "block device"
+	case tar.TypeFifo:
+		return "fifo"
+	case typeWhiteout:
+		return "whiteout"
+	}
+	return fmt.Sprintf("entry of type %q", t)
+}
+
+// typeWhiteout stands, in tarValidator.types, for the name a ".wh.NAME"
+// entry hides: the layer's tree has a whiteout (a 0:0 character device)
+// there, which no later entry can be below.
+const typeWhiteout = 'w'
 
 // cleanTarName turns a tar entry name into a clean relative path ("" for the
 // layer root). A leading "./" and a trailing "/" are normal; "..", absolute
@@ -405,6 +577,27 @@ func (c *ctxReader) Read(p []byte) (int, error) {
 		return 0, err
 	}
 	return c.r.Read(p)
+}
+
+// ctxReaderAt fails every read once its context is cancelled.
+type ctxReaderAt struct {
+	ctx context.Context
+	r   io.ReaderAt
+}
+
+func (c ctxReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.ReadAt(p, off)
+}
+
+// closeBlob removes the temporary files of a built blob. A blob not read
+// to its end still has estargz's goroutine writing to it; with the files
+// closed, draining it makes that goroutine fail and return.
+func closeBlob(b *estargz.Blob) {
+	b.Close()
+	io.Copy(io.Discard, b) //nolint:errcheck // fails by design
 }
 
 type countWriter struct{ n int64 }

@@ -233,6 +233,9 @@ func TestConvertLayerRejects(t *testing.T) {
 	link := func(typ byte, name, target string) tarEntry {
 		return tarEntry{hdr: tar.Header{Typeflag: typ, Name: name, Linkname: target}}
 	}
+	dir := func(name string) tarEntry {
+		return tarEntry{hdr: tar.Header{Typeflag: tar.TypeDir, Name: name, Mode: 0755}}
+	}
 	good := buildTar(t, []tarEntry{reg("a"), reg("b")})
 	goodGz := gzipBytes(t, good)
 	// A tar cut inside the content of its second entry.
@@ -263,6 +266,12 @@ func TestConvertLayerRejects(t *testing.T) {
 		{"unknown type", buildTar(t, []tarEntry{{hdr: tar.Header{Typeflag: 'Z', Name: "odd"}}}), `entry "odd": unsupported entry type`},
 		{"root not a dir", buildTar(t, []tarEntry{reg(".")}), "root"},
 		{"redefined hard link target", buildTar(t, []tarEntry{reg("a"), link(tar.TypeLink, "b", "a"), reg("a")}), "redefines"},
+		{"file as parent", buildTar(t, []tarEntry{reg("a"), reg("a/b")}), `entry "a/b": its parent "a" is not a directory: an earlier entry of the layer made it a regular file`},
+		{"nested file as parent", buildTar(t, []tarEntry{dir("d"), reg("d/f"), reg("d/f/g/h")}), `its parent "d/f" is not a directory`},
+		{"hard link as parent", buildTar(t, []tarEntry{reg("a"), link(tar.TypeLink, "b", "a"), reg("b/c")}), `its parent "b" is not a directory: an earlier entry of the layer made it a hard link`},
+		{"device as parent", buildTar(t, []tarEntry{{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "null", Devmajor: 1, Devminor: 3}}, dir("null/x")}), "made it a character device"},
+		{"whiteout as parent", buildTar(t, []tarEntry{reg(".wh.a"), reg("a/b")}), "made it a whiteout"},
+		{"hard link to a whiteout", buildTar(t, []tarEntry{reg(".wh.a"), link(tar.TypeLink, "b", "a")}), "the target is a whiteout"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			opts, tmps := testOptions(t)
@@ -273,6 +282,9 @@ func TestConvertLayerRejects(t *testing.T) {
 			}
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("error %q does not contain %q", err, tc.want)
+			}
+			if !errors.Is(err, ErrInvalid) {
+				t.Errorf("error %q is not ErrInvalid: the job would be retried", err)
 			}
 			for _, d := range tmps {
 				assertEmptyDir(t, d)

@@ -29,6 +29,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/distribution/distribution/v3"
 
+	"github.com/starlight-project/starlight/convert/tempdir"
 	"github.com/starlight-project/starlight/registry-ext/delta"
 	"github.com/starlight-project/starlight/schema"
 )
@@ -42,6 +43,9 @@ type Extension struct {
 	db      *schema.DB
 	owner   string // names this process in job leases
 	planner *delta.Planner
+	// tmp holds every temporary file of the conversions: removed at
+	// Close, and by the next start after a crash.
+	tmp *tempdir.Dir
 
 	mu      sync.Mutex
 	ns      distribution.Namespace // nil until a registry middleware supplies it
@@ -86,13 +90,20 @@ func acquire(opts Options, ns distribution.Namespace, ref bool) (*Extension, err
 	defer extMu.Unlock()
 	x := extensions[opts.Database]
 	if x == nil {
+		tmp, err := tempdir.Open(opts.TempDir)
+		if err != nil {
+			return nil, fmt.Errorf("%s middleware: tempdir: %w", Name, err)
+		}
 		db, err := schema.Open(context.Background(), opts.Database)
 		if err != nil {
+			tmp.Close()
 			return nil, err
 		}
+		useTempDir(tmp)
 		ctx, cancel := context.WithCancel(context.Background())
 		x = &Extension{
 			opts:   opts,
+			tmp:    tmp,
 			db:     db,
 			owner:  processOwner(),
 			ctx:    ctx,
@@ -102,7 +113,8 @@ func acquire(opts Options, ns distribution.Namespace, ref bool) (*Extension, err
 		}
 		extensions[opts.Database] = x
 		log.L.WithFields(log.Fields{"database": redactDSN(opts.Database), "autoconvert": opts.AutoConvert,
-			"workers": opts.Workers, "tagsuffix": opts.TagSuffix, "predict": opts.Predict}).Info("starlight: extension started")
+			"workers": opts.Workers, "tagsuffix": opts.TagSuffix, "predict": opts.Predict, "tempdir": tmp.Path(),
+			"maxuncompressed": opts.MaxUncompressed, "maxfiles": opts.MaxFiles}).Info("starlight: extension started")
 	}
 	x.mu.Lock()
 	defer x.mu.Unlock()
@@ -111,7 +123,9 @@ func acquire(opts Options, ns distribution.Namespace, ref bool) (*Extension, err
 	}
 	if ns != nil && x.ns == nil {
 		x.ns = ns
-		x.planner = delta.New(x.db, blobOpener{ns: ns}).WithPriority(delta.NewTraced(x.db)).WithLimits(planLimits(x.opts))
+		limits := planLimits(x.opts)
+		limits.SpoolDir = x.tmp.Path() // plan spools too live in the process's directory
+		x.planner = delta.New(x.db, blobOpener{ns: ns}).WithPriority(delta.NewTraced(x.db)).WithLimits(limits)
 		x.startLocked()
 	}
 	return x, nil
@@ -149,6 +163,10 @@ func (x *Extension) Close() error {
 			p.Close()
 		}
 		x.closeErr = x.db.Close()
+		releaseTempDir(x.tmp)
+		if err := x.tmp.Close(); err != nil {
+			log.L.WithError(err).Warn("starlight: removing the temporary directory")
+		}
 		log.L.WithField("database", redactDSN(x.opts.Database)).Info("starlight: extension stopped")
 	})
 	return x.closeErr
@@ -206,6 +224,46 @@ func (x *Extension) startLocked() {
 	}
 	x.wg.Add(1)
 	go x.gauge()
+	if x.opts.AutoConvert && x.opts.SweepInterval > 0 {
+		x.wg.Add(1)
+		go x.sweeper()
+	}
+}
+
+// estargz creates its temporary files in os.TempDir() and has no option
+// to put them elsewhere, so the first Extension of the process points
+// TMPDIR at its own directory while it runs: a crash leaves them there
+// too, where the next start removes them.
+var (
+	tmpdirOwner *tempdir.Dir
+	tmpdirPrev  string
+	tmpdirWas   bool
+)
+
+// useTempDir points TMPDIR at d unless another Extension's directory is
+// already there. extMu is held.
+func useTempDir(d *tempdir.Dir) {
+	if tmpdirOwner != nil {
+		return
+	}
+	tmpdirOwner = d
+	tmpdirPrev, tmpdirWas = os.LookupEnv("TMPDIR")
+	os.Setenv("TMPDIR", d.Path())
+}
+
+// releaseTempDir restores TMPDIR if d is the directory it names.
+func releaseTempDir(d *tempdir.Dir) {
+	extMu.Lock()
+	defer extMu.Unlock()
+	if tmpdirOwner != d {
+		return
+	}
+	tmpdirOwner = nil
+	if tmpdirWas {
+		os.Setenv("TMPDIR", tmpdirPrev)
+	} else {
+		os.Unsetenv("TMPDIR")
+	}
 }
 
 // gauge refreshes the queue depth metric.

@@ -3,11 +3,14 @@ package registryext
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/distribution/distribution/v3"
 	"github.com/distribution/distribution/v3/registry"
+	"github.com/distribution/distribution/v3/registry/api/errcode"
 	registrymw "github.com/distribution/distribution/v3/registry/middleware/registry"
 	repositorymw "github.com/distribution/distribution/v3/registry/middleware/repository"
 	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
@@ -94,8 +97,9 @@ type manifestService struct {
 
 // Put stores the manifest, then queues its conversion. Put runs before the
 // tag link is written (by the same request), which is one reason the
-// conversion is asynchronous. A failure to queue is logged, never fails
-// the push: the pushed image is what matters to the user.
+// conversion is asynchronous. A push whose conversion cannot be queued
+// fails (503, after retrying for a while): a push that succeeded is
+// converted. The manifest stays stored; pushing again queues the job.
 func (m *manifestService) Put(ctx context.Context, manifest distribution.Manifest, options ...distribution.ManifestServiceOption) (digest.Digest, error) {
 	dgst, err := m.ManifestService.Put(ctx, manifest, options...)
 	if err != nil {
@@ -116,8 +120,7 @@ func (m *manifestService) Put(ctx context.Context, manifest distribution.Manifes
 			Debug("starlight: not an image; no conversion")
 		return dgst, nil
 	}
-	m.repo.enqueue(ctx, dgst, mediaType, tag, true)
-	return dgst, nil
+	return dgst, m.repo.enqueue(ctx, dgst, mediaType, tag, true)
 }
 
 type tagService struct {
@@ -133,44 +136,76 @@ func (t *tagService) Tag(ctx context.Context, tag string, desc ocispec.Descripto
 		return err
 	}
 	if isManifestType(desc.MediaType) || desc.MediaType == "" {
-		t.repo.enqueue(ctx, desc.Digest, desc.MediaType, tag, false)
+		return t.repo.enqueue(ctx, desc.Digest, desc.MediaType, tag, false)
 	}
 	return nil
 }
 
-// enqueue records a conversion job unless the push is the extension's own
-// output: a converted tag, or a manifest a conversion wrote.
-func (r *repository) enqueue(ctx context.Context, dgst digest.Digest, mediaType, tag string, requeue bool) {
+// enqueueRetryFor bounds how long a push retries queuing its conversion
+// (the index busy, a PostgreSQL failover) before it fails.
+var enqueueRetryFor = 20 * time.Second
+
+// enqueue queues the conversion of a push, retrying with backoff for up
+// to enqueueRetryFor, and returns a 503 error for the push if it could
+// not.
+func (r *repository) enqueue(ctx context.Context, dgst digest.Digest, mediaType, tag string, requeue bool) error {
 	name := r.Named().Name()
 	logger := log.G(ctx).WithFields(log.Fields{"repository": name, "digest": dgst, "tag": tag})
-	if tag != "" && strings.HasSuffix(tag, r.x.opts.TagSuffix) {
-		logger.Debug("starlight: converted tag pushed; no conversion")
-		return
+	deadline := time.Now().Add(enqueueRetryFor)
+	delay := 50 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		_, err := r.x.queuePush(ctx, name, dgst, mediaType, tag, requeue)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil || time.Now().Add(delay).After(deadline) {
+			logger.WithError(err).WithField("attempts", attempt).Error("starlight: could not queue conversion; failing the push")
+			return errcode.ErrorCodeUnavailable.WithMessage(
+				fmt.Sprintf("the registry could not queue the conversion of this image (%v); push again", err))
+		}
+		logger.WithError(err).WithField("attempt", attempt).Warn("starlight: queuing conversion; retrying")
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+		t.Stop()
+		delay = min(2*delay, 2*time.Second)
 	}
-	out, err := r.x.db.IsConversionOutput(ctx, name, dgst.String())
+}
+
+// queuePush records a conversion job unless the push is the extension's
+// own output: a converted tag, or a manifest a conversion wrote. It
+// reports whether a job was queued.
+func (x *Extension) queuePush(ctx context.Context, repo string, dgst digest.Digest, mediaType, tag string, requeue bool) (bool, error) {
+	logger := log.G(ctx).WithFields(log.Fields{"repository": repo, "digest": dgst, "tag": tag})
+	if tag != "" && strings.HasSuffix(tag, x.opts.TagSuffix) {
+		logger.Debug("starlight: converted tag pushed; no conversion")
+		return false, nil
+	}
+	out, err := x.db.IsConversionOutput(ctx, repo, dgst.String())
 	if err != nil {
-		logger.WithError(err).Error("starlight: could not queue conversion")
-		return
+		return false, err
 	}
 	if out {
 		logger.Debug("starlight: converted image pushed; no conversion")
-		return
+		return false, nil
 	}
-	p := schema.Push{Repository: name, Digest: dgst.String(), MediaType: mediaType, Tag: tag, Requeue: requeue}
+	p := schema.Push{Repository: repo, Digest: dgst.String(), MediaType: mediaType, Tag: tag, Requeue: requeue}
 	if tag == "" && !isIndexType(mediaType) {
 		// Likely a platform manifest of an index about to be pushed: give
 		// the index the chance to convert it first.
-		p.Delay = r.x.opts.DigestDelay
+		p.Delay = x.opts.DigestDelay
 	}
-	queued, err := r.x.db.Enqueue(ctx, p)
+	queued, err := x.db.Enqueue(ctx, p)
 	if err != nil {
-		logger.WithError(err).Error("starlight: could not queue conversion")
-		return
+		return false, err
 	}
 	if queued {
 		logger.Info("starlight: conversion queued")
-		r.x.notify()
+		x.notify()
 	}
+	return queued, nil
 }
 
 func isIndexType(mediaType string) bool {

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/distribution/distribution/v3/configuration"
+
+	"github.com/starlight-project/starlight/convert"
 )
 
 // Name is the name the extension registers under, in both
@@ -29,6 +31,11 @@ const (
 	DefaultBundleWriteTimeout = time.Minute
 	DefaultMaxBundlePlans     = 2
 	DefaultPlanCacheSize      = 256 << 20
+
+	// DefaultSweepInterval is how often the registry looks for tags whose
+	// conversion was never queued (a registry killed between storing a
+	// manifest and queuing its job).
+	DefaultSweepInterval = 10 * time.Minute
 )
 
 // Options are the middleware options, the same map under
@@ -39,7 +46,15 @@ const (
 //	                       postgres://... (default /var/lib/starlight/index.db)
 //	tagsuffix    string    converted tag = pushed tag + suffix (default -starlight)
 //	workers      int       concurrent conversions (default 2)
-//	tempdir      string    where layers are spooled while converting
+//	tempdir      string    where layers are spooled while converting, in a
+//	                       directory of the process removed at exit and, after
+//	                       a crash, at the next start (default $TMPDIR)
+//	maxuncompressed int    bytes of one uncompressed layer; a larger layer
+//	                       (or a gzip bomb) fails as invalid at once
+//	                       (default 16 GiB; temp space needed: about twice
+//	                       this per worker)
+//	maxfiles     int       tar entries of one layer; a layer with more fails
+//	                       as invalid at once (default 300000)
 //	chunksize    int       eStargz chunk size in bytes
 //	maxattempts  int       attempts of a failing conversion (default 3)
 //	retrydelay   duration  delay before the first retry, doubled after (default 30s)
@@ -49,6 +64,9 @@ const (
 //	                       before it converts on its own, so the platform
 //	                       manifests of an index being pushed are converted
 //	                       with the index, not twice (default 10s)
+//	sweepinterval duration how often every tag is checked for a conversion
+//	                       job, and one queued if it has none (default 10m;
+//	                       0 turns the sweep off; it also runs at start)
 //	predict      bool      predict at conversion the files a container of
 //	                       the image reads first (entrypoint, interpreter,
 //	                       libraries) and order its bundles by that until
@@ -85,6 +103,10 @@ type Options struct {
 	BundleWriteTimeout time.Duration
 	MaxBundlePlans     int
 	PlanCacheSize      int64
+
+	MaxUncompressed int64
+	MaxFiles        int
+	SweepInterval   time.Duration
 }
 
 // ParseOptions reads the middleware options map, applying defaults.
@@ -105,6 +127,10 @@ func ParseOptions(m map[string]any) (Options, error) {
 		BundleWriteTimeout: DefaultBundleWriteTimeout,
 		MaxBundlePlans:     DefaultMaxBundlePlans,
 		PlanCacheSize:      DefaultPlanCacheSize,
+
+		MaxUncompressed: convert.DefaultMaxUncompressedSize,
+		MaxFiles:        convert.DefaultMaxEntries,
+		SweepInterval:   DefaultSweepInterval,
 	}
 	var err error
 	for k, v := range m {
@@ -143,6 +169,14 @@ func ParseOptions(m map[string]any) (Options, error) {
 			var n int
 			n, err = intOpt(v)
 			o.PlanCacheSize = int64(n)
+		case "maxuncompressed":
+			var n int
+			n, err = intOpt(v)
+			o.MaxUncompressed = int64(n)
+		case "maxfiles":
+			o.MaxFiles, err = intOpt(v)
+		case "sweepinterval":
+			o.SweepInterval, err = durationOpt(v)
 		default:
 			return o, fmt.Errorf("%s middleware: unknown option %q", Name, k)
 		}
@@ -163,7 +197,7 @@ func ParseOptions(m map[string]any) (Options, error) {
 		return o, fmt.Errorf("%s middleware: chunksize must not be negative", Name)
 	case o.Lease < time.Second:
 		return o, fmt.Errorf("%s middleware: lease must be at least 1s", Name)
-	case o.RetryDelay < 0 || o.DigestDelay < 0:
+	case o.RetryDelay < 0 || o.DigestDelay < 0 || o.SweepInterval < 0:
 		return o, fmt.Errorf("%s middleware: delays must not be negative", Name)
 	case o.MaxBundleStreams < 1 || o.MaxBundlePlans < 1:
 		return o, fmt.Errorf("%s middleware: maxbundlestreams and maxbundleplans must be at least 1", Name)
@@ -173,6 +207,8 @@ func ParseOptions(m map[string]any) (Options, error) {
 		return o, fmt.Errorf("%s middleware: bundlewritetimeout must be at least 1s", Name)
 	case o.PlanCacheSize < 0:
 		return o, fmt.Errorf("%s middleware: plancachesize must not be negative", Name)
+	case o.MaxUncompressed < 1 || o.MaxFiles < 1:
+		return o, fmt.Errorf("%s middleware: maxuncompressed and maxfiles must be at least 1", Name)
 	}
 	o.Database = normalizeDSN(o.Database)
 	return o, nil

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime/debug"
+	"strings"
 	"time"
 
 	"github.com/containerd/log"
@@ -79,7 +81,7 @@ func (x *Extension) runJob(job *schema.Job) {
 
 	start := time.Now()
 	logger.Info("starlight: conversion job started")
-	converted, err := x.process(ctx, job)
+	converted, err := x.processRecovered(ctx, job)
 	cancel()
 	<-renewDone
 
@@ -103,7 +105,7 @@ func (x *Extension) runJob(job *schema.Job) {
 		// An invalid image fails for good at once; other errors (storage,
 		// a transient fault) are retried with backoff.
 		maxAttempts := x.opts.MaxAttempts
-		if errors.Is(err, convert.ErrInvalid) {
+		if errors.Is(err, convert.ErrInvalid) || errors.Is(err, errPanicked) {
 			maxAttempts = job.Attempts
 		}
 		final, ferr := x.db.FailJob(rctx, job, err.Error(), maxAttempts, x.opts.RetryDelay)
@@ -133,6 +135,22 @@ func (x *Extension) runJob(job *schema.Job) {
 			Info("starlight: conversion job done")
 	}
 	x.updateQueueDepth()
+}
+
+// errPanicked is matched by the error of a job whose conversion panicked:
+// a bug, met again by every attempt (the input is the same), so the job
+// fails at once instead of taking the registry down with it.
+var errPanicked = errors.New("conversion panicked")
+
+// processRecovered is process, with a panic turned into the job's error.
+func (x *Extension) processRecovered(ctx context.Context, job *schema.Job) (converted bool, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			log.G(ctx).WithField("stack", string(debug.Stack())).Error("starlight: conversion panicked")
+			err = fmt.Errorf("%w: %v", errPanicked, r)
+		}
+	}()
+	return x.process(ctx, job)
 }
 
 // process does the work of a job: convert and index the image unless that
@@ -236,8 +254,10 @@ func (x *Extension) convert(ctx context.Context, repo distribution.Repository, d
 	}
 	store := &repoStore{repo: repo}
 	res, err := convert.ConvertImage(ctx, store, src, convert.Options{
-		ChunkSize: x.opts.ChunkSize,
-		TempDir:   x.opts.TempDir,
+		ChunkSize:           x.opts.ChunkSize,
+		TempDir:             x.tmp.Path(),
+		MaxUncompressedSize: x.opts.MaxUncompressed,
+		MaxEntries:          x.opts.MaxFiles,
 	})
 	if err != nil {
 		return nil, err
@@ -295,4 +315,117 @@ func (x *Extension) indexLayer(ctx context.Context, lr *convert.LayerResult) err
 
 func platformString(p ocispec.Platform) string {
 	return api.Platform{OS: p.OS, Architecture: p.Architecture, Variant: p.Variant}.String()
+}
+
+// sweeper runs sweep at start and every SweepInterval until the Extension
+// closes.
+func (x *Extension) sweeper() {
+	defer x.wg.Done()
+	skip := map[string]bool{} // repository@digest of tagged artifacts
+	t := time.NewTicker(x.opts.SweepInterval)
+	defer t.Stop()
+	for {
+		queued, err := x.sweep(x.ctx, skip)
+		switch {
+		case x.ctx.Err() != nil:
+			return
+		case err != nil:
+			log.G(x.ctx).WithError(err).Warn("starlight: sweeping tags for missing conversion jobs")
+		case queued > 0:
+			log.G(x.ctx).WithField("queued", queued).Warn("starlight: sweep queued conversions of tags that had none")
+		}
+		select {
+		case <-x.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// sweep queues a conversion for every tag of the registry whose image has
+// no job for that tag: a push whose job was lost (the registry died
+// between storing the manifest and queuing its job, or a registry without
+// the extension wrote the storage). Converted tags, conversion outputs and
+// tagged artifacts (not container images; remembered in skip) are left
+// alone. It returns the number of jobs queued.
+func (x *Extension) sweep(ctx context.Context, skip map[string]bool) (int, error) {
+	ns := x.namespace()
+	en, ok := ns.(distribution.RepositoryEnumerator)
+	if !ok {
+		return 0, nil
+	}
+	queued := 0
+	err := en.Enumerate(ctx, func(name string) error {
+		named, err := reference.WithName(name)
+		if err != nil {
+			return nil // not a repository distribution can serve
+		}
+		repo, err := ns.Repository(ctx, named)
+		if err != nil {
+			return fmt.Errorf("repository %s: %w", name, err)
+		}
+		tags, err := repo.Tags(ctx).All(ctx)
+		if err != nil {
+			var unknown distribution.ErrRepositoryUnknown
+			if errors.As(err, &unknown) {
+				return nil // no tags
+			}
+			return fmt.Errorf("tags of %s: %w", name, err)
+		}
+		for _, tag := range tags {
+			if strings.HasSuffix(tag, x.opts.TagSuffix) {
+				continue
+			}
+			desc, err := repo.Tags(ctx).Get(ctx, tag)
+			if err != nil {
+				continue // removed meanwhile
+			}
+			if skip[name+"@"+desc.Digest.String()] {
+				continue
+			}
+			if _, err := x.db.Job(ctx, name, desc.Digest.String(), tag); err == nil {
+				continue
+			} else if !errors.Is(err, schema.ErrNotFound) {
+				return err
+			}
+			mediaType, ok, err := convertibleManifest(ctx, repo, desc.Digest)
+			if err != nil {
+				log.G(ctx).WithError(err).WithFields(log.Fields{"repository": name, "tag": tag}).Warn("starlight: sweep")
+				continue
+			}
+			if !ok {
+				skip[name+"@"+desc.Digest.String()] = true
+				continue
+			}
+			q, err := x.queuePush(ctx, name, desc.Digest, mediaType, tag, false)
+			if err != nil {
+				return err
+			}
+			if q {
+				queued++
+				log.G(ctx).WithFields(log.Fields{"repository": name, "tag": tag, "digest": desc.Digest}).
+					Warn("starlight: tag had no conversion job; queued one")
+			}
+		}
+		return ctx.Err()
+	})
+	return queued, err
+}
+
+// convertibleManifest reports whether a stored manifest is a container
+// image (or an index), and its media type.
+func convertibleManifest(ctx context.Context, repo distribution.Repository, dgst digest.Digest) (string, bool, error) {
+	ms, err := repo.Manifests(ctx)
+	if err != nil {
+		return "", false, err
+	}
+	m, err := ms.Get(ctx, dgst)
+	if err != nil {
+		return "", false, fmt.Errorf("manifest %s: %w", dgst, err)
+	}
+	mediaType, payload, err := m.Payload()
+	if err != nil {
+		return "", false, fmt.Errorf("manifest %s: %w", dgst, err)
+	}
+	return mediaType, convertible(mediaType, payload), nil
 }

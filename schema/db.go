@@ -47,6 +47,9 @@ type DB struct {
 	dialect string
 	// now is the clock used for every timestamp; tests replace it.
 	now func() time.Time
+	// afterIndexBatch, if set, is called by PutLayer after each committed
+	// batch with the number of entries stored so far (tests).
+	afterIndexBatch func(stored int)
 }
 
 // Open connects to the index database named by dsn and applies pending

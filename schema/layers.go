@@ -29,32 +29,60 @@ const (
 	chunkBatch = 300 // 7 columns
 )
 
-// PutLayer stores a layer with all its files and chunks in one
-// transaction. Storing a layer that already exists is a no-op: a layer's
-// digest covers its content, so the stored rows are already right.
+// IndexTxRows bounds the rows (files and chunks) one transaction of
+// PutLayer writes. SQLite has one writer: a transaction holding the write
+// lock for a whole 300,000-file layer made every push wait seconds for it
+// (and fail once busy_timeout ran out); a few thousand rows take a few
+// milliseconds.
+const IndexTxRows = 4000
+
+// PutLayer stores a layer with all its files and chunks. They are written
+// in transactions of at most IndexTxRows rows, so that other writers (a
+// push queuing its conversion) wait for one batch, never for the layer;
+// the layer row comes last, in its own transaction, and is what makes the
+// layer indexed (LayerExists, ManifestTrees): until then its rows are not
+// part of any answer. A layer's digest covers its content, so the rows of
+// a layer are always the same: PutLayer after a crash in the middle of it
+// rewrites what is missing, and storing a layer that already exists is a
+// no-op.
 func (d *DB) PutLayer(ctx context.Context, l *Layer) error {
-	err := d.inTx(ctx, func(tx *sql.Tx) error {
-		// ON CONFLICT DO NOTHING also makes a concurrent insert by another
-		// replica wait for that one's commit, then skip.
-		res, err := d.exec(ctx, tx, `INSERT INTO layers
-			(digest, diff_id, size, toc_digest, uncompressed_size, files, created_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING`,
-			l.Digest, l.DiffID, l.Size, l.TOCDigest, l.UncompressedSize, len(l.Entries), d.nowMillis())
-		if err != nil {
-			return err
-		}
-		if n, err := res.RowsAffected(); err != nil || n == 0 {
-			return err
-		}
-		return d.insertFiles(ctx, tx, l)
-	})
-	if err != nil {
+	if err := d.putLayer(ctx, l); err != nil {
 		return fmt.Errorf("store layer %s: %w", l.Digest, err)
 	}
 	return nil
 }
 
-func (d *DB) insertFiles(ctx context.Context, tx *sql.Tx, l *Layer) error {
+func (d *DB) putLayer(ctx context.Context, l *Layer) error {
+	if ok, err := d.LayerExists(ctx, l.Digest); err != nil || ok {
+		return err
+	}
+	for next := 0; next < len(l.Entries); {
+		err := d.inTx(ctx, func(tx *sql.Tx) error {
+			var err error
+			next, err = d.insertFiles(ctx, tx, l, next, IndexTxRows)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if d.afterIndexBatch != nil {
+			d.afterIndexBatch(next)
+		}
+	}
+	// ON CONFLICT DO NOTHING also makes a concurrent insert by another
+	// replica wait for that one's commit, then skip.
+	_, err := d.exec(ctx, d.db, `INSERT INTO layers
+		(digest, diff_id, size, toc_digest, uncompressed_size, files, created_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING`,
+		l.Digest, l.DiffID, l.Size, l.TOCDigest, l.UncompressedSize, len(l.Entries), d.nowMillis())
+	return err
+}
+
+// insertFiles inserts the entries of l from position start, with their
+// chunks, until about maxRows rows are written, and returns the position
+// of the first entry left. Rows already there (an earlier, interrupted
+// PutLayer) are kept.
+func (d *DB) insertFiles(ctx context.Context, tx *sql.Tx, l *Layer, start, maxRows int) (int, error) {
 	const fileCols = `(layer_digest, position, ` + fileColumns + `)`
 	const chunkCols = `(layer_digest, file_position, chunk_offset, chunk_size, chunk_digest,
 		compressed_offset, compressed_size)`
@@ -62,27 +90,32 @@ func (d *DB) insertFiles(ctx context.Context, tx *sql.Tx, l *Layer) error {
 	chunks := newBatcher(d, tx, "INSERT INTO chunks "+chunkCols+" VALUES ", 7, chunkBatch)
 	defer files.close()
 	defer chunks.close()
+	// Rows of an interrupted PutLayer are the same rows: keep them.
+	files.suffix, chunks.suffix = " ON CONFLICT DO NOTHING", " ON CONFLICT DO NOTHING"
 	row := make([]any, 0, 14) // reused: add copies the values
-	for i := range l.Entries {
+	rows := 0
+	i := start
+	for ; i < len(l.Entries) && rows < maxRows; i++ {
 		e := &l.Entries[i]
 		var err error
 		if row, err = appendFileRow(append(row[:0], l.Digest, i), e); err != nil {
-			return err
+			return 0, err
 		}
 		if err := files.add(ctx, row...); err != nil {
-			return fmt.Errorf("%s: %w", e.Name, err)
+			return 0, fmt.Errorf("%s: %w", e.Name, err)
 		}
 		for _, c := range e.Chunks {
 			if err := chunks.add(ctx, l.Digest, i, c.Offset, c.Size, c.Digest,
 				c.CompressedOffset, c.CompressedSize); err != nil {
-				return fmt.Errorf("%s: chunk at %d: %w", e.Name, c.Offset, err)
+				return 0, fmt.Errorf("%s: chunk at %d: %w", e.Name, c.Offset, err)
 			}
 		}
+		rows += 1 + len(e.Chunks)
 	}
 	if err := files.flush(ctx); err != nil {
-		return err
+		return 0, err
 	}
-	return chunks.flush(ctx)
+	return i, chunks.flush(ctx)
 }
 
 // batcher accumulates rows and inserts them with multi-row statements. The
@@ -91,6 +124,7 @@ type batcher struct {
 	d       *DB
 	tx      *sql.Tx
 	prefix  string
+	suffix  string // after the rows, e.g. an ON CONFLICT clause
 	cols    int
 	max     int
 	args    []any
@@ -112,6 +146,7 @@ func (b *batcher) statement(rows int) string {
 		}
 		s.WriteString(row)
 	}
+	s.WriteString(b.suffix)
 	return b.d.rebind(s.String())
 }
 

@@ -85,6 +85,16 @@ func (p *Process) Stop(grace time.Duration) {
 	<-p.done
 }
 
+// Kill sends SIGKILL to exactly this process and returns once it has
+// exited.
+func (p *Process) Kill() {
+	if ok, _ := p.Exited(); ok {
+		return
+	}
+	_ = p.cmd.Process.Kill()
+	<-p.done
+}
+
 // Log returns the last max bytes of the process log.
 func (p *Process) Log(max int64) string { return tailFile(p.LogPath, max) }
 

@@ -96,8 +96,9 @@ func StartRegistry(t T, opts RegistryOptions) *Registry {
 		if lastErr == nil {
 			r.proc = p
 			t.Cleanup(func() {
-				p.Stop(10 * time.Second)
-				p.dumpOnFailure(t)
+				// The process running now: Restart replaces it.
+				r.proc.Stop(10 * time.Second)
+				r.proc.dumpOnFailure(t)
 			})
 			t.Logf("starlight-registry pid %d on %s (dir %s)", p.PID(), r.Addr, dir)
 			return r
@@ -183,6 +184,29 @@ func (r *Registry) Log() string { return r.proc.Log(64 << 10) }
 
 // Stop stops the registry now (the cleanup then does nothing).
 func (r *Registry) Stop() { r.proc.Stop(10 * time.Second) }
+
+// Kill kills the registry with SIGKILL, as a crash or the OOM killer
+// would, and waits for it to exit.
+func (r *Registry) Kill() { r.proc.Kill() }
+
+// Restart starts the registry again, stopped or killed, on the same
+// configuration, storage, database and address, and waits for /v2/ to
+// answer.
+func (r *Registry) Restart(t T) {
+	t.Helper()
+	r.proc.Stop(10 * time.Second)
+	bin := filepath.Join(Binaries(t), RegistryBinary)
+	p, err := startProcess("starlight-registry", filepath.Join(r.Dir, "registry.log"),
+		[]string{"OTEL_TRACES_EXPORTER=none"}, bin, "serve", r.ConfigPath)
+	if err != nil {
+		t.Fatalf("restart registry: %v", err)
+	}
+	r.proc = p
+	if err := waitFor(p, 60*time.Second, r.ping); err != nil {
+		t.Fatalf("restart registry: %v\n%s", err, p.Log(32<<10))
+	}
+	t.Logf("starlight-registry restarted, pid %d on %s", p.PID(), r.Addr)
+}
 
 // ping succeeds once /v2/ answers (401 counts: auth is on).
 func (r *Registry) ping() error {
