@@ -1,12 +1,13 @@
 package fs
 
 import (
-	"bufio"
+	"bytes"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 )
 
@@ -75,30 +76,31 @@ func loadIOModes(path string) (*ioModes, error) {
 	m := newIOModes()
 	last := make(map[uint64]byte)
 	ids := make(map[uint64]int32)
-	r, err := os.Open(path)
+	b, err := os.ReadFile(path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("reading the I/O mode log: %w", err)
 	}
-	if err == nil {
-		sc := bufio.NewScanner(r)
-		for sc.Scan() {
-			var (
-				kind byte
-				ino  uint64
-				id   int32
-			)
-			line := sc.Text()
-			if n, _ := fmt.Sscanf(line, "%c %d %d", &kind, &ino, &id); n < 2 {
-				continue // a record torn by a crash: its open was never answered
-			}
-			last[ino] = kind
-			if kind == 'p' {
-				ids[ino] = id
-			}
+	// A record is written whole before its open is answered; a last line
+	// without its newline was torn by a crash, and its open never
+	// answered: it does not count.
+	if i := bytes.LastIndexByte(b, '\n'); i >= 0 {
+		b = b[:i+1]
+	} else {
+		b = nil
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		var (
+			kind byte
+			ino  uint64
+			id   int32
+		)
+		n, _ := fmt.Sscanf(line, "%c %d %d", &kind, &ino, &id)
+		if n < 2 || kind == 'p' && n < 3 {
+			continue
 		}
-		r.Close()
-		if err := sc.Err(); err != nil {
-			return nil, fmt.Errorf("reading the I/O mode log: %w", err)
+		last[ino] = kind
+		if kind == 'p' {
+			ids[ino] = id
 		}
 	}
 	for ino, kind := range last {

@@ -246,3 +246,48 @@ func waitBlockedInFUSE(t *testing.T, pid int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestIOModesLog: the last record of an inode wins, and a record torn by a
+// crash (its open was never answered) does not count.
+func TestIOModesLog(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "io-modes")
+	if err := os.WriteFile(path, []byte("p 2 7\nc 3\nc 4\nz 4\np 5 9\nc 5\np 6"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m, err := loadIOModes(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.close()
+	never := func() (int32, bool) { t.Error("registered a backing file for an inode with a mode"); return 0, false }
+	complete := func() (int32, bool) { return 11, true }
+	for _, tc := range []struct {
+		ino         uint64
+		passthrough func() (int32, bool)
+		wantPT      bool
+		wantID      int32
+	}{
+		{2, never, true, 7},     // passthrough for good, same backing ID
+		{3, never, false, 0},    // opens served by the earlier process may be live
+		{4, complete, true, 11}, // they were all released: passthrough once complete
+		{5, never, false, 0},    // the last record wins
+		{6, complete, true, 11}, // torn record: as if never opened
+	} {
+		_, id, pt, err := m.open(tc.ino, tc.passthrough)
+		if err != nil || pt != tc.wantPT || id != tc.wantID {
+			t.Errorf("inode %d: passthrough %v id %d (%v), want %v %d", tc.ino, pt, id, err, tc.wantPT, tc.wantID)
+		}
+	}
+	// An open served here keeps later opens served here until released.
+	fh, _, pt, _ := m.open(7, func() (int32, bool) { return 0, false })
+	if pt {
+		t.Fatal("incomplete content opened with passthrough")
+	}
+	if _, _, pt, _ := m.open(7, complete); pt {
+		t.Error("passthrough while an open served here is live")
+	}
+	m.release(7, fh)
+	if _, _, pt, _ := m.open(7, complete); pt {
+		t.Error("passthrough while the second open served here is live")
+	}
+}

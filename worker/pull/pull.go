@@ -573,6 +573,7 @@ func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req
 		}
 		pl.metrics.Resumes.Inc()
 		p.update(func(img *api.WorkerImage) { img.Resumes++ })
+		pl.save(p) // the count survives a crash too
 		req.Resume = last.Frames
 		br = nil
 		*body, err = pl.client(ep).Delta(ctx, ref.Host, ref.Repository, req)
