@@ -21,7 +21,8 @@
 // in the process that served it:
 //
 //   - node IDs are the tree's inode numbers, which the tree alone
-//     determines (assignInodes);
+//     determines (assignInodes), and which a takeover keeps even if this
+//     version of the worker numbers the tree otherwise (the inode map);
 //   - file handles carry no state a new process could not rebuild, and
 //     each inode's I/O mode (passthrough with its backing file, or served
 //     here), which the kernel requires to stay consistent while files are
@@ -225,6 +226,9 @@ func mountNew(mountpoint string, layer digest.Digest, root *inode, opts Options)
 	st, err := c.initNew()
 	if err == nil && opts.Keeper != nil {
 		st.Dev, err = mountDevice(mountpoint)
+		if err == nil {
+			err = writeInodeMap(opts.StateDir, root)
+		}
 		if err == nil {
 			err = writeMountState(opts.StateDir, st)
 		}

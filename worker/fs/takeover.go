@@ -5,12 +5,15 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -119,6 +122,9 @@ func takeOver(mountpoint string, layer digest.Digest, root *inode, opts Options)
 	}
 	if dev != st.Dev {
 		return nil, fmt.Errorf("%s is mounted from device %s, the kept connection serves %s", mountpoint, dev, st.Dev)
+	}
+	if err := renumber(opts.StateDir, root); err != nil {
+		return nil, err
 	}
 	modes, err := loadIOModes(filepath.Join(opts.StateDir, ioModesFile))
 	if err != nil {
@@ -232,3 +238,113 @@ func unescapeMountinfo(s string) string {
 }
 
 var _ fuse.RawFileSystem = (*layerFS)(nil)
+
+// The inode map: the node IDs a connection gave out, by path. Node IDs are
+// the tree's inode numbers, which a later version of the worker may number
+// otherwise (a fix in how a layer's tree is built): a takeover gives every
+// inode the number the connection knows it by, found by any of its names,
+// and the inodes the earlier worker did not have new numbers.
+const inodeMapFile = "inodes"
+
+// walkNames calls f for every name of the tree in assignInodes' order: the
+// first call for an inode is with the path it was numbered by.
+func walkNames(root *inode, f func(p string, n *inode)) {
+	seen := make(map[*inode]bool)
+	var walk func(p string, n *inode)
+	walk = func(p string, n *inode) {
+		f(p, n)
+		if seen[n] {
+			return
+		}
+		seen[n] = true
+		names := make([]string, 0, len(n.children))
+		for k := range n.children {
+			names = append(names, k)
+		}
+		sort.Strings(names)
+		for _, k := range names {
+			walk(path.Join(p, k), n.children[k])
+		}
+	}
+	walk("/", root)
+}
+
+// writeInodeMap records the path each inode number was given for (names
+// are length-prefixed bytes: any byte may appear in them).
+func writeInodeMap(dir string, root *inode) error {
+	var buf bytes.Buffer
+	seen := make(map[*inode]bool)
+	walkNames(root, func(p string, n *inode) {
+		if seen[n] {
+			return
+		}
+		seen[n] = true
+		buf.Write(binary.AppendUvarint(nil, n.ino))
+		buf.Write(binary.AppendUvarint(nil, uint64(len(p))))
+		buf.WriteString(p)
+	})
+	if err := continuity.AtomicWriteFile(filepath.Join(dir, inodeMapFile), buf.Bytes(), 0o600); err != nil {
+		return fmt.Errorf("writing the inode map: %w", err)
+	}
+	return nil
+}
+
+// renumber gives root's inodes the numbers of the inode map in dir.
+func renumber(dir string, root *inode) error {
+	b, err := os.ReadFile(filepath.Join(dir, inodeMapFile))
+	if err != nil {
+		return fmt.Errorf("reading the inode map: %w", err)
+	}
+	known := make(map[string]uint64)
+	var highest uint64
+	for len(b) > 0 {
+		ino, n := binary.Uvarint(b)
+		if n <= 0 {
+			return errors.New("inode map: corrupt")
+		}
+		b = b[n:]
+		l, n := binary.Uvarint(b)
+		if n <= 0 || uint64(len(b)-n) < l {
+			return errors.New("inode map: corrupt")
+		}
+		known[string(b[n:n+int(l)])] = ino
+		b = b[n+int(l):]
+		highest = max(highest, ino)
+	}
+	// Decide each inode by the first of its names the map knows.
+	decided := make(map[*inode]uint64)
+	used := make(map[uint64]bool)
+	var order []*inode
+	listed := make(map[*inode]bool)
+	walkNames(root, func(p string, n *inode) {
+		if _, ok := decided[n]; ok {
+			return
+		}
+		if !listed[n] {
+			listed[n] = true
+			order = append(order, n)
+		}
+		if ino, ok := known[p]; ok && !used[ino] {
+			decided[n] = ino
+			used[ino] = true
+		}
+	})
+	next := highest + 1
+	changed := 0
+	for _, n := range order {
+		ino, ok := decided[n]
+		if !ok {
+			ino = next
+			next++
+		}
+		if n.ino != ino {
+			changed++
+		}
+		n.ino = ino
+	}
+	if changed > 0 {
+		log.L.WithField("inodes", changed).Warn("the layer's tree is numbered otherwise by this version of the worker; " +
+			"kept the numbers the kernel knows")
+	}
+	return nil
+}

@@ -291,3 +291,64 @@ func TestIOModesLog(t *testing.T) {
 		t.Error("passthrough while the second open served here is live")
 	}
 }
+
+// TestTakeoverRenumbered takes a view over with a tree this version of the
+// worker numbers otherwise (a name added that sorts first): the inodes the
+// kernel knows keep their numbers, the new one gets its own.
+func TestTakeoverRenumbered(t *testing.T) {
+	requireFUSE(t)
+	s := openStore(t)
+	c := newContent(t, []byte("c\n"), 1024)
+	b := newContent(t, []byte("b\n"), 1024)
+	c.put(t, s)
+	b.put(t, s)
+	layer := digest.FromString("renumbered").String()
+	before := api.LayerTree{Digest: layer, Entries: []api.Entry{c.entry("c", 0o644), {Name: "d", Type: api.TypeDir, Mode: 0o755}}}
+	after := api.LayerTree{Digest: layer, Entries: []api.Entry{b.entry("a", 0o644), c.entry("c", 0o644), {Name: "d", Type: api.TypeDir, Mode: 0o755}}}
+	k := newMemKeeper(t)
+	mnt, state := t.TempDir(), t.TempDir()
+	opts := Options{Store: s, Keeper: k, StateDir: state}
+	m1, err := Mount(mnt, before, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := m1
+	t.Cleanup(func() { last.Unmount() })
+	inos := map[string]uint64{}
+	for _, n := range []string{"c", "d"} {
+		fi, err := os.Stat(filepath.Join(mnt, n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		inos[n] = fi.Sys().(*syscall.Stat_t).Ino
+	}
+	m1.Detach()
+	m2, err := Mount(mnt, after, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last = m2
+	if !m2.TakenOver {
+		t.Fatal("not taken over")
+	}
+	seen := map[uint64]string{}
+	for _, n := range []string{"a", "c", "d"} {
+		fi, err := os.Stat(filepath.Join(mnt, n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ino := fi.Sys().(*syscall.Stat_t).Ino
+		if want, ok := inos[n]; ok && ino != want {
+			t.Errorf("%s is inode %d after the takeover, the kernel knew it as %d", n, ino, want)
+		}
+		if other, dup := seen[ino]; dup {
+			t.Errorf("%s and %s share inode %d", n, other, ino)
+		}
+		seen[ino] = n
+	}
+	for n, want := range map[string]string{"a": "b\n", "c": "c\n"} {
+		if got, err := os.ReadFile(filepath.Join(mnt, n)); err != nil || string(got) != want {
+			t.Errorf("%s: %q, %v", n, got, err)
+		}
+	}
+}
