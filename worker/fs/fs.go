@@ -300,6 +300,7 @@ func (m *MountedLayer) Unmount() error {
 			os.RemoveAll(m.stateDir)
 		}
 		m.conn.closeWhenDone()
+		go func() { <-m.conn.done; m.conn.fs.closeFiles() }()
 	})
 	return m.err
 }
@@ -319,6 +320,7 @@ func (m *MountedLayer) Detach() error {
 		m.conn.detach()
 		m.cancel()
 		m.conn.fs.modes.close()
+		m.conn.fs.closeFiles()
 	})
 	return nil
 }

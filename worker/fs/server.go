@@ -253,9 +253,38 @@ func (c *conn) serve() {
 	}
 }
 
+// Reply buffers: most replies are small; reads and listings need room for
+// up to max_write bytes. Pooled: a buffer per request is most of the cost
+// of a read served here.
+var (
+	smallReplies = sync.Pool{New: func() any { b := make([]byte, outHeaderSize+replySlack+8192); return &b }}
+	largeReplies sync.Pool
+)
+
+func (c *conn) replyBuffer(payload int) (*[]byte, *sync.Pool) {
+	need := outHeaderSize + replySlack + payload
+	if need <= outHeaderSize+replySlack+8192 {
+		return smallReplies.Get().(*[]byte), &smallReplies
+	}
+	size := outHeaderSize + replySlack + c.maxWrite
+	if need > size {
+		b := make([]byte, need)
+		return &b, nil
+	}
+	if b, ok := largeReplies.Get().(*[]byte); ok && len(*b) == size {
+		return b, &largeReplies
+	}
+	b := make([]byte, size)
+	return &b, &largeReplies
+}
+
 // handle answers one request.
 func (c *conn) handle(req []byte) {
-	out := make([]byte, outHeaderSize+replySlack+payloadSize(req))
+	buf, pool := c.replyBuffer(payloadSize(req))
+	if pool != nil {
+		defer pool.Put(buf)
+	}
+	out := *buf
 	n, st := c.ps.HandleRequest([][]byte{req}, [][]byte{out})
 	if n == 0 {
 		if !st.Ok() {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"io"
+	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -38,7 +40,16 @@ type layerFS struct {
 
 	modes *ioModes
 	conn  *conn // registers backing files
+
+	// files caches open complete contents for the reads served here
+	// (at most maxOpenContents; any entry may be evicted and closed).
+	filesMu sync.Mutex
+	files   map[uint64]*os.File
 }
+
+// maxOpenContents bounds the complete contents a view keeps open for the
+// reads it serves.
+const maxOpenContents = 256
 
 func newLayerFS(ctx context.Context, layer digest.Digest, root *inode, opts Options, modes *ioModes) *layerFS {
 	l := &layerFS{
@@ -275,6 +286,9 @@ func (l *layerFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fus
 	if l.onRead != nil {
 		l.onRead(l.layer, m.name, off, int64(len(dest)))
 	}
+	if n, ok := l.readComplete(m, dest, off); ok {
+		return fuse.ReadResultData(dest[:n]), fuse.OK
+	}
 	// The request's cancel channel closes on a FUSE INTERRUPT; reads
 	// issued by kernel readahead are never interrupted, so unmounting
 	// (or detaching) ends them.
@@ -298,4 +312,60 @@ func (l *layerFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fus
 		return nil, fuse.EIO
 	}
 	return fuse.ReadResultData(dest[:n]), fuse.OK
+}
+
+// readComplete reads from m's content if it is complete, from a file kept
+// open for the next reads; ok is false if the content is not complete.
+func (l *layerFS) readComplete(m *inode, dest []byte, off int64) (n int, ok bool) {
+	for range 2 {
+		l.filesMu.Lock()
+		f := l.files[m.ino]
+		l.filesMu.Unlock()
+		if f == nil {
+			if !l.store.Has(m.digest) {
+				return 0, false
+			}
+			var err error
+			if f, err = l.store.Open(m.digest); err != nil {
+				return 0, false
+			}
+			l.filesMu.Lock()
+			if l.files == nil {
+				l.files = make(map[uint64]*os.File)
+			}
+			if len(l.files) >= maxOpenContents {
+				for ino, old := range l.files {
+					old.Close()
+					delete(l.files, ino)
+					break
+				}
+			}
+			if other := l.files[m.ino]; other != nil {
+				f.Close()
+				f = other
+			} else {
+				l.files[m.ino] = f
+			}
+			l.filesMu.Unlock()
+		}
+		n, err := f.ReadAt(dest, off)
+		if errors.Is(err, os.ErrClosed) {
+			continue // evicted meanwhile
+		}
+		if err != nil && !(errors.Is(err, io.EOF) && n == len(dest)) {
+			return 0, false // the slow path reports it
+		}
+		return n, true
+	}
+	return 0, false
+}
+
+// closeFiles closes the contents kept open for reads.
+func (l *layerFS) closeFiles() {
+	l.filesMu.Lock()
+	defer l.filesMu.Unlock()
+	for ino, f := range l.files {
+		f.Close()
+		delete(l.files, ino)
+	}
 }
