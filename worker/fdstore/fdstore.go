@@ -122,6 +122,10 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		if opts.Socket == "" {
 			return nil, errors.New("fdstore: the holder needs a socket path (fd_holder)")
 		}
+		// sun_path holds 108 bytes with its terminating NUL.
+		if len(opts.Socket) > 107 {
+			return nil, fmt.Errorf("fdstore: the holder's socket path %s is longer than a unix socket path may be (107 bytes); set fd_holder", opts.Socket)
+		}
 		b, passed, err := openHolder(ctx, opts.Socket, opts.HolderCommand)
 		if err != nil {
 			return nil, err

@@ -126,6 +126,10 @@ func takeOver(mountpoint string, layer digest.Digest, root *inode, opts Options)
 	if err := renumber(opts.StateDir, root); err != nil {
 		return nil, err
 	}
+	// What the kernel knows from now on, new inodes included.
+	if err := writeInodeMap(opts.StateDir, root); err != nil {
+		return nil, err
+	}
 	modes, err := loadIOModes(filepath.Join(opts.StateDir, ioModesFile))
 	if err != nil {
 		return nil, err
