@@ -28,6 +28,16 @@ const (
 	// registry accepts.
 	MaxTraceAccesses = 1 << 18
 
+	// MaxHave bounds DeltaRequest.Have. A worker with more complete
+	// layers than this sends the ones most likely to matter.
+	MaxHave = 10000
+	// MaxTraceLabel bounds the free-form worker and container names of a
+	// trace report.
+	MaxTraceLabel = 256
+	// MaxTraceTime bounds TraceAccess.TimeNS (about 13 days), which keeps
+	// the merge's integer arithmetic far from overflow.
+	MaxTraceTime = int64(1) << 50
+
 	// MaxErrorSize bounds the error body ReadError reads. An Error is a
 	// code and a one-line message; anything longer is not one.
 	MaxErrorSize = 64 << 10

@@ -2,6 +2,7 @@ package api
 
 import (
 	"fmt"
+	"math"
 	"path"
 	"strings"
 
@@ -70,20 +71,29 @@ func (e *Entry) Validate() error {
 		}
 		var next int64
 		for i, c := range e.Chunks {
-			if c.Offset != next || c.Size <= 0 {
+			// Compared against what is left, never summed past the
+			// size: huge sizes must not wrap around to a valid total.
+			if c.Offset != next || c.Size <= 0 || c.Size > e.Size-next {
 				return fmt.Errorf("%s: chunk %d does not continue the file", e.Name, i)
 			}
 			if _, err := ParseDigest(c.Digest); err != nil {
 				return fmt.Errorf("%s: chunk %d: %w", e.Name, i, err)
 			}
-			if c.CompressedOffset < 0 || c.CompressedSize < 0 {
-				return fmt.Errorf("%s: chunk %d: negative compressed location", e.Name, i)
+			if c.CompressedOffset < 0 || c.CompressedSize < 0 || c.CompressedSize > math.MaxInt64-c.CompressedOffset {
+				return fmt.Errorf("%s: chunk %d: invalid compressed location %d+%d", e.Name, i, c.CompressedOffset, c.CompressedSize)
 			}
 			next += c.Size
 		}
 		if next != e.Size {
 			return fmt.Errorf("%s: chunks cover %d of %d bytes", e.Name, next, e.Size)
 		}
+		return nil
+	}
+	// Only a regular file has content.
+	if e.Size != 0 || e.Digest != "" || len(e.Chunks) != 0 {
+		return fmt.Errorf("%s: a %s entry with a size, digest or chunks", e.Name, e.Type)
+	}
+	switch e.Type {
 	case TypeHardlink:
 		if err := ValidateName(e.LinkName); err != nil {
 			return fmt.Errorf("%s: hard link target: %w", e.Name, err)

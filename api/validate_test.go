@@ -1,6 +1,7 @@
 package api
 
 import (
+	"math"
 	"strings"
 	"testing"
 )
@@ -69,6 +70,14 @@ func TestEntryValidate(t *testing.T) {
 		{"symlink absolute", Entry{Name: "l", Type: TypeSymlink, LinkName: "/etc/passwd"}, true},
 		{"symlink empty", Entry{Name: "l", Type: TypeSymlink}, false},
 		{"unknown type", Entry{Name: "s", Type: "socket"}, false},
+		// Sizes that would wrap around int64 to the file's size.
+		{"chunks wrap around", Entry{Name: "f", Type: TypeReg, Size: 3, Digest: d, Chunks: []Chunk{
+			{Size: math.MaxInt64, Digest: d}, {Offset: math.MaxInt64, Size: math.MaxInt64, Digest: d}, {Offset: -2, Size: 5, Digest: d}}}, false},
+		{"compressed extent wraps around", Entry{Name: "f", Type: TypeReg, Size: 3, Digest: d, Chunks: []Chunk{
+			{Size: 3, Digest: d, CompressedOffset: math.MaxInt64 - 1, CompressedSize: 2}}}, false},
+		{"directory with content", Entry{Name: "d", Type: TypeDir, Digest: d}, false},
+		{"symlink with chunks", Entry{Name: "l", Type: TypeSymlink, LinkName: "x", Chunks: []Chunk{{Size: 3, Digest: d}}}, false},
+		{"hard link with a size", Entry{Name: "l", Type: TypeHardlink, LinkName: "f", Size: 3}, false},
 	} {
 		if err := tc.e.Validate(); (err == nil) != tc.ok {
 			t.Errorf("%s: Validate() = %v, want ok=%v", tc.name, err, tc.ok)

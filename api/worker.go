@@ -38,6 +38,10 @@ type PullRequest struct {
 	// "os/arch[/variant]" as containerd parses it ("linux/arm64",
 	// "linux/arm/v7"). Empty means the worker's own platform.
 	Platform string `json:"platform,omitempty"`
+	// User, if set, is "user[:password]" for the registry, as ctr's
+	// --user: the pull's own credentials, first for every host of the
+	// pull, kept in the worker's memory for the life of the pull only.
+	User string `json:"user,omitempty"`
 }
 
 // Pull states, in order. An image is usable from PullReady on.

@@ -132,6 +132,15 @@ func TestWorkerHostsTLSAuth(t *testing.T) {
 		t.Errorf("the error says %d times that authentication failed, want once:\n%s", n, out)
 	}
 
+	// ctr's --user: the pull's own credentials come first, and a refusal
+	// names them.
+	out, err = w.CLIE(ns, "pull", "--user", user+":"+wrongPassword, ipRef)
+	if want := ipHost + ": authentication failed with credentials from --user"; err == nil || !strings.Contains(out, want) {
+		t.Fatalf("pull --user with a wrong password: %v, want an error containing %q:\n%s", err, want, out)
+	}
+	timed(t, "pull --user", func() { w.CLI(t, ns, "pull", "--user", user+":"+password, ipRef) })
+	run(ipRef)
+
 	// Without a hosts.toml, the system roots do not know the CA; the
 	// hosts.toml written then applies without a restart.
 	nameRef := nameHost + "/" + repo + ":" + tag

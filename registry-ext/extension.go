@@ -111,7 +111,7 @@ func acquire(opts Options, ns distribution.Namespace, ref bool) (*Extension, err
 	}
 	if ns != nil && x.ns == nil {
 		x.ns = ns
-		x.planner = delta.New(x.db, blobOpener{ns: ns}).WithPriority(delta.NewTraced(x.db))
+		x.planner = delta.New(x.db, blobOpener{ns: ns}).WithPriority(delta.NewTraced(x.db)).WithLimits(planLimits(x.opts))
 		x.startLocked()
 	}
 	return x, nil
@@ -145,6 +145,9 @@ func (x *Extension) Close() error {
 		extMu.Unlock()
 		x.cancel()
 		x.wg.Wait()
+		if p := x.deltaPlanner(); p != nil {
+			p.Close()
+		}
 		x.closeErr = x.db.Close()
 		log.L.WithField("database", redactDSN(x.opts.Database)).Info("starlight: extension stopped")
 	})

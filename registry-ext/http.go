@@ -2,13 +2,14 @@ package registryext
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
+	"slices"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
@@ -21,7 +22,6 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/starlight-project/starlight/api"
-	"github.com/starlight-project/starlight/registry-ext/delta"
 	"github.com/starlight-project/starlight/schema"
 )
 
@@ -43,7 +43,9 @@ func Handler(config *configuration.Configuration, next http.Handler) http.Handle
 	if !ok {
 		return next
 	}
-	h := &handler{opts: opts, next: next, initErr: err}
+	h := &handler{opts: opts, next: next, initErr: err,
+		bundles: newAdmission("bundle", make(chan struct{}, max(opts.MaxBundleStreams, 1)), opts.BundleQueueWait),
+		ingests: newAdmission("trace", traceSlots, opts.BundleQueueWait)}
 	if err == nil {
 		h.initErr = h.configureAuth(config)
 	}
@@ -71,6 +73,8 @@ type handler struct {
 	router  *mux.Router
 	access  auth.AccessController // nil without auth
 	initErr error
+	bundles *admission // bundle streams
+	ingests *admission // trace ingestions
 }
 
 func (h *handler) configureAuth(config *configuration.Configuration) error {
@@ -96,9 +100,10 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // apiError is an error with the HTTP status and code it is answered with.
 type apiError struct {
-	status int
-	code   api.ErrorCode
-	msg    string
+	status     int
+	code       api.ErrorCode
+	msg        string
+	retryAfter time.Duration // > 0: sent as Retry-After
 }
 
 func (e *apiError) Error() string { return e.msg }
@@ -128,11 +133,16 @@ func (h *handler) route(fn func(w http.ResponseWriter, r *http.Request, x *Exten
 		var ae *apiError
 		var ch auth.Challenge
 		switch {
+		case ctx.Err() != nil:
+			// The client has gone (or gave up waiting): nobody to answer.
+			log.G(ctx).WithError(err).WithField("path", r.URL.Path).Debug("starlight: request cancelled")
 		case errors.As(err, &ch):
 			ch.SetHeaders(r, w)
 			api.WriteError(w, http.StatusUnauthorized, api.CodeUnauthorized, "authentication required")
 		case errors.As(err, &ae):
-			if ae.status >= 500 {
+			if ae.retryAfter > 0 {
+				w.Header().Set("Retry-After", strconv.Itoa(int((ae.retryAfter+time.Second-1)/time.Second)))
+			} else if ae.status >= 500 {
 				log.G(ctx).WithError(err).WithField("path", r.URL.Path).Error("starlight: request failed")
 			}
 			api.WriteError(w, ae.status, ae.code, ae.msg)
@@ -144,7 +154,10 @@ func (h *handler) route(fn func(w http.ResponseWriter, r *http.Request, x *Exten
 }
 
 // authorize checks access to resource with the registry's access
-// controller. A challenge is returned as the error.
+// controller. A challenge is returned as the error. Without access it
+// only authenticates the caller: every route does that before it parses
+// anything of the request, so that an anonymous caller learns nothing
+// from a 400 but is asked for credentials.
 func (h *handler) authorize(r *http.Request, access ...auth.Access) error {
 	if h.access == nil {
 		return nil
@@ -239,6 +252,10 @@ func (h *handler) imageStatus(w http.ResponseWriter, r *http.Request, x *Extensi
 	vars := mux.Vars(r)
 	named, err := parseRepository(vars["repository"])
 	if err != nil {
+		// No scope to ask for: authenticate, then tell what is wrong.
+		if aerr := h.authorize(r); aerr != nil {
+			return aerr
+		}
 		return err
 	}
 	if err := h.authorize(r, repositoryAccess(named.Name(), "pull")); err != nil {
@@ -331,16 +348,27 @@ func (h *handler) jobs(w http.ResponseWriter, r *http.Request, x *Extension) err
 	return nil
 }
 
-// delta serves POST /starlight/delta: it validates the request, checks
-// pull access, resolves the reference as pushed to the converted platform
-// manifest, and hands over to the delta planner.
+// delta serves POST /starlight/delta: it authenticates the caller, waits
+// for a stream slot (maxbundlestreams), validates the request, checks
+// pull access to the repository and to the layers the worker holds,
+// resolves the reference as pushed to the converted platform manifest,
+// and hands over to the delta planner. The slot is held until the stream
+// ends.
 func (h *handler) delta(w http.ResponseWriter, r *http.Request, x *Extension) error {
 	ctx := r.Context()
+	if err := h.authorize(r); err != nil {
+		return err
+	}
+	release, err := h.bundles.acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
 	req, named, ref, err := parseDeltaRequest(w, r)
 	if err != nil {
 		return err
 	}
-	if err := h.authorize(r, repositoryAccess(named.Name(), "pull")); err != nil {
+	if req.Have, err = h.authorizeDelta(r, x, named.Name(), req.Have); err != nil {
 		return err
 	}
 	dgst, err := x.resolve(ctx, named, ref)
@@ -359,6 +387,84 @@ func (h *handler) delta(w http.ResponseWriter, r *http.Request, x *Extension) er
 	return nil
 }
 
+// Bounds of the access checks of a delta request's Have.
+const (
+	// maxOwnersPerLayer is how many repositories holding a layer are
+	// considered, in name order.
+	maxOwnersPerLayer = 16
+	// maxOwnerChecks bounds the repositories whose pull access is checked
+	// one by one when the caller may not pull all of them.
+	maxOwnerChecks = 64
+)
+
+// authorizeDelta checks pull access to repository and returns the layers
+// of have that the caller may pull from some repository: the planner
+// leaves out the contents of the layers it is given, so a layer of a
+// repository the caller may not read must not count (its contents are
+// none of the caller's business, and dedup against it would tell whether
+// the image shares them). A layer of repository itself counts; a layer
+// no converted image lists holds nothing and is dropped. The caller with
+// pull on every repository involved costs one check; others one per
+// repository, at most maxOwnerChecks, the layers left unchecked dropped
+// (the stream is then larger, never wrong).
+func (h *handler) authorizeDelta(r *http.Request, x *Extension, repository string, have []string) ([]string, error) {
+	own := repositoryAccess(repository, "pull")
+	if h.access == nil {
+		return have, nil
+	}
+	if len(have) == 0 {
+		return have, h.authorize(r, own)
+	}
+	owners, err := x.db.LayerRepositories(r.Context(), have, maxOwnersPerLayer)
+	if err != nil {
+		return nil, err
+	}
+	granted := map[string]bool{repository: true}
+	var foreign []string
+	for _, l := range have {
+		if repos := owners[l]; !slices.Contains(repos, repository) {
+			foreign = append(foreign, repos...)
+		}
+	}
+	slices.Sort(foreign)
+	foreign = slices.Compact(foreign)
+	all := false
+	if len(foreign) > 0 {
+		access := []auth.Access{own}
+		for _, repo := range foreign {
+			access = append(access, repositoryAccess(repo, "pull"))
+		}
+		_, err := h.access.Authorized(r, access...)
+		all = err == nil
+	}
+	if !all {
+		if err := h.authorize(r, own); err != nil {
+			return nil, err
+		}
+		for i, repo := range foreign {
+			if i == maxOwnerChecks {
+				break
+			}
+			_, err := h.access.Authorized(r, repositoryAccess(repo, "pull"))
+			granted[repo] = err == nil
+		}
+	}
+	kept := have[:0:0]
+	for _, l := range have {
+		for _, repo := range owners[l] {
+			if all || granted[repo] {
+				kept = append(kept, l)
+				break
+			}
+		}
+	}
+	if n := len(have) - len(kept); n > 0 {
+		log.G(r.Context()).WithFields(log.Fields{"repository": repository, "have": len(have), "dropped": n}).
+			Debug("starlight: held layers of repositories the caller may not pull are not deduplicated against")
+	}
+	return kept, nil
+}
+
 // parseDeltaRequest decodes and validates the body of POST /starlight/delta
 // and splits its reference into repository and tag or digest.
 func parseDeltaRequest(w http.ResponseWriter, r *http.Request) (api.DeltaRequest, reference.Named, string, error) {
@@ -366,18 +472,15 @@ func parseDeltaRequest(w http.ResponseWriter, r *http.Request) (api.DeltaRequest
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
 		return req, nil, "", errorf(http.StatusUnsupportedMediaType, api.CodeUnsupportedMediaType, "Content-Type must be application/json")
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, api.MaxDeltaRequestSize))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
+	decoded, err := api.DecodeDeltaRequest(http.MaxBytesReader(w, r.Body, api.MaxDeltaRequestSize))
+	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			return req, nil, "", errorf(http.StatusRequestEntityTooLarge, api.CodeBadRequest, "request body larger than %d bytes", api.MaxDeltaRequestSize)
 		}
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid request body: %v", err)
+		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "%v", err)
 	}
-	if _, err := dec.Token(); err != io.EOF {
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid request body: trailing data after the JSON object")
-	}
+	req = *decoded
 	parsed, err := reference.Parse(req.Reference)
 	if err != nil {
 		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid reference %q: %v", req.Reference, err)
@@ -398,22 +501,8 @@ func parseDeltaRequest(w http.ResponseWriter, r *http.Request) (api.DeltaRequest
 	default:
 		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "reference %q has neither a tag nor a digest", req.Reference)
 	}
-	if (req.Platform.OS == "") != (req.Platform.Architecture == "") || (req.Platform.Variant != "" && req.Platform.OS == "") {
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "platform needs both os and architecture")
-	}
 	if req.Platform.OS == "" {
 		req.Platform = api.Platform{OS: "linux", Architecture: "amd64"}
-	}
-	if len(req.Have) > delta.MaxHave {
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "more than %d layers in have", delta.MaxHave)
-	}
-	for _, h := range req.Have {
-		if _, err := api.ParseDigest(h); err != nil {
-			return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "have: %v", err)
-		}
-	}
-	if req.Resume < 0 {
-		return req, nil, "", errorf(http.StatusBadRequest, api.CodeBadRequest, "resume must not be negative")
 	}
 	// The repository as stored by distribution: the reference's full name,
 	// with no normalisation (no docker.io/library/ prefix).

@@ -23,6 +23,12 @@ const (
 	DefaultRetryDelay  = 30 * time.Second
 	DefaultLease       = 2 * time.Minute
 	DefaultDigestDelay = 10 * time.Second
+
+	DefaultMaxBundleStreams   = 32
+	DefaultBundleQueueWait    = 10 * time.Second
+	DefaultBundleWriteTimeout = time.Minute
+	DefaultMaxBundlePlans     = 2
+	DefaultPlanCacheSize      = 256 << 20
 )
 
 // Options are the middleware options, the same map under
@@ -47,6 +53,20 @@ const (
 //	                       the image reads first (entrypoint, interpreter,
 //	                       libraries) and order its bundles by that until
 //	                       a real trace exists (default true; docs/TRACES.md)
+//
+// The bounds of serving bundles (docs/ARCHITECTURE.md, "Bounded memory"):
+//
+//	maxbundlestreams    int       bundles served at once (default 32); up
+//	                              to 4× as many requests wait for a slot
+//	bundlequeuewait     duration  how long a request waits for a slot before
+//	                              it is answered 503 with Retry-After (default 10s)
+//	bundlewritetimeout  duration  a stream whose client accepts no byte for
+//	                              that long is cut (default 1m)
+//	maxbundleplans      int       bundle plans computed at once (default 2);
+//	                              each holds its image's trees in memory
+//	plancachesize       int       bytes of temporary disk (under tempdir) for
+//	                              computed plans kept for the requests that
+//	                              follow (default 268435456; 0: none kept)
 type Options struct {
 	AutoConvert bool
 	Database    string
@@ -59,6 +79,12 @@ type Options struct {
 	Lease       time.Duration
 	DigestDelay time.Duration
 	Predict     bool
+
+	MaxBundleStreams   int
+	BundleQueueWait    time.Duration
+	BundleWriteTimeout time.Duration
+	MaxBundlePlans     int
+	PlanCacheSize      int64
 }
 
 // ParseOptions reads the middleware options map, applying defaults.
@@ -73,6 +99,12 @@ func ParseOptions(m map[string]any) (Options, error) {
 		Lease:       DefaultLease,
 		DigestDelay: DefaultDigestDelay,
 		Predict:     true,
+
+		MaxBundleStreams:   DefaultMaxBundleStreams,
+		BundleQueueWait:    DefaultBundleQueueWait,
+		BundleWriteTimeout: DefaultBundleWriteTimeout,
+		MaxBundlePlans:     DefaultMaxBundlePlans,
+		PlanCacheSize:      DefaultPlanCacheSize,
 	}
 	var err error
 	for k, v := range m {
@@ -99,6 +131,18 @@ func ParseOptions(m map[string]any) (Options, error) {
 			o.DigestDelay, err = durationOpt(v)
 		case "predict":
 			o.Predict, err = boolOpt(v)
+		case "maxbundlestreams":
+			o.MaxBundleStreams, err = intOpt(v)
+		case "bundlequeuewait":
+			o.BundleQueueWait, err = durationOpt(v)
+		case "bundlewritetimeout":
+			o.BundleWriteTimeout, err = durationOpt(v)
+		case "maxbundleplans":
+			o.MaxBundlePlans, err = intOpt(v)
+		case "plancachesize":
+			var n int
+			n, err = intOpt(v)
+			o.PlanCacheSize = int64(n)
 		default:
 			return o, fmt.Errorf("%s middleware: unknown option %q", Name, k)
 		}
@@ -121,6 +165,14 @@ func ParseOptions(m map[string]any) (Options, error) {
 		return o, fmt.Errorf("%s middleware: lease must be at least 1s", Name)
 	case o.RetryDelay < 0 || o.DigestDelay < 0:
 		return o, fmt.Errorf("%s middleware: delays must not be negative", Name)
+	case o.MaxBundleStreams < 1 || o.MaxBundlePlans < 1:
+		return o, fmt.Errorf("%s middleware: maxbundlestreams and maxbundleplans must be at least 1", Name)
+	case o.BundleQueueWait < 0:
+		return o, fmt.Errorf("%s middleware: bundlequeuewait must not be negative", Name)
+	case o.BundleWriteTimeout < time.Second:
+		return o, fmt.Errorf("%s middleware: bundlewritetimeout must be at least 1s", Name)
+	case o.PlanCacheSize < 0:
+		return o, fmt.Errorf("%s middleware: plancachesize must not be negative", Name)
 	}
 	o.Database = normalizeDSN(o.Database)
 	return o, nil

@@ -22,19 +22,25 @@ import (
 // Bounds on POST /starlight/v1/traces, besides the body size and access
 // count of the API (api.MaxTraceReportSize, api.MaxTraceAccesses).
 const (
-	// maxTraceLabel bounds the free-form worker and container names.
-	maxTraceLabel = 256
-	// maxTraceTime bounds TimeNS (about 11 days), which keeps the merge's
-	// integer arithmetic far from overflow.
-	maxTraceTime = int64(1) << 50
+	// maxTraceLabel and maxTraceTime: the API's (the worker checks the
+	// same when it decodes a report).
+	maxTraceLabel = api.MaxTraceLabel
+	maxTraceTime  = api.MaxTraceTime
 	// maxOffenders is how many invalid accesses a 400 answer lists.
 	maxOffenders = 5
-	// traceIngestions bounds concurrent ingestions: each holds a decoded
-	// report and a merge in memory.
+	// traceIngestions bounds concurrent ingestions, decoding included:
+	// each holds a decoded report (up to MaxTraceAccesses accesses) and a
+	// merge in memory.
 	traceIngestions = 2
+	// maxTraceValue bounds any one JSON value of a report other than the
+	// accesses array (an access, a name, a digest): the decoder never
+	// buffers more than this ahead of what it has decoded.
+	maxTraceValue = 64 << 10
 )
 
 var (
+	// traceSlots are the ingestion slots, shared by reports (the route's
+	// admission) and the predictions stored at conversion.
 	traceSlots = make(chan struct{}, traceIngestions)
 
 	traceReports = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -57,11 +63,18 @@ func (h *handler) traces(w http.ResponseWriter, r *http.Request, x *Extension) (
 		}
 	}()
 	ctx := r.Context()
-	// Authenticate before reading a large body; the scope needs the
-	// repository named in it and is checked once it is decoded.
+	// Authenticate before reading a large body, and decode it only
+	// inside an ingestion slot, so that concurrent reports cost
+	// traceIngestions decoded reports at most. The scope needs the
+	// repository named in the body and is checked once it is decoded.
 	if err := h.authorize(r); err != nil {
 		return err
 	}
+	release, err := h.ingests.acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
 	rep, err := decodeTraceReport(w, r)
 	if err != nil {
 		return err
@@ -72,12 +85,6 @@ func (h *handler) traces(w http.ResponseWriter, r *http.Request, x *Extension) (
 	}
 	if err := h.authorize(r, repositoryAccess(named.Name(), "push")); err != nil {
 		return err
-	}
-	select {
-	case traceSlots <- struct{}{}:
-		defer func() { <-traceSlots }()
-	case <-ctx.Done():
-		return ctx.Err()
 	}
 	res, err := x.ingestTrace(ctx, rep, false)
 	if err != nil {
@@ -97,28 +104,159 @@ func (h *handler) traces(w http.ResponseWriter, r *http.Request, x *Extension) (
 	return nil
 }
 
-// decodeTraceReport reads, checks and canonicalises the body.
+// decodeTraceReport reads, checks and canonicalises the body. It decodes
+// as it reads, with the limits applied while decoding: the body size
+// (api.MaxTraceReportSize), the number of accesses (api.MaxTraceAccesses:
+// the first one too many fails the request before the next is read), the
+// size of any one value (maxTraceValue), and each access is validated as
+// it arrives. Memory is the decoded accesses, never the body.
 func decodeTraceReport(w http.ResponseWriter, r *http.Request) (*api.TraceReport, error) {
 	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
 		return nil, errorf(http.StatusUnsupportedMediaType, api.CodeUnsupportedMediaType, "Content-Type must be application/json")
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, api.MaxTraceReportSize))
+	body := &windowReader{r: http.MaxBytesReader(w, r.Body, api.MaxTraceReportSize), window: maxTraceValue}
+	dec := json.NewDecoder(body)
+	body.dec = dec
 	dec.DisallowUnknownFields()
-	var rep api.TraceReport
-	if err := dec.Decode(&rep); err != nil {
+	rep, err := decodeReportStream(dec)
+	if err == nil {
+		if _, terr := dec.Token(); terr != io.EOF {
+			err = errors.New("trailing data after the JSON object")
+		}
+	}
+	if err != nil {
 		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
+		switch {
+		case errors.As(err, &tooBig):
 			return nil, errorf(http.StatusRequestEntityTooLarge, api.CodeBadRequest, "trace report larger than %d bytes", api.MaxTraceReportSize)
+		case errors.Is(err, errValueTooLarge):
+			return nil, errorf(http.StatusRequestEntityTooLarge, api.CodeBadRequest, "invalid trace report: a value larger than %d bytes", maxTraceValue)
 		}
 		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid trace report: %v", err)
 	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid trace report: trailing data after the JSON object")
-	}
-	if err := canonicalizeReport(&rep); err != nil {
+	if err := canonicalizeReport(rep); err != nil {
 		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid trace report: %v", err)
 	}
+	return rep, nil
+}
+
+// decodeReportStream decodes one api.TraceReport object field by field,
+// the accesses one at a time, validating each (validateAccess) and
+// sharing the strings of equal layer digests.
+func decodeReportStream(dec *json.Decoder) (*api.TraceReport, error) {
+	var rep api.TraceReport
+	if err := expectDelim(dec, '{'); err != nil {
+		return nil, err
+	}
+	layers := map[string]string{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, err
+		}
+		key, _ := tok.(string)
+		var dst any
+		switch key {
+		case "repository":
+			dst = &rep.Repository
+		case "manifestDigest":
+			dst = &rep.ManifestDigest
+		case "worker":
+			dst = &rep.Worker
+		case "container":
+			dst = &rep.Container
+		case "startedAt":
+			dst = &rep.StartedAt
+		case "accesses":
+			if rep.Accesses, err = decodeAccesses(dec, layers); err != nil {
+				return nil, err
+			}
+			continue
+		default:
+			return nil, fmt.Errorf("json: unknown field %q", key)
+		}
+		if err := dec.Decode(dst); err != nil {
+			return nil, fmt.Errorf("%s: %w", key, err)
+		}
+	}
+	if err := expectDelim(dec, '}'); err != nil {
+		return nil, err
+	}
 	return &rep, nil
+}
+
+func decodeAccesses(dec *json.Decoder, layers map[string]string) ([]api.TraceAccess, error) {
+	tok, err := dec.Token()
+	if err != nil {
+		return nil, err
+	}
+	if tok == nil {
+		return nil, nil // null
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '[' {
+		return nil, fmt.Errorf("accesses: want an array, got %v", tok)
+	}
+	var out []api.TraceAccess
+	for dec.More() {
+		if len(out) == api.MaxTraceAccesses {
+			return nil, fmt.Errorf("more than %d accesses, at most %d are accepted", api.MaxTraceAccesses, api.MaxTraceAccesses)
+		}
+		var a api.TraceAccess
+		if err := dec.Decode(&a); err != nil {
+			return nil, fmt.Errorf("access %d: %w", len(out), err)
+		}
+		if err := validateAccess(len(out), &a); err != nil {
+			return nil, err
+		}
+		if l, ok := layers[a.Layer]; ok {
+			a.Layer = l
+		} else if len(layers) < maxTraceLayers {
+			layers[a.Layer] = a.Layer
+		}
+		out = append(out, a)
+	}
+	return out, expectDelim(dec, ']')
+}
+
+// maxTraceLayers bounds the layer strings decodeAccesses shares; a real
+// report names the few layers of one image.
+const maxTraceLayers = 1024
+
+func expectDelim(dec *json.Decoder, want json.Delim) error {
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if d, ok := tok.(json.Delim); !ok || d != want {
+		return fmt.Errorf("want %q, got %v", want, tok)
+	}
+	return nil
+}
+
+var errValueTooLarge = errors.New("JSON value too large")
+
+// windowReader lets a json.Decoder read at most window bytes past what it
+// has decoded (Decoder.InputOffset), so that no single value, however
+// long, is buffered whole: the decoder fails with errValueTooLarge
+// instead.
+type windowReader struct {
+	r      io.Reader
+	dec    *json.Decoder
+	window int64
+	read   int64
+}
+
+func (w *windowReader) Read(p []byte) (int, error) {
+	allowed := w.dec.InputOffset() + w.window - w.read
+	if allowed <= 0 {
+		return 0, errValueTooLarge
+	}
+	if int64(len(p)) > allowed {
+		p = p[:allowed]
+	}
+	n, err := w.r.Read(p)
+	w.read += int64(n)
+	return n, err
 }
 
 // canonicalizeReport validates the parts of a report that need no index
@@ -140,24 +278,8 @@ func canonicalizeReport(rep *api.TraceReport) error {
 	}
 	rep.StartedAt = rep.StartedAt.UTC()
 	for i := range rep.Accesses {
-		a := &rep.Accesses[i]
-		l, err := api.ParseDigest(a.Layer)
-		if err != nil {
-			return fmt.Errorf("access %d: layer: %w", i, err)
-		}
-		a.Layer = l.String()
-		if err := api.ValidateName(a.Name); err != nil {
-			return fmt.Errorf("access %d: %w", i, err)
-		}
-		if a.Digest != "" {
-			c, err := api.ParseDigest(a.Digest)
-			if err != nil {
-				return fmt.Errorf("access %d (%s): digest: %w", i, a.Name, err)
-			}
-			a.Digest = c.String()
-		}
-		if a.ChunkOffset < 0 || a.TimeNS < 0 || a.TimeNS > maxTraceTime {
-			return fmt.Errorf("access %d (%s): chunkOffset and timeNs must be non-negative (and timeNs below %d)", i, a.Name, maxTraceTime)
+		if err := validateAccess(i, &rep.Accesses[i]); err != nil {
+			return err
 		}
 	}
 	slices.SortStableFunc(rep.Accesses, func(a, b api.TraceAccess) int {
@@ -180,6 +302,30 @@ func canonicalizeReport(rep *api.TraceReport) error {
 		out = append(out, a)
 	}
 	rep.Accesses = out
+	return nil
+}
+
+// validateAccess checks access i of a report and canonicalises its
+// digests.
+func validateAccess(i int, a *api.TraceAccess) error {
+	l, err := api.ParseDigest(a.Layer)
+	if err != nil {
+		return fmt.Errorf("access %d: layer: %w", i, err)
+	}
+	a.Layer = l.String()
+	if err := api.ValidateName(a.Name); err != nil {
+		return fmt.Errorf("access %d: %w", i, err)
+	}
+	if a.Digest != "" {
+		c, err := api.ParseDigest(a.Digest)
+		if err != nil {
+			return fmt.Errorf("access %d (%s): digest: %w", i, a.Name, err)
+		}
+		a.Digest = c.String()
+	}
+	if a.ChunkOffset < 0 || a.TimeNS < 0 || a.TimeNS > maxTraceTime {
+		return fmt.Errorf("access %d (%s): chunkOffset and timeNs must be non-negative (and timeNs below %d)", i, a.Name, maxTraceTime)
+	}
 	return nil
 }
 

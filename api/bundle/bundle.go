@@ -15,6 +15,7 @@ package bundle
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"compress/gzip"
 	"crypto/sha256"
 	"encoding/binary"
@@ -24,6 +25,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"slices"
 
 	"github.com/starlight-project/starlight/api"
 )
@@ -51,19 +53,57 @@ func NegotiateVersion(requested int) int {
 
 func magic(version int) string { return fmt.Sprintf("SLBNDL%02d", version) }
 
-// Limits that protect a decoder from hostile or broken streams.
+// Limits that protect a decoder from hostile or broken streams
+// (docs/BUNDLE.md §7).
 const (
 	MaxHeaderSize        = 256 << 20 // compressed header bytes
 	MaxHeaderJSON        = 1 << 30   // decompressed header bytes
 	MaxFrameCompressed   = 64 << 20  // one gzip member
 	MaxFrameUncompressed = 64 << 20  // one chunk
+	// MaxHeaderItems bounds the JSON objects and arrays of a header: a
+	// file costs about four (its entry, its chunk list, a chunk, a
+	// frame), so this admits images of about two million files.
+	MaxHeaderItems = 8 << 20
 )
 
-// ErrCorrupt is wrapped by every error caused by an invalid stream.
-var ErrCorrupt = errors.New("corrupt bundle")
+// Limits bound what a Reader accepts. The header is the only part of a
+// bundle a reader holds in memory, so they bound the memory a broken or
+// hostile registry can make a worker spend before anything is validated.
+type Limits struct {
+	// HeaderSize bounds the compressed header: the length the preamble
+	// announces.
+	HeaderSize int64
+	// HeaderJSON bounds the decompressed header.
+	HeaderJSON int64
+	// HeaderItems bounds the JSON objects and arrays of the header
+	// (layers, entries, chunks, frames): each costs a few hundred bytes
+	// once decoded however few it takes in the JSON, so a header of tiny
+	// entries would otherwise cost many times HeaderJSON.
+	HeaderItems int64
+}
 
+// DefaultLimits are the limits NewReader applies.
+var DefaultLimits = Limits{HeaderSize: MaxHeaderSize, HeaderJSON: MaxHeaderJSON, HeaderItems: MaxHeaderItems}
+
+var (
+	// ErrCorrupt is wrapped by every error caused by an invalid stream.
+	ErrCorrupt = errors.New("corrupt bundle")
+	// ErrTruncated is wrapped, besides ErrCorrupt, by the errors of a
+	// stream that ended or failed before its header or a frame was
+	// complete: a broken connection, which a resumed request mends,
+	// rather than a registry sending something wrong. The error also
+	// wraps the read error, if there was one.
+	ErrTruncated = errors.New("truncated bundle")
+)
+
+// corrupt formats an ErrCorrupt error; format may use %w.
 func corrupt(format string, args ...any) error {
-	return fmt.Errorf("%w: %s", ErrCorrupt, fmt.Sprintf(format, args...))
+	return fmt.Errorf("%w: "+format, append([]any{ErrCorrupt}, args...)...)
+}
+
+// truncated formats an error wrapping ErrCorrupt and ErrTruncated.
+func truncated(format string, args ...any) error {
+	return fmt.Errorf("%w: %w: "+format, append([]any{ErrCorrupt, ErrTruncated}, args...)...)
 }
 
 // Writer writes a bundle stream.
@@ -85,40 +125,17 @@ func NewWriter(w io.Writer, h *api.BundleHeader) (*Writer, error) {
 // whose frames are not all chunks of its trees can only be written as
 // VersionJSON, and is.
 func NewWriterVersion(w io.Writer, h *api.BundleHeader, version int) (*Writer, error) {
-	var body any = h
-	switch version {
-	case VersionJSON:
-	case VersionCompact:
-		if c, ok := compact(h); ok {
-			body = c
-		} else {
-			version = VersionJSON
-		}
-	default:
-		return nil, fmt.Errorf("bundle: unknown header version %d", version)
-	}
-	h.Version = version // the compact header carries its own
 	// The header's length precedes it, so it is compressed in memory. It
-	// holds metadata only (file trees), never file contents.
+	// holds metadata only (file trees), never file contents. A server
+	// that writes one header to many streams keeps the EncodedHeader
+	// instead (EncodeHeader).
 	var buf bytes.Buffer
-	gz := gzip.NewWriter(&buf)
-	if err := json.NewEncoder(gz).Encode(body); err != nil {
-		return nil, fmt.Errorf("encoding bundle header: %w", err)
-	}
-	if err := gz.Close(); err != nil {
-		return nil, fmt.Errorf("encoding bundle header: %w", err)
-	}
-	hdr := buf.Bytes()
-	if len(hdr) > MaxHeaderSize {
-		return nil, fmt.Errorf("bundle header exceeds %d bytes", MaxHeaderSize)
-	}
-	var pre [16]byte
-	copy(pre[:8], magic(version))
-	binary.BigEndian.PutUint64(pre[8:], uint64(len(hdr)))
-	if _, err := w.Write(pre[:]); err != nil {
+	e, err := EncodeHeader(&buf, h, version)
+	if err != nil {
 		return nil, err
 	}
-	if _, err := w.Write(hdr); err != nil {
+	h.Version = e.Version() // the compact header carries its own
+	if _, err := e.WriteTo(w, &buf, h.Resume); err != nil {
 		return nil, err
 	}
 	return &Writer{w: w, frames: h.Frames, next: h.Resume}, nil
@@ -150,12 +167,20 @@ type Reader struct {
 	cur    *io.LimitedReader
 }
 
-// NewReader reads and validates the header of a bundle stream.
+// NewReader reads and validates the header of a bundle stream, within
+// DefaultLimits.
 func NewReader(r io.Reader) (*Reader, error) {
+	return NewReaderLimits(r, DefaultLimits)
+}
+
+// NewReaderLimits reads and validates the header of a bundle stream,
+// refusing a header beyond lim (a zero field: the default).
+func NewReaderLimits(r io.Reader, lim Limits) (*Reader, error) {
+	lim = lim.orDefault()
 	br := bufio.NewReaderSize(r, 1<<20)
 	var pre [16]byte
-	if _, err := io.ReadFull(br, pre[:]); err != nil {
-		return nil, corrupt("reading preamble: %v", err)
+	if n, err := io.ReadFull(br, pre[:]); err != nil {
+		return nil, truncated("the stream ended after %d bytes, in the preamble: %w", n, err)
 	}
 	var version int
 	switch string(pre[:8]) {
@@ -164,87 +189,274 @@ func NewReader(r io.Reader) (*Reader, error) {
 	case magic(VersionCompact):
 		version = VersionCompact
 	default:
-		return nil, corrupt("bad magic %q", pre[:8])
+		return nil, corrupt("bad magic %q (not a Starlight bundle)", pre[:8])
 	}
 	n := binary.BigEndian.Uint64(pre[8:])
-	if n == 0 || n > MaxHeaderSize {
-		return nil, corrupt("header length %d out of range", n)
+	if n == 0 || n > uint64(lim.HeaderSize) {
+		return nil, corrupt("header length %d out of range (1 to %d bytes)", n, lim.HeaderSize)
 	}
-	gz, err := gzip.NewReader(io.LimitReader(br, int64(n)))
+	sec := &section{r: br, left: int64(n)}
+	h, err := decodeHeader(sec, version, lim)
 	if err != nil {
-		return nil, corrupt("header: %v", err)
+		if sec.err != nil {
+			return nil, truncated("the stream ended %d bytes into its %d-byte header: %w", int64(n)-sec.left, n, sec.err)
+		}
+		return nil, err
 	}
-	var h api.BundleHeader
-	lr := &io.LimitedReader{R: gz, N: MaxHeaderJSON}
+	if err := ValidateHeader(h); err != nil {
+		return nil, err
+	}
+	return &Reader{r: br, header: h, next: h.Resume}, nil
+}
+
+func (l Limits) orDefault() Limits {
+	if l.HeaderSize <= 0 {
+		l.HeaderSize = MaxHeaderSize
+	}
+	if l.HeaderJSON <= 0 {
+		l.HeaderJSON = MaxHeaderJSON
+	}
+	if l.HeaderItems <= 0 {
+		l.HeaderItems = MaxHeaderItems
+	}
+	return l
+}
+
+// decodeHeader decodes the compressed header of a version-version stream
+// from sec, which holds exactly its bytes.
+func decodeHeader(sec *section, version int, lim Limits) (*api.BundleHeader, error) {
+	gz, err := gzip.NewReader(sec)
+	if err != nil {
+		return nil, corrupt("header: %w", err)
+	}
+	js := &jsonLimiter{r: gz, bytesLeft: lim.HeaderJSON, itemsLeft: lim.HeaderItems}
+	dec := json.NewDecoder(js)
+	var h *api.BundleHeader
 	if version == VersionCompact {
 		var c compactHeader
-		if err := json.NewDecoder(lr).Decode(&c); err != nil {
-			return nil, corrupt("header: %v", err)
+		if err := dec.Decode(&c); err != nil {
+			return nil, headerError(err, lim)
 		}
 		if c.Version != version {
 			return nil, corrupt("header version %d in a version %d stream", c.Version, version)
 		}
-		ch, err := c.expand()
-		if err != nil {
+		if h, err = c.expand(); err != nil {
 			return nil, err
 		}
-		h = *ch
 	} else {
-		if err := json.NewDecoder(lr).Decode(&h); err != nil {
-			return nil, corrupt("header: %v", err)
+		h = new(api.BundleHeader)
+		if err := dec.Decode(h); err != nil {
+			return nil, headerError(err, lim)
 		}
 		if h.Version != version {
 			return nil, corrupt("header version %d in a version %d stream", h.Version, version)
 		}
 	}
-	// Drain the rest of the header member so frames start where they should.
-	if _, err := io.Copy(io.Discard, gz); err != nil {
-		return nil, corrupt("header: %v", err)
+	// Nothing but whitespace may follow the JSON, up to the end of the
+	// header: the frames start right after its last byte.
+	rest := io.MultiReader(dec.Buffered(), js)
+	if err := onlySpace(rest); err != nil {
+		return nil, headerError(err, lim)
 	}
-	if err := ValidateHeader(&h); err != nil {
-		return nil, err
+	if sec.left != 0 {
+		return nil, corrupt("header: the gzip data ends %d bytes before the header length", sec.left)
 	}
-	return &Reader{r: br, header: &h, next: h.Resume}, nil
+	return h, nil
+}
+
+// headerError describes a failure to decode the header JSON.
+func headerError(err error, lim Limits) error {
+	switch {
+	case errors.Is(err, errHeaderJSON):
+		return corrupt("header: the decompressed header exceeds %d bytes", lim.HeaderJSON)
+	case errors.Is(err, errHeaderItems):
+		return corrupt("header: more than %d JSON objects and arrays (entries, chunks, frames): the image is larger than this reader accepts", lim.HeaderItems)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return corrupt("header: the JSON ends before it is complete: %w", err)
+	}
+	return corrupt("header: %w", err)
+}
+
+// onlySpace reads r to its end and fails if it holds anything but JSON
+// whitespace.
+func onlySpace(r io.Reader) error {
+	var buf [4096]byte
+	for {
+		n, err := r.Read(buf[:])
+		for _, c := range buf[:n] {
+			if c != ' ' && c != '\t' && c != '\n' && c != '\r' {
+				return fmt.Errorf("data after the header JSON")
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// section reads the left bytes of the header and remembers why the
+// stream ended, if it did before them.
+type section struct {
+	r    io.Reader
+	left int64
+	err  error // the read error before the section was complete
+}
+
+func (s *section) Read(p []byte) (int, error) {
+	if s.left <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > s.left {
+		p = p[:s.left]
+	}
+	n, err := s.r.Read(p)
+	s.left -= int64(n)
+	if err != nil && s.left > 0 {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		s.err = err
+		return n, err
+	}
+	if s.left == 0 {
+		return n, nil // the stream may go on with frames
+	}
+	return n, nil
+}
+
+var (
+	errHeaderJSON  = errors.New("header JSON too large")
+	errHeaderItems = errors.New("header has too many items")
+)
+
+// jsonLimiter passes JSON through and fails once it exceeds bytesLeft
+// bytes or itemsLeft objects and arrays. It tracks strings, so that a
+// brace inside a name does not count.
+type jsonLimiter struct {
+	r         io.Reader
+	bytesLeft int64
+	itemsLeft int64
+	inString  bool
+	escaped   bool
+}
+
+func (j *jsonLimiter) Read(p []byte) (int, error) {
+	if j.bytesLeft < 0 {
+		return 0, errHeaderJSON
+	}
+	// Read one byte more than allowed, to tell "exactly at the limit"
+	// from "over it".
+	if int64(len(p)) > j.bytesLeft+1 {
+		p = p[:j.bytesLeft+1]
+	}
+	n, err := j.r.Read(p)
+	j.bytesLeft -= int64(n)
+	if j.bytesLeft < 0 {
+		return 0, errHeaderJSON
+	}
+	for _, c := range p[:n] {
+		switch {
+		case j.escaped:
+			j.escaped = false
+		case j.inString:
+			switch c {
+			case '\\':
+				j.escaped = true
+			case '"':
+				j.inString = false
+			}
+		case c == '"':
+			j.inString = true
+		case c == '{' || c == '[':
+			j.itemsLeft--
+		}
+	}
+	if j.itemsLeft < 0 {
+		return 0, errHeaderItems
+	}
+	return n, err
 }
 
 // ValidateHeader checks an untrusted header: version, digests, entry names
-// and frame bounds.
+// and sizes, and that the frames are the chunks of contents the trees
+// list: each frame within its content, the frames of a content covering
+// it exactly once.
 func ValidateHeader(h *api.BundleHeader) error {
 	if h.Version != VersionJSON && h.Version != VersionCompact {
 		return corrupt("unsupported version %d", h.Version)
 	}
 	if _, err := api.ParseDigest(h.ManifestDigest); err != nil {
-		return corrupt("manifest: %v", err)
+		return corrupt("manifest: %w", err)
 	}
 	if h.Resume < 0 || h.Resume > len(h.Frames) {
-		return corrupt("resume %d out of range", h.Resume)
+		return corrupt("resume %d out of range (the header has %d frames)", h.Resume, len(h.Frames))
 	}
+	// sizes holds the size of every content the trees list.
+	sizes := make(map[string]int64)
 	for i := range h.Layers {
 		l := &h.Layers[i]
 		if _, err := api.ParseDigest(l.Digest); err != nil {
-			return corrupt("layer %d: %v", i, err)
+			return corrupt("layer %d: %w", i, err)
 		}
 		if l.OriginalDigest != "" {
 			if _, err := api.ParseDigest(l.OriginalDigest); err != nil {
-				return corrupt("layer %d: original: %v", i, err)
+				return corrupt("layer %d: original: %w", i, err)
 			}
+		}
+		if l.Size < 0 {
+			return corrupt("layer %s: negative size %d", l.Digest, l.Size)
 		}
 		for j := range l.Entries {
-			if err := l.Entries[j].Validate(); err != nil {
-				return corrupt("layer %s: %v", l.Digest, err)
+			e := &l.Entries[j]
+			if err := e.Validate(); err != nil {
+				return corrupt("layer %s: %w", l.Digest, err)
 			}
+			if e.Type != api.TypeReg || e.Size == 0 {
+				continue
+			}
+			if size, ok := sizes[e.Digest]; ok && size != e.Size {
+				return corrupt("layer %s: %s: content %s has %d bytes, another entry says %d", l.Digest, e.Name, e.Digest, e.Size, size)
+			}
+			sizes[e.Digest] = e.Size
 		}
 	}
+	type extent struct{ off, size int64 }
+	extents := make(map[string][]extent)
 	for i, f := range h.Frames {
 		if _, err := api.ParseDigest(f.Digest); err != nil {
-			return corrupt("frame %d: %v", i, err)
+			return corrupt("frame %d: %w", i, err)
 		}
 		if _, err := api.ParseDigest(f.ChunkDigest); err != nil {
-			return corrupt("frame %d: %v", i, err)
+			return corrupt("frame %d: %w", i, err)
 		}
 		if f.Offset < 0 || f.Size <= 0 || f.Size > MaxFrameUncompressed ||
 			f.CompressedSize <= 0 || f.CompressedSize > MaxFrameCompressed {
-			return corrupt("frame %d: size out of range", i)
+			return corrupt("frame %d: offset %d, size %d or compressed size %d out of range (sizes 1 to %d bytes)",
+				i, f.Offset, f.Size, f.CompressedSize, MaxFrameCompressed)
+		}
+		size, ok := sizes[f.Digest]
+		if !ok {
+			return corrupt("frame %d carries content %s, which no file of the trees has", i, f.Digest)
+		}
+		if f.Size > size-f.Offset {
+			return corrupt("frame %d: bytes [%d, %d+%d) lie outside content %s of %d bytes", i, f.Offset, f.Offset, f.Size, f.Digest, size)
+		}
+		extents[f.Digest] = append(extents[f.Digest], extent{f.Offset, f.Size})
+	}
+	for d, ex := range extents {
+		slices.SortFunc(ex, func(a, b extent) int { return cmp.Compare(a.off, b.off) })
+		var next int64
+		for _, e := range ex {
+			if e.off != next {
+				return corrupt("the frames of content %s do not cover it once: bytes from %d come at %d", d, next, e.off)
+			}
+			next += e.size
+		}
+		if next != sizes[d] {
+			return corrupt("the frames of content %s cover %d of its %d bytes", d, next, sizes[d])
 		}
 	}
 	return nil
@@ -255,14 +467,12 @@ func (br *Reader) Header() *api.BundleHeader { return br.header }
 
 // Next returns the next frame and a reader of its raw compressed bytes,
 // valid until the following call. It returns io.EOF after the last frame.
-// A stream that ends early yields an error wrapping ErrCorrupt.
+// A stream that ends early yields an error wrapping ErrCorrupt and
+// ErrTruncated.
 func (br *Reader) Next() (api.Frame, io.Reader, error) {
 	if br.cur != nil && br.cur.N > 0 {
-		if _, err := io.Copy(io.Discard, br.cur); err != nil {
-			return api.Frame{}, nil, corrupt("frame %d: %v", br.next-1, err)
-		}
-		if br.cur.N > 0 {
-			return api.Frame{}, nil, corrupt("frame %d truncated", br.next-1)
+		if _, err := io.Copy(io.Discard, &truncationReader{br.cur, br.next - 1}); err != nil {
+			return api.Frame{}, nil, err
 		}
 	}
 	if br.next >= len(br.header.Frames) {
@@ -277,6 +487,8 @@ func (br *Reader) Next() (api.Frame, io.Reader, error) {
 // Index returns the index of the frame Next returns next.
 func (br *Reader) Index() int { return br.next }
 
+// truncationReader reads frame i and reports the end of the stream (or a
+// read error) before its last byte as a truncated bundle.
 type truncationReader struct {
 	lr *io.LimitedReader
 	i  int
@@ -285,10 +497,10 @@ type truncationReader struct {
 func (t *truncationReader) Read(p []byte) (int, error) {
 	n, err := t.lr.Read(p)
 	if err == io.EOF && t.lr.N > 0 {
-		return n, corrupt("frame %d truncated", t.i)
+		err = io.ErrUnexpectedEOF
 	}
-	if err == io.ErrUnexpectedEOF {
-		return n, corrupt("frame %d truncated", t.i)
+	if err != nil && err != io.EOF {
+		return n, truncated("frame %d: the stream ended %d bytes before the end of the frame: %w", t.i, t.lr.N, err)
 	}
 	return n, err
 }
@@ -300,11 +512,11 @@ func (t *truncationReader) Read(p []byte) (int, error) {
 func Decode(f api.Frame, raw io.Reader) (io.Reader, error) {
 	want, err := api.ParseDigest(f.ChunkDigest)
 	if err != nil {
-		return nil, corrupt("frame: %v", err)
+		return nil, corrupt("frame: %w", err)
 	}
 	gz, err := gzip.NewReader(raw)
 	if err != nil {
-		return nil, corrupt("frame %s@%d: %v", f.Digest, f.Offset, err)
+		return nil, frameError(f, err)
 	}
 	gz.Multistream(false)
 	return &verifyingReader{
@@ -336,7 +548,16 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 			return n, corrupt("frame %s@%d: chunk digest mismatch: got sha256:%s", v.f.Digest, v.f.Offset, got)
 		}
 	} else if err != nil {
-		return n, corrupt("frame %s@%d: %v", v.f.Digest, v.f.Offset, err)
+		return n, frameError(v.f, err)
 	}
 	return n, err
+}
+
+// frameError describes a failure to decompress frame f: a truncated
+// stream as such, anything else as corrupt data.
+func frameError(f api.Frame, err error) error {
+	if errors.Is(err, ErrCorrupt) {
+		return err // already says which frame, and how the stream ended
+	}
+	return corrupt("frame %s@%d: %w", f.Digest, f.Offset, err)
 }

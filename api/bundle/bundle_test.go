@@ -203,6 +203,25 @@ func TestRejectsCorruptStreams(t *testing.T) {
 		{"negative size", withHeader(func(h *api.BundleHeader) { h.Frames[0].Size = -1 })},
 		{"resume out of range", withHeader(func(h *api.BundleHeader) { h.Resume = 5 })},
 		{"unknown entry type", withHeader(func(h *api.BundleHeader) { h.Layers[0].Entries[0].Type = "socket" })},
+		{"frame of a content no file has", withHeader(func(h *api.BundleHeader) {
+			h.Layers[0].Entries = h.Layers[0].Entries[:2]
+		})},
+		{"frame past the end of its content", withHeader(func(h *api.BundleHeader) { h.Frames[0].Offset = 3 })},
+		{"frame larger than its content", withHeader(func(h *api.BundleHeader) { h.Frames[0].Size = 6 })},
+		{"frames that repeat a chunk", withHeader(func(h *api.BundleHeader) { h.Frames[1] = h.Frames[0] })},
+		{"frames that leave a gap", withHeader(func(h *api.BundleHeader) {
+			e := &h.Layers[0].Entries[1]
+			e.Size = 10
+			e.Chunks = append(e.Chunks, api.Chunk{Offset: 5, Size: 5, Digest: e.Digest})
+		})},
+		{"one content, two sizes", withHeader(func(h *api.BundleHeader) {
+			e := h.Layers[0].Entries[1]
+			e.Name, e.Size = "etc/other", 10
+			e.Chunks = append(e.Chunks, api.Chunk{Offset: 5, Size: 5, Digest: e.Digest})
+			h.Layers[0].Entries = append(h.Layers[0].Entries, e)
+		})},
+		{"negative layer size", withHeader(func(h *api.BundleHeader) { h.Layers[0].Size = -1 })},
+		{"data after the header JSON", rawHeader(t, Magic, []byte(`{"version":1,"manifestDigest":"`+digest.FromString("m").String()+`"} {}`))},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := decodeAll(bytes.NewReader(tc.stream))
@@ -227,5 +246,117 @@ func TestRejectsWrongVersion(t *testing.T) {
 	_, err := NewReader(io.MultiReader(bytes.NewReader(pre[:]), &b))
 	if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "version") {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// rawHeader is a stream of the given magic and header JSON, compressed,
+// without frames.
+func rawHeader(t *testing.T, magic string, js []byte) []byte {
+	t.Helper()
+	z := member(t, js)
+	b := append([]byte(magic), make([]byte, 8)...)
+	binary.BigEndian.PutUint64(b[8:], uint64(len(z)))
+	return append(b, z...)
+}
+
+// A stream cut anywhere is truncated, not corrupt only: the worker
+// resumes a truncated stream and refuses a corrupt one. Streams with
+// wrong contents are never reported as truncated.
+func TestTruncatedStreams(t *testing.T) {
+	good := []content{newContent(t, "hello"), newContent(t, strings.Repeat("long enough to span reads ", 500))}
+	for _, version := range []int{VersionJSON, VersionCompact} {
+		var b bytes.Buffer
+		w, err := NewWriterVersion(&b, header(good...), version)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range good {
+			if err := w.WriteFrame(bytes.NewReader(c.raw)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		stream := b.Bytes()
+		for cut := 0; cut < len(stream); cut++ {
+			_, err := decodeAll(bytes.NewReader(stream[:cut]))
+			if !errors.Is(err, ErrTruncated) || !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("version %d cut at %d of %d bytes: %v, want ErrTruncated and ErrCorrupt", version, cut, len(stream), err)
+			}
+		}
+		// A read error (a reset connection) is kept in the error.
+		reset := errors.New("connection reset by peer")
+		_, err = decodeAll(io.MultiReader(bytes.NewReader(stream[:len(stream)-10]), &failingReader{reset}))
+		if !errors.Is(err, ErrTruncated) || !errors.Is(err, reset) {
+			t.Fatalf("version %d, connection reset: %v", version, err)
+		}
+		if _, err := decodeAll(bytes.NewReader(stream)); err != nil {
+			t.Fatalf("version %d: whole stream: %v", version, err)
+		}
+	}
+	wrongData := newContent(t, "hello")
+	wrongData.raw = member(t, []byte("HELLO"))
+	for name, stream := range map[string][]byte{
+		"bad magic":       append([]byte("NOTABNDL"), make([]byte, 100)...),
+		"digest mismatch": encode(t, header(wrongData), wrongData),
+		"not gzip":        append(append([]byte(Magic), 0, 0, 0, 0, 0, 0, 0, 4), []byte("abcd")...),
+	} {
+		if _, err := decodeAll(bytes.NewReader(stream)); !errors.Is(err, ErrCorrupt) || errors.Is(err, ErrTruncated) {
+			t.Errorf("%s: %v, want ErrCorrupt and not ErrTruncated", name, err)
+		}
+	}
+}
+
+type failingReader struct{ err error }
+
+func (f *failingReader) Read([]byte) (int, error) { return 0, f.err }
+
+// The limits refuse a header past them with a message that says which,
+// and accept one exactly at them.
+func TestHeaderLimits(t *testing.T) {
+	h := richHeader(50)
+	var b bytes.Buffer
+	if _, err := NewWriterVersion(&b, h, VersionCompact); err != nil {
+		t.Fatal(err)
+	}
+	stream := b.Bytes()
+	size := int64(binary.BigEndian.Uint64(stream[8:16]))
+	zr, err := gzip.NewReader(bytes.NewReader(stream[16 : 16+size]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := io.ReadAll(zr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	items := int64(bytes.Count(js, []byte("{")) + bytes.Count(js, []byte("[")))
+	for _, tc := range []struct {
+		name string
+		lim  Limits
+		want string // "" accepts
+	}{
+		{"at every limit", Limits{HeaderSize: size, HeaderJSON: int64(len(js)), HeaderItems: items}, ""},
+		{"compressed size", Limits{HeaderSize: size - 1}, fmt.Sprintf("header length %d out of range (1 to %d bytes)", size, size-1)},
+		{"decompressed size", Limits{HeaderJSON: int64(len(js)) - 1}, fmt.Sprintf("decompressed header exceeds %d bytes", len(js)-1)},
+		{"items", Limits{HeaderItems: items - 1}, fmt.Sprintf("more than %d JSON objects and arrays", items-1)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := NewReaderLimits(bytes.NewReader(stream), tc.lim)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatal(err)
+			case tc.want != "" && (!errors.Is(err, ErrCorrupt) || !strings.Contains(fmt.Sprint(err), tc.want)):
+				t.Fatalf("got %v, want ErrCorrupt saying %q", err, tc.want)
+			}
+		})
+	}
+	// Braces and brackets inside strings are not items.
+	name := strings.Repeat("{[", 100)
+	hb := header(newContent(t, "x"))
+	hb.Layers[0].Entries[0].Name = name
+	b.Reset()
+	if _, err := NewWriterVersion(&b, hb, VersionJSON); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewReaderLimits(bytes.NewReader(b.Bytes()), Limits{HeaderItems: 20}); err != nil {
+		t.Fatalf("a name of brackets counted as items: %v", err)
 	}
 }

@@ -68,6 +68,12 @@ type compactChunk struct {
 	CompressedSize   int64  `json:"cs"`
 }
 
+// The mtimes RFC 3339 can write, in Unix seconds.
+var (
+	minMTime = time.Date(0, 1, 1, 0, 0, 0, 0, time.UTC).Unix()
+	maxMTime = time.Date(9999, 12, 31, 23, 59, 59, 0, time.UTC).Unix()
+)
+
 // frameKey identifies a frame by everything it carries.
 type frameKey struct {
 	digest      string
@@ -83,50 +89,47 @@ func keyOf(f api.Frame) frameKey {
 
 // compact encodes h as version 2. ok is false when a frame is not a chunk
 // of the header's trees; such a header can only be written as version 1.
+// EncodeHeader writes the same JSON without building it.
 func compact(h *api.BundleHeader) (c *compactHeader, ok bool) {
+	positions, ok := framePositions(h)
+	if !ok {
+		return nil, false
+	}
 	c = &compactHeader{
 		Version: VersionCompact, Repository: h.Repository,
 		ManifestDigest: h.ManifestDigest, ManifestMediaType: h.ManifestMediaType, Manifest: h.Manifest,
 		ConfigDigest: h.ConfigDigest, Config: h.Config,
-		Layers: make([]compactLayer, len(h.Layers)), Frames: make([][3]int, len(h.Frames)),
+		Layers: make([]compactLayer, len(h.Layers)), Frames: positions,
 		Stats: h.Stats, Resume: h.Resume,
 	}
-	at := make(map[frameKey][3]int)
 	for li := range h.Layers {
 		l := &h.Layers[li]
 		cl := compactLayer{Digest: l.Digest, DiffID: l.DiffID, Size: l.Size, OriginalDigest: l.OriginalDigest,
 			Entries: make([]compactEntry, len(l.Entries))}
 		for ei := range l.Entries {
-			e := &l.Entries[ei]
-			ce := compactEntry{
-				Name: e.Name, Type: e.Type, Mode: e.Mode, UID: e.UID, GID: e.GID, Size: e.Size,
-				LinkName: e.LinkName, DevMajor: e.DevMajor, DevMinor: e.DevMinor, Xattrs: e.Xattrs, Digest: e.Digest,
-				MTime: e.ModTime.Unix(), MTimeNs: e.ModTime.Nanosecond(),
-			}
-			for ci, ch := range e.Chunks {
-				cc := compactChunk{Offset: ch.Offset, Size: ch.Size, Digest: ch.Digest,
-					CompressedOffset: ch.CompressedOffset, CompressedSize: ch.CompressedSize}
-				if len(e.Chunks) == 1 && ch.Digest == e.Digest {
-					cc.Digest = ""
-				}
-				ce.Chunks = append(ce.Chunks, cc)
-				k := frameKey{e.Digest, ch.Offset, ch.Size, ch.Digest, ch.CompressedSize}
-				if _, seen := at[k]; !seen {
-					at[k] = [3]int{li, ei, ci}
-				}
-			}
-			cl.Entries[ei] = ce
+			cl.Entries[ei] = compactEntryOf(&l.Entries[ei])
 		}
 		c.Layers[li] = cl
 	}
-	for i, f := range h.Frames {
-		pos, found := at[keyOf(f)]
-		if !found {
-			return nil, false
-		}
-		c.Frames[i] = pos
-	}
 	return c, true
+}
+
+// compactEntryOf is the version-2 form of an entry.
+func compactEntryOf(e *api.Entry) compactEntry {
+	ce := compactEntry{
+		Name: e.Name, Type: e.Type, Mode: e.Mode, UID: e.UID, GID: e.GID, Size: e.Size,
+		LinkName: e.LinkName, DevMajor: e.DevMajor, DevMinor: e.DevMinor, Xattrs: e.Xattrs, Digest: e.Digest,
+		MTime: e.ModTime.Unix(), MTimeNs: e.ModTime.Nanosecond(),
+	}
+	for _, ch := range e.Chunks {
+		cc := compactChunk{Offset: ch.Offset, Size: ch.Size, Digest: ch.Digest,
+			CompressedOffset: ch.CompressedOffset, CompressedSize: ch.CompressedSize}
+		if len(e.Chunks) == 1 && ch.Digest == e.Digest {
+			cc.Digest = ""
+		}
+		ce.Chunks = append(ce.Chunks, cc)
+	}
+	return ce
 }
 
 // expand decodes a version-2 header. Frame positions are checked against
@@ -147,6 +150,11 @@ func (c *compactHeader) expand() (*api.BundleHeader, error) {
 			ce := &cl.Entries[ei]
 			if ce.MTimeNs < 0 || ce.MTimeNs >= int(time.Second) {
 				return nil, corrupt("layer %d entry %d: mtime nanoseconds out of range", li, ei)
+			}
+			// Version 1 carries RFC 3339 times, years 0 to 9999: so
+			// must version 2, or the same header would not re-encode.
+			if ce.MTime < minMTime || ce.MTime > maxMTime {
+				return nil, corrupt("layer %d entry %d: mtime %d outside the years 0 to 9999", li, ei, ce.MTime)
 			}
 			e := api.Entry{
 				Name: ce.Name, Type: ce.Type, Mode: ce.Mode, UID: ce.UID, GID: ce.GID, Size: ce.Size,

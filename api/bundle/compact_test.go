@@ -118,9 +118,11 @@ func TestCompactHeader(t *testing.T) {
 // A frame that is not a chunk of the trees can only be written as version
 // 1: the writer falls back, and the stream still decodes.
 func TestCompactFallsBack(t *testing.T) {
-	c := newContent(t, "not in the trees")
+	c := newContent(t, "a content stored twice")
 	h := header(c)
-	h.Layers[0].Entries = h.Layers[0].Entries[:1]
+	// The frame is the copy of another member than the tree's chunk
+	// (say, of a layer the header does not list).
+	h.Layers[0].Entries[1].Chunks[0].CompressedSize++
 	var b bytes.Buffer
 	w, err := NewWriterVersion(&b, h, VersionCompact)
 	if err != nil {

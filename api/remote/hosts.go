@@ -153,6 +153,7 @@ type HostsOptions struct {
 type Hosts struct {
 	opts    HostsOptions
 	hostDir func(string) (string, error)
+	first   CredentialFunc // WithCredentials
 
 	mu      sync.Mutex
 	sources map[string]credentialSource // by endpoint host: the last lookup
@@ -232,10 +233,36 @@ func (h *Hosts) Version(host string) string {
 	return b.String()
 }
 
-// credentials is the Authorizer's lookup: Static's credentials, else
-// Credentials'. It remembers the source for CredentialSource.
+// WithCredentials returns a Hosts whose endpoints ask first for
+// credentials: the credentials of one pull, such as a Kubernetes pod's
+// pull secret, which come before the worker's own sources as a
+// PullImage's credentials come before containerd's CRI configuration.
+// first answering an Empty Credential passes on to the usual sources. The
+// returned Hosts builds its own HTTP clients and Authorizers: a Client
+// over it shares no token with others.
+func (h *Hosts) WithCredentials(first CredentialFunc) *Hosts {
+	return &Hosts{opts: h.opts, hostDir: h.hostDir, first: first, sources: map[string]credentialSource{}}
+}
+
+// credentials is the Authorizer's lookup: WithCredentials', then Static's
+// credentials, else Credentials'. It remembers the source for
+// CredentialSource.
 func (h *Hosts) credentials(host string) (string, string, error) {
 	var looked []string
+	if h.first != nil {
+		c, err := h.first(host)
+		if err != nil {
+			h.remember(host, credentialSource{source: c.Source})
+			return "", "", &CredentialError{Host: host, Err: err}
+		}
+		if !c.Empty() {
+			h.remember(host, credentialSource{source: c.Source, found: true})
+			return c.Username, c.Secret, nil
+		}
+		if c.Source != "" {
+			looked = append(looked, c.Source)
+		}
+	}
 	if h.opts.Static != nil {
 		hc := endpointConfig(h.opts.Static, host)
 		if hc.Username != "" || hc.Password != "" {

@@ -311,3 +311,42 @@ func TestHostsMirrorNotStarlight(t *testing.T) {
 		t.Fatalf("the mirror saw %d requests, want 3", plainHits)
 	}
 }
+
+// The credentials of one pull (WithCredentials) come before the worker's
+// own; an empty answer passes on to them; errors name the pull's source.
+func TestHostsWithCredentials(t *testing.T) {
+	f := &fakeRegistry{user: "bob", pass: "pw"}
+	host, ca := startTLSFake(t, f)
+	dir := t.TempDir()
+	writeHostsTOML(t, dir, host, fmt.Sprintf("server = \"https://%s\"\nca = %q\n", host, ca))
+	base := NewHosts(HostsOptions{Dir: dir, StaticSource: "the worker configuration",
+		Static: func(string) HostConfig { return HostConfig{Username: "bob", Password: "stale"} }})
+	client := func(h *Hosts) *Client {
+		return New(Options{Hosts: h.Lookup, HostsVersion: h.Version, CredentialSource: h.CredentialSource})
+	}
+	pod := func(user, secret string) CredentialFunc {
+		return func(string) (Credential, error) {
+			return Credential{Username: user, Secret: secret, Source: "the pod"}, nil
+		}
+	}
+
+	if b := delta(t, client(base.WithCredentials(pod("bob", "pw"))), host); b != "bundle bytes" {
+		t.Fatalf("body %q", b)
+	}
+	_, err := client(base.WithCredentials(pod("bob", "wrong"))).
+		Delta(context.Background(), host, "team/app", api.DeltaRequest{Reference: "team/app:v1"})
+	if want := host + ": authentication failed with credentials from the pod"; err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("error %v, want one containing %q", err, want)
+	}
+	// No credentials for this host in the pull's: the worker's own apply
+	// (here stale ones).
+	_, err = client(base.WithCredentials(pod("", ""))).
+		Delta(context.Background(), host, "team/app", api.DeltaRequest{Reference: "team/app:v1"})
+	if want := "authentication failed with credentials from the worker configuration"; err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("error %v, want one containing %q", err, want)
+	}
+	// The base Hosts is unchanged.
+	if _, err := client(base).Delta(context.Background(), host, "team/app", api.DeltaRequest{Reference: "team/app:v1"}); err == nil {
+		t.Fatal("the worker's stale credentials were accepted")
+	}
+}

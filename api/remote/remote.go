@@ -172,21 +172,71 @@ func (c *Client) Delta(ctx context.Context, host, repository string, req api.Del
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	resp, err := c.do(ctx, host, request{
-		method: http.MethodPost, path: DeltaPath, starlight: true,
-		caps:  docker.HostCapabilityPull | docker.HostCapabilityResolve,
-		scope: pullScope(repository), body: body,
-		header: http.Header{"Content-Type": {"application/json"}, "Accept": {api.MediaTypeBundle}},
-	})
-	if err != nil {
-		cancel()
-		return nil, err
+	var resp *http.Response
+	for attempt := 0; ; attempt++ {
+		resp, err = c.do(ctx, host, request{
+			method: http.MethodPost, path: DeltaPath, starlight: true,
+			caps:  docker.HostCapabilityPull | docker.HostCapabilityResolve,
+			scope: pullScope(repository), body: body,
+			header: http.Header{"Content-Type": {"application/json"}, "Accept": {api.MediaTypeBundle}},
+		})
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		wait, busy := retryAfter(resp)
+		if !busy || attempt == busyRetries {
+			break
+		}
+		// The registry serves as many bundles as it is configured to:
+		// ask again when it says, a few times.
+		drain(resp)
+		log.G(ctx).WithFields(log.Fields{"host": host, "repository": repository, "retryIn": wait}).
+			Info("the registry is busy serving bundles; retrying")
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			cancel()
+			return nil, ctx.Err()
+		}
 	}
 	if resp.StatusCode != http.StatusOK {
 		defer cancel()
 		return nil, readRegistryError(resp, true)
 	}
 	return newIdleReader(resp.Body, cancel, c.opts.IdleTimeout), nil
+}
+
+// A registry that serves as many bundles as it is configured to answers
+// 503 with Retry-After; Delta waits as told (at most maxBusyWait a time)
+// and asks again, busyRetries times at most.
+const (
+	busyRetries = 5
+	maxBusyWait = 30 * time.Second
+)
+
+// retryAfter reports whether resp is a 503 with a Retry-After (seconds
+// or an HTTP date), and how long to wait, at least a second and at most
+// maxBusyWait.
+func retryAfter(resp *http.Response) (time.Duration, bool) {
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		return 0, false
+	}
+	v := strings.TrimSpace(resp.Header.Get("Retry-After"))
+	if v == "" {
+		return 0, false
+	}
+	var d time.Duration
+	if s, err := strconv.Atoi(v); err == nil {
+		d = time.Duration(s) * time.Second
+	} else if t, err := http.ParseTime(v); err == nil {
+		d = time.Until(t)
+	} else {
+		return 0, false
+	}
+	return min(max(d, time.Second), maxBusyWait), true
 }
 
 // PostTrace uploads one trace report to the registry at host: to its first

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -42,6 +43,9 @@ type fakeRegistry struct {
 	challenges  int    // 401 answers of the registry
 	lastPath    string // last registry request, with its query
 	tokenScopes []string
+	// generation is in every token issued; a token of an older one has
+	// expired.
+	generation int
 }
 
 func startFake(t *testing.T, f *fakeRegistry) string {
@@ -53,7 +57,7 @@ func startFake(t *testing.T, f *fakeRegistry) string {
 
 func (f *fakeRegistry) tokenFor(scopes []string) string {
 	slices.Sort(scopes)
-	return "T-" + strings.Join(scopes, "+")
+	return fmt.Sprintf("T-%d-%s", f.generation, strings.Join(scopes, "+"))
 }
 
 // serveToken is a Docker token service: OAuth POST (grant_type=password)
@@ -91,8 +95,9 @@ func (f *fakeRegistry) serveToken(w http.ResponseWriter, r *http.Request) {
 	}
 	f.mu.Lock()
 	f.tokenScopes = append(f.tokenScopes, strings.Join(scopes, " "))
+	token := f.tokenFor(scopes)
 	f.mu.Unlock()
-	json.NewEncoder(w).Encode(map[string]string{"token": f.tokenFor(scopes), "access_token": f.tokenFor(scopes)})
+	json.NewEncoder(w).Encode(map[string]any{"token": token, "access_token": token, "expires_in": 60})
 }
 
 // authorized checks the request for access to scope, and answers a
@@ -102,9 +107,15 @@ func (f *fakeRegistry) authorized(w http.ResponseWriter, r *http.Request, scope 
 	var challenge string
 	switch {
 	case f.token:
-		granted, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer T-")
-		ok = slices.Contains(strings.Split(granted, "+"), scope)
+		f.mu.Lock()
+		current := fmt.Sprintf("Bearer T-%d-", f.generation)
+		f.mu.Unlock()
+		granted, fresh := strings.CutPrefix(r.Header.Get("Authorization"), current)
+		ok = fresh && slices.Contains(strings.Split(granted, "+"), scope)
 		challenge = `Bearer realm="` + f.srv.URL + `/token",service="reg",scope="` + scope + `"`
+		if !fresh && strings.HasPrefix(r.Header.Get("Authorization"), "Bearer T-") {
+			challenge += `,error="invalid_token"`
+		}
 	case f.user != "":
 		u, p, basic := r.BasicAuth()
 		ok = basic && u == f.user && p == f.pass
@@ -249,6 +260,28 @@ func TestBearerToken(t *testing.T) {
 	}
 	if f.tokenCalls != 2 || !strings.Contains(f.tokenScopes[1], "repository:team/app:pull,push") {
 		t.Fatalf("%d token requests, scopes %q", f.tokenCalls, f.tokenScopes)
+	}
+}
+
+// A token that expires mid-pull (the registry refuses it with
+// invalid_token) is replaced at once: the refused request is sent again
+// with a new token fetched with the same credentials.
+func TestBearerTokenExpires(t *testing.T) {
+	f := &fakeRegistry{user: "bob", pass: "pw", token: true}
+	host := startFake(t, f)
+	c := newClient("bob", "pw")
+	if b := delta(t, c, host); b != "bundle bytes" {
+		t.Fatalf("body %q", b)
+	}
+	f.mu.Lock()
+	f.generation++ // every token issued so far expires
+	f.mu.Unlock()
+	// The request the registry refuses is sent again with a new token.
+	if b := delta(t, c, host); b != "bundle bytes" {
+		t.Fatalf("body %q", b)
+	}
+	if f.tokenCalls != 2 {
+		t.Fatalf("%d token requests, want 2 (one new token after the expiry)", f.tokenCalls)
 	}
 }
 
@@ -444,5 +477,67 @@ func TestContentRangeStart(t *testing.T) {
 		if got != want {
 			t.Errorf("%q: %d, want %d", h, got, want)
 		}
+	}
+}
+
+// TestDeltaBusyRetry: a 503 with Retry-After is waited out and asked
+// again, a bounded number of times; a 503 without it is an error at once.
+func TestDeltaBusyRetry(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		busy       int    // 503 answers before the bundle
+		retryAfter string // "" for none
+		wantCalls  int
+		wantErr    bool
+	}{
+		{"busy once", 1, "1", 2, false},
+		{"HTTP date", 1, time.Now().Add(-time.Minute).UTC().Format(http.TimeFormat), 2, false},
+		{"busy for good", 100, "1", busyRetries + 1, true},
+		{"unavailable", 1, "", 1, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if testing.Short() && tc.busy > 1 {
+				t.Skip("waits for every retry")
+			}
+			var mu sync.Mutex
+			calls := 0
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				calls++
+				n := calls
+				mu.Unlock()
+				if n <= tc.busy {
+					if tc.retryAfter != "" {
+						w.Header().Set("Retry-After", tc.retryAfter)
+					}
+					api.WriteError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "busy")
+					return
+				}
+				w.Header().Set("Content-Type", api.MediaTypeBundle)
+				w.Write([]byte("bundle"))
+			}))
+			defer srv.Close()
+			host := strings.TrimPrefix(srv.URL, "http://")
+			c := New(Options{}).WithPlainHTTP()
+			rc, err := c.Delta(context.Background(), host, "team/app", api.DeltaRequest{Reference: "team/app:v1"})
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("Delta: %v, want error %v", err, tc.wantErr)
+			}
+			if err == nil {
+				b, _ := io.ReadAll(rc)
+				rc.Close()
+				if string(b) != "bundle" {
+					t.Errorf("body %q", b)
+				}
+			} else {
+				var re *RegistryError
+				if !errors.As(err, &re) || re.Status != http.StatusServiceUnavailable {
+					t.Errorf("error %v, want the registry's 503", err)
+				}
+			}
+			if calls != tc.wantCalls {
+				t.Errorf("%d requests, want %d", calls, tc.wantCalls)
+			}
+		})
 	}
 }

@@ -102,6 +102,10 @@ disabled_plugins = [%s"io.containerd.snapshotter.v1.btrfs", "io.containerd.snaps
 		cfg += fmt.Sprintf(`
 [plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
+  # Pod sandboxes get oom_score_adj -998, which this kind of machine (a VM
+  # without CAP_SYS_RESOURCE over lowering it) refuses: keep it at
+  # containerd's own.
+  restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   sandbox_image = "%s/starlight-test/pause:none"

@@ -32,6 +32,8 @@ type RegistryOptions struct {
 	// TLS, if set, makes the registry serve HTTPS with the CA's server
 	// certificate (URL is then https://); the helpers trust the CA.
 	TLS *CA
+	// Options are more starlight middleware options (name → YAML value).
+	Options map[string]string
 }
 
 // Registry is a running starlight-registry.
@@ -129,6 +131,9 @@ func RegistryConfig(dir, addr, htpasswd string, opts RegistryOptions) string {
         tagsuffix: "%s"
         workers: %d
 `, filepath.Join(dir, "index.db"), !opts.NoAutoConvert, suffix, workers)
+	for _, k := range sortedKeys(opts.Options) {
+		options += fmt.Sprintf("        %s: %s\n", k, opts.Options[k])
+	}
 	var b strings.Builder
 	fmt.Fprintf(&b, `version: 0.1
 log:
@@ -169,6 +174,9 @@ func writeHtpasswd(path string, users map[string]string) error {
 	}
 	return os.WriteFile(path, b.Bytes(), 0o600)
 }
+
+// PID is the registry process's id.
+func (r *Registry) PID() int { return r.proc.PID() }
 
 // Log returns the tail of the registry log.
 func (r *Registry) Log() string { return r.proc.Log(64 << 10) }

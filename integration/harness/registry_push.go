@@ -94,10 +94,16 @@ func (r *Registry) PushManifest(t T, repo, ref string, manifest []byte, mediaTyp
 // the manifest digest. The config is minimal but valid.
 func (r *Registry) PushLayers(t T, repo, tag string, layers []Descriptor, diffIDs []string) string {
 	t.Helper()
+	return r.PushLayersCmd(t, repo, tag, layers, diffIDs, []string{"/bin/sh"})
+}
+
+// PushLayersCmd is PushLayers with cmd as the image config's Cmd.
+func (r *Registry) PushLayersCmd(t T, repo, tag string, layers []Descriptor, diffIDs, cmd []string) string {
+	t.Helper()
 	cfg := map[string]any{
 		"architecture": "amd64",
 		"os":           "linux",
-		"config":       map[string]any{"Cmd": []string{"/bin/sh"}},
+		"config":       map[string]any{"Cmd": cmd},
 		"rootfs":       map[string]any{"type": "layers", "diff_ids": diffIDs},
 	}
 	cfgJSON, _ := json.Marshal(cfg)

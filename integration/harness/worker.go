@@ -37,6 +37,10 @@ type WorkerOptions struct {
 	Args []string
 	// Env is added to the worker's environment ("DOCKER_CONFIG=dir").
 	Env []string
+	// Root is the worker's state directory (--root); a new one in the
+	// worker's private directory when empty. A test may give one on a
+	// filesystem of its own (a small tmpfs to fill).
+	Root string
 }
 
 // Worker is a running starlight-worker.
@@ -44,7 +48,9 @@ type Worker struct {
 	Root    string
 	Address string // snapshotter socket
 	API     string // API socket for ctr-starlight
-	Dir     string
+	// CRIProxy is the worker's CRI proxy socket (crictl --image-endpoint).
+	CRIProxy string
+	Dir      string
 	// MetricsAddr is the metrics listen address, if WorkerOptions.Metrics.
 	MetricsAddr string
 	proc        *Process
@@ -69,14 +75,18 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 	dir := ShortTempDir(t, "wrk-")
 	w := &Worker{
 		Dir:       dir,
-		Root:      filepath.Join(dir, "root"),
+		Root:      opts.Root,
 		Address:   opts.Address,
 		API:       filepath.Join(dir, "api.sock"),
+		CRIProxy:  filepath.Join(dir, "cri.sock"),
 		bin:       filepath.Join(bins, CLIBinary),
 		workerBin: filepath.Join(bins, WorkerBinary),
 		env:       opts.Env,
 		logPath:   filepath.Join(dir, "worker.log"),
 		ctd:       opts.Containerd,
+	}
+	if w.Root == "" {
+		w.Root = filepath.Join(dir, "root")
 	}
 	if w.Address == "" {
 		w.Address = filepath.Join(dir, "sn.sock")
@@ -85,7 +95,7 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 	if level == "" {
 		level = "debug"
 	}
-	args := []string{"--root", w.Root, "--address", w.Address, "--api", w.API, "--log-level", level}
+	args := []string{"--root", w.Root, "--address", w.Address, "--api", w.API, "--cri-proxy", w.CRIProxy, "--log-level", level}
 	if opts.Containerd != nil {
 		args = append(args, "--containerd", opts.Containerd.Address)
 	}
@@ -127,7 +137,7 @@ func (w *Worker) start(t T) {
 	}
 	w.proc = p
 	if err := waitFor(p, 60*time.Second, func() error {
-		for _, s := range []string{w.Address, w.API} {
+		for _, s := range []string{w.Address, w.API, w.CRIProxy} {
 			c, err := net.Dial("unix", s)
 			if err != nil {
 				return err

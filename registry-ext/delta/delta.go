@@ -17,6 +17,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -60,7 +61,7 @@ type Source struct {
 const (
 	// MaxHave bounds DeltaRequest.Have. A worker with more complete layers
 	// than this sends the ones most likely to matter (the caller decides).
-	MaxHave = 10000
+	MaxHave = api.MaxHave
 	// maxManifestSize and maxConfigSize bound the JSON read from storage.
 	maxManifestSize = api.MaxManifestSize
 	maxConfigSize   = api.MaxConfigSize
@@ -80,11 +81,67 @@ type Planner struct {
 	index    Index
 	blobs    BlobOpener
 	priority Priority
+	limits   Limits
+	plans    *planCache
 }
 
-// New returns a Planner reading the index from index and blobs from blobs.
+// Limits bound what serving bundles costs the registry, whatever the
+// traffic. Zero fields take the defaults.
+type Limits struct {
+	// WriteTimeout aborts a stream whose client has accepted no byte for
+	// that long (a reader that stalls), so it releases what it holds.
+	// Negative: no limit.
+	WriteTimeout time.Duration
+	// Plans bounds the plans computed at once. A plan holds its image's
+	// trees in memory while it runs (some 200 MB for 100,000 files);
+	// requests beyond the bound wait. Concurrent requests for the same
+	// plan share one computation.
+	Plans int
+	// CacheSize bounds the bytes of computed plans kept for the requests
+	// that follow (temporary disk: an encoded header and 20 bytes per
+	// frame, about 5 MB for 100,000 files). Negative: none is kept.
+	CacheSize int64
+	// SpoolDir is where plans are spooled, as unlinked temporary files
+	// ("": os.TempDir()).
+	SpoolDir string
+}
+
+// Defaults of Limits.
+const (
+	DefaultWriteTimeout = time.Minute
+	DefaultPlans        = 2
+	DefaultCacheSize    = 256 << 20
+)
+
+const (
+	// planTTL is how long a computed plan answers the requests that
+	// follow. Within it a new trace merge starts a new plan at once (the
+	// key has the priority's generation), but a layer of a worker's
+	// inventory indexed meanwhile is only deduplicated after it; a
+	// resumed stream within it gets exactly the frames it expects.
+	planTTL = 2 * time.Minute
+	// planCacheEntries bounds the plans kept, each an open file.
+	planCacheEntries = 128
+)
+
+func (l Limits) withDefaults() Limits {
+	if l.WriteTimeout == 0 {
+		l.WriteTimeout = DefaultWriteTimeout
+	}
+	if l.Plans <= 0 {
+		l.Plans = DefaultPlans
+	}
+	if l.CacheSize == 0 {
+		l.CacheSize = DefaultCacheSize
+	}
+	return l
+}
+
+// New returns a Planner reading the index from index and blobs from blobs,
+// with the default Limits.
 func New(index Index, blobs BlobOpener) *Planner {
-	return &Planner{index: index, blobs: blobs}
+	p := &Planner{index: index, blobs: blobs}
+	return p.WithLimits(Limits{})
 }
 
 // WithPriority sets the Priority that orders the frames of every bundle
@@ -93,4 +150,38 @@ func New(index Index, blobs BlobOpener) *Planner {
 func (p *Planner) WithPriority(pr Priority) *Planner {
 	p.priority = pr
 	return p
+}
+
+// WithLimits sets the Limits of serving and returns p. Call it before
+// serving requests.
+func (p *Planner) WithLimits(l Limits) *Planner {
+	if p.plans != nil {
+		p.plans.close()
+	}
+	p.limits = l.withDefaults()
+	p.plans = newPlanCache(p.limits)
+	return p
+}
+
+// Close drops the plans kept for reuse. Streams still running finish.
+func (p *Planner) Close() {
+	p.plans.close()
+}
+
+// PlanStats counts the plans computed, and the requests that were served
+// a plan another request computed (kept, or being computed).
+type PlanStats struct {
+	Computed, Reused int64
+}
+
+// Stats returns the plan counters since New.
+func (p *Planner) Stats() PlanStats {
+	return PlanStats{Computed: p.plans.computed.Load(), Reused: p.plans.reused.Load()}
+}
+
+// Generational is implemented by a Priority whose ranking changes with
+// the index (Traced: with every trace merge). A plan is shared only
+// between requests that see the same generation.
+type Generational interface {
+	Generation(ctx context.Context) (string, error)
 }

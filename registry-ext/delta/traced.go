@@ -2,6 +2,7 @@ package delta
 
 import (
 	"context"
+	"fmt"
 	"path"
 	"slices"
 	"strings"
@@ -68,6 +69,16 @@ type Traced struct {
 // NewTraced returns the trace-based Priority over index.
 func NewTraced(index TraceIndex) *Traced {
 	return &Traced{index: index}
+}
+
+// Generation implements Generational: the totals of the merged
+// priorities, which change with every merge.
+func (t *Traced) Generation(ctx context.Context) (string, error) {
+	gen, err := t.index.TraceTotals(ctx)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d/%d/%d", gen.Manifests, gen.Traces, gen.Items), nil
 }
 
 // Rank implements Priority.

@@ -20,6 +20,7 @@ const (
 	DefaultRoot               = "/var/lib/starlight"
 	DefaultAddress            = "/run/starlight/starlight-snapshotter.sock"
 	DefaultAPI                = "/run/starlight/api.sock"
+	DefaultCRIProxy           = "/run/starlight/cri.sock"
 	DefaultContainerd         = "/run/containerd/containerd.sock"
 	DefaultLogLevel           = "info"
 	DefaultMaxConcurrentPulls = 4
@@ -42,6 +43,13 @@ type Config struct {
 	API string `toml:"api"`
 	// Containerd is containerd's socket.
 	Containerd string `toml:"containerd"`
+	// CRIProxy is the unix socket of the worker's CRI proxy: kubelet's
+	// imageServiceEndpoint (or crictl --image-endpoint) points at it
+	// instead of containerd. It forwards every call to containerd's CRI
+	// service on Containerd, and lends the registry credentials of each
+	// PullImage (a pod's imagePullSecrets) to the worker's fetch of that
+	// image. Empty turns it off.
+	CRIProxy string `toml:"cri_proxy"`
 	// Metrics is an optional TCP listen address for Prometheus metrics
 	// (served at /metrics). Empty disables them.
 	Metrics string `toml:"metrics"`
@@ -53,8 +61,10 @@ type Config struct {
 	AllowPlainFallback bool `toml:"allow_plain_fallback"`
 	// MaxConcurrentPulls bounds the pulls that stream at the same time.
 	MaxConcurrentPulls int `toml:"max_concurrent_pulls"`
-	// PullRetries bounds how often a broken bundle stream is resumed
-	// before its pending contents fail.
+	// PullRetries bounds how often in a row a broken bundle stream is
+	// resumed without receiving a frame before its pending contents
+	// fail; a stream that brought frames before it broke is resumed at
+	// once and starts the count again. 0 never resumes.
 	PullRetries int `toml:"pull_retries"`
 	// DemandFetches bounds the ranged blob GETs that fetch, ahead of
 	// the bundle stream, the chunks a blocked read waits for. 0 turns
@@ -140,6 +150,7 @@ func Default() *Config {
 		Address:            DefaultAddress,
 		API:                DefaultAPI,
 		Containerd:         DefaultContainerd,
+		CRIProxy:           DefaultCRIProxy,
 		LogLevel:           DefaultLogLevel,
 		MaxConcurrentPulls: DefaultMaxConcurrentPulls,
 		PullRetries:        DefaultPullRetries,

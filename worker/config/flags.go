@@ -15,6 +15,7 @@ type Flags struct {
 	address    string
 	api        string
 	containerd string
+	criProxy   string
 	metrics    string
 	logLevel   string
 	registries []string
@@ -33,6 +34,7 @@ func AddFlags(fs *pflag.FlagSet) *Flags {
 	fs.StringVar(&f.address, "address", DefaultAddress, "unix socket of the snapshotter gRPC service containerd dials")
 	fs.StringVar(&f.api, "api", DefaultAPI, "unix socket of the worker API (ctr-starlight --worker)")
 	fs.StringVar(&f.containerd, "containerd", DefaultContainerd, "containerd's socket")
+	fs.StringVar(&f.criProxy, "cri-proxy", DefaultCRIProxy, "unix socket of the CRI proxy for kubelet's image service endpoint (empty: off)")
 	fs.StringVar(&f.metrics, "metrics", "", "listen address for Prometheus metrics, e.g. 127.0.0.1:9100 (empty: off)")
 	fs.StringVar(&f.logLevel, "log-level", DefaultLogLevel, "log level: trace, debug, info, warn, error")
 	fs.IntVar(&f.demand, "demand-fetches", DefaultDemandFetches, "concurrent ranged GETs for chunks a blocked read waits for (0: wait for the bundle stream)")
@@ -60,6 +62,7 @@ func (f *Flags) Load() (*Config, error) {
 		"address":       &c.Address,
 		"api":           &c.API,
 		"containerd":    &c.Containerd,
+		"cri-proxy":     &c.CRIProxy,
 		"metrics":       &c.Metrics,
 		"log-level":     &c.LogLevel,
 		"hosts-dir":     &c.ConfigPath,

@@ -271,13 +271,13 @@ func TestPullRunsInContainerd(t *testing.T) {
 	host := fakeregistry.Start(t, reg)
 	ref := host + "/app:v1"
 
-	// A registry whose bundle keeps breaking.
+	// A registry whose bundle keeps breaking, always in its second frame.
 	data := bytes.Repeat([]byte("lost "), 100000)
 	broken := fakeregistry.BuildImage(t, 64<<10, []fakeregistry.File{
 		{Name: "small", Type: api.TypeReg, Mode: 0o644, Data: []byte("arrives\n")}, // the first frame
 		{Name: "data", Type: api.TypeReg, Mode: 0o644, Data: data},
 	})
-	breg := &fakeregistry.Registry{Image: broken, BreakAfter: 1, AlwaysBreak: true}
+	breg := &fakeregistry.Registry{Image: broken, BreakInFrame: 1}
 	bhost := fakeregistry.Start(t, breg)
 
 	w := startWorker(t, dir, config.Registry{Host: host, PlainHTTP: true, Username: "alice", Password: "s3cret"},
@@ -390,14 +390,16 @@ func TestPullRunsInContainerd(t *testing.T) {
 			t.Errorf("pull %s: error %v, want %q", tc.ref, err, tc.want)
 		}
 	}
-	// A bundle that keeps breaking: after the retries the pull fails, and
-	// reads of what did not arrive fail with EIO instead of hanging.
+	// A bundle that keeps breaking: resumed at once after the first frame
+	// arrived, then pull_retries (2) times without progress, the pull
+	// fails, and reads of what did not arrive fail with EIO instead of
+	// hanging.
 	bref := bhost + "/broken:v1"
 	if err := w.client.Pull(ctx, api.PullRequest{Ref: bref, Wait: true}, nil); err == nil || !strings.Contains(err.Error(), "truncated") {
 		t.Fatalf("pull of a breaking bundle: %v", err)
 	}
 	bst, _ := w.client.Image(ctx, bref, "")
-	if bst.State != api.PullFailed || bst.Ready == nil || bst.Complete || bst.Resumes != 2 || len(breg.Requests()) != 3 {
+	if bst.State != api.PullFailed || bst.Ready == nil || bst.Complete || bst.Resumes != 3 || len(breg.Requests()) != 4 {
 		t.Fatalf("status %+v after %d requests", bst, len(breg.Requests()))
 	}
 	ldir, err := w.d.Layers.Dir(ctx, digest.Digest(broken.Layers[0].Digest))

@@ -29,6 +29,7 @@ import (
 	"github.com/starlight-project/starlight/api/remote/dockerconfig"
 	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/cri"
+	"github.com/starlight-project/starlight/worker/criproxy"
 	"github.com/starlight-project/starlight/worker/demand"
 	"github.com/starlight-project/starlight/worker/fdstore"
 	"github.com/starlight-project/starlight/worker/fs"
@@ -55,6 +56,10 @@ type Daemon struct {
 	// with fd_store = "off".
 	keeper  *fdstore.Store
 	metrics *prometheus.Registry
+	// criSecrets holds the credentials of the CRI proxy's pulls in
+	// flight.
+	criSecrets *criproxy.Secrets
+	criMetrics *criproxy.Metrics
 	// cancel stops what New started in the background (on-demand
 	// fetches).
 	cancel context.CancelFunc
@@ -126,9 +131,16 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 		fetcher = demand.New(bg, d.Store, cfg.DemandFetches, d.metrics)
 	}
 	d.importer = importer.New(cfg.Containerd)
+	d.criSecrets, d.criMetrics = criproxy.NewSecrets(), criproxy.NewMetrics(d.metrics)
+	// A pull with credentials of its own (--user, a pod's pull secret)
+	// gets a client of its own, those credentials first.
+	clientWith := func(first remote.CredentialFunc) *remote.Client {
+		return newRemote(registryHosts(cfg, nil).WithCredentials(first))
+	}
 	if d.Puller, err = pull.New(cfg, pull.Deps{
 		Store: d.Store, Layers: d.Layers, Remote: rc, Importer: d.importer, Demand: fetcher,
 		Metrics: pull.NewMetrics(d.metrics), RecordDir: filepath.Join(cfg.Root, "images"), Backoff: o.pullBackoff,
+		ClientWith: clientWith, CRICredentials: d.criSecrets.Credentials,
 	}); err != nil {
 		return nil, err
 	}
@@ -270,6 +282,19 @@ func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 	wg.Add(1)
 	go func() { defer wg.Done(); fail("API", apiSrv.Serve(apil)) }()
 
+	var stopCRI func()
+	if d.cfg.CRIProxy != "" {
+		l, srv, stop, err := d.criProxyServer(ctx)
+		if err != nil {
+			fail("CRI proxy", err)
+		} else {
+			defer os.Remove(d.cfg.CRIProxy)
+			stopCRI = stop
+			wg.Add(1)
+			go func() { defer wg.Done(); fail("CRI proxy", srv.Serve(l)) }()
+		}
+	}
+
 	var metricsSrv *http.Server
 	if d.cfg.Metrics != "" {
 		ml, err := net.Listen("tcp", d.cfg.Metrics)
@@ -301,6 +326,9 @@ func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 	// the API server drains quickly.
 	d.Puller.Close()
 	apiSrv.Shutdown(shutdownCtx)
+	if stopCRI != nil {
+		stopCRI()
+	}
 	if metricsSrv != nil {
 		metricsSrv.Shutdown(shutdownCtx)
 	}

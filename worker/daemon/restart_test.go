@@ -63,9 +63,10 @@ func TestRestartKeepsViewsAndResumesPull(t *testing.T) {
 		{Name: "big", Type: api.TypeReg, Mode: 0o644, Data: big},
 	})
 	manifest := digest.FromString("pushed manifest of " + t.Name())
-	// The first stream breaks after 3 frames (small and 2 chunks of big);
-	// the worker would resume it only after an hour.
-	reg := &fakeregistry.Registry{Image: img, Refs: []string{"app@" + manifest.String()}, BreakAfter: 3}
+	// Every stream breaks in frame 3 (after small and 2 chunks of big):
+	// the first one is resumed at once, the next one brings nothing and
+	// the worker would try again only after an hour.
+	reg := &fakeregistry.Registry{Image: img, Refs: []string{"app@" + manifest.String()}, BreakInFrame: 3}
 	host := fakeregistry.Start(t, reg)
 
 	cfg := workerConfig(dir, config.Registry{Host: host, PlainHTTP: true})
@@ -89,6 +90,9 @@ func TestRestartKeepsViewsAndResumesPull(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitImage(t, w1.client, ref, func(i api.WorkerImage) bool { return i.FramesReceived == 3 })
+	for len(reg.Requests()) < 2 {
+		time.Sleep(10 * time.Millisecond) // the resumed stream, broken at once
+	}
 	layer := digest.Digest(img.Layers[0].Digest)
 	mnt, err := w1.d.Layers.Dir(ctx, layer) // as the snapshotter mounts a rootfs
 	if err != nil {
@@ -108,6 +112,7 @@ func TestRestartKeepsViewsAndResumesPull(t *testing.T) {
 	waitInFUSE(t, cmd.Process.Pid)
 
 	w1.stop()
+	reg.SetBreakInFrame(0)
 	select {
 	case err := <-exited:
 		t.Fatalf("the reader ended while no worker ran: %v", err)
@@ -131,11 +136,11 @@ func TestRestartKeepsViewsAndResumesPull(t *testing.T) {
 		t.Errorf("image after the restart: %+v", got)
 	}
 	reqs := reg.Requests()
-	if len(reqs) != 2 {
-		t.Fatalf("%d delta requests, want 2 (the pull and its resumption): %+v", len(reqs), reqs)
+	if len(reqs) != 3 {
+		t.Fatalf("%d delta requests, want 3 (the pull, its resumption, the one after the restart): %+v", len(reqs), reqs)
 	}
-	if reqs[1].Resume != 3 || reqs[1].Reference != reqs[0].Reference || !reflect.DeepEqual(reqs[1].Have, reqs[0].Have) {
-		t.Errorf("resumed request %+v, want the first (%+v) from frame 3", reqs[1], reqs[0])
+	if r := reqs[2]; r.Resume != 3 || r.Reference != reqs[0].Reference || !reflect.DeepEqual(r.Have, reqs[0].Have) {
+		t.Errorf("request after the restart %+v, want the first (%+v) from frame 3", r, reqs[0])
 	}
 	if b, err := os.ReadFile(filepath.Join(mnt, "small")); err != nil || string(b) != "small\n" {
 		t.Errorf("small after the restart: %q, %v", b, err)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/log"
@@ -57,7 +58,15 @@ type Images interface {
 	// the layers it holds and recording those it receives, until
 	// unblock is called.
 	BlockPulls() (unblock func())
+	// ForgetDeleted drops the records of images containerd deleted.
+	ForgetDeleted(ctx context.Context) ([]string, error)
 }
+
+// Interval is how often Run collects without a cue: containerd deleting
+// an image (kubelet's image garbage collection) releases snapshots, which
+// cues a collection, but a record whose image was deleted before the
+// worker ran needs the periodic one.
+const Interval = 5 * time.Minute
 
 // New returns the collector of a worker's state.
 func New(l *layers.Registry, st *store.Store, sn snapshots.Snapshotter, images Images) *Collector {
@@ -65,13 +74,14 @@ func New(l *layers.Registry, st *store.Store, sn snapshots.Snapshotter, images I
 }
 
 // Run collects whenever a layer was released (no snapshot uses it any
-// more), until ctx is done. Removing an image collects at once (Collect).
+// more), and every Interval, until ctx is done. Removing an image collects at once (Collect).
 func (c *Collector) Run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-c.layers.Released():
+		case <-time.After(Interval):
 		}
 		if _, err := c.Collect(ctx); err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).Warn("garbage collection")
@@ -84,6 +94,14 @@ func (c *Collector) Collect(ctx context.Context) (GCResult, error) {
 	var res GCResult
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	// The layers of images containerd deleted are no longer held by their
+	// record; containerd being unreachable only delays that. Asked before
+	// the pulls are blocked: it may wait for containerd.
+	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	if _, err := c.images.ForgetDeleted(fctx); err != nil {
+		log.G(ctx).WithError(err).Warn("garbage collection: cannot tell which images containerd deleted")
+	}
+	cancel()
 	defer c.images.BlockPulls()()
 
 	// Layers resolved for a snapshot from now on are spared (RemoveIdle):

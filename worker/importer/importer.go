@@ -301,6 +301,22 @@ func (im *Importer) Delete(ctx context.Context, name string) (found bool, err er
 	return true, nil
 }
 
+// Exists tells whether containerd has the image record name (in ctx's
+// namespace).
+func (im *Importer) Exists(ctx context.Context, name string) (bool, error) {
+	c, err := im.client(ctx)
+	if err != nil {
+		return false, err
+	}
+	if _, err := c.ImageService().Get(ctx, name); err != nil {
+		if errdefs.IsNotFound(err) {
+			return false, nil
+		}
+		return false, fmt.Errorf("looking up %s in containerd: %w", name, err)
+	}
+	return true, nil
+}
+
 // prepareRetrying calls Prepare, retrying while containerd reports the
 // starlight snapshotter unavailable. containerd dials a proxy snapshotter
 // in the background from its own start; a dial that failed (containerd

@@ -42,7 +42,9 @@ type criFetch struct {
 // not converted yet), when ctx is done, or when the worker stops.
 //
 // The image appears in the worker's image list under imageRef, in the
-// Prepare's namespace (CRI's k8s.io), with its progress.
+// Prepare's namespace (CRI's k8s.io), with its progress. When the CRI proxy
+// holds credentials for imageRef (the PullImage in flight carried a pod's
+// pull secret), the pull uses them, first, for its whole life.
 func (pl *Puller) FetchCRI(ctx context.Context, imageRef string, manifest digest.Digest) error {
 	ref, err := ParseRef(imageRef)
 	if err != nil {
@@ -62,7 +64,7 @@ func (pl *Puller) FetchCRI(ctx context.Context, imageRef string, manifest digest
 		ns = criNamespace
 	}
 
-	f := pl.startCRI(ref, ep, ns, manifest)
+	f := pl.startCRI(imageRef, ref, ep, ns, manifest)
 	select {
 	case <-f.done:
 		return f.err
@@ -73,7 +75,7 @@ func (pl *Puller) FetchCRI(ctx context.Context, imageRef string, manifest digest
 
 // startCRI returns the fetch of manifest, starting it unless one is
 // running or failed recently.
-func (pl *Puller) startCRI(ref Ref, ep Endpoint, namespace string, manifest digest.Digest) *criFetch {
+func (pl *Puller) startCRI(imageRef string, ref Ref, ep Endpoint, namespace string, manifest digest.Digest) *criFetch {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	if f, ok := pl.cri[manifest]; ok {
@@ -103,6 +105,11 @@ func (pl *Puller) startCRI(ref Ref, ep Endpoint, namespace string, manifest dige
 		active:  true,
 		cri:     true,
 	}
+	if pl.criCredentials != nil && pl.clientWith != nil {
+		if creds, ok := pl.criCredentials(imageRef); ok {
+			p.remote = pl.clientWith(creds)
+		}
+	}
 	p.header = func(err error) {
 		once.Do(func() {
 			pl.mu.Lock()
@@ -119,7 +126,7 @@ func (pl *Puller) startCRI(ref Ref, ep Endpoint, namespace string, manifest dige
 		})
 	}
 	pl.pulls[imageKey(namespace, ref.Name)] = p
-	log.G(pl.ctx).WithFields(log.Fields{"ref": ref.Name, "manifest": manifest, "namespace": namespace}).
+	log.G(pl.ctx).WithFields(log.Fields{"ref": ref.Name, "manifest": manifest, "namespace": namespace, "pull_credentials": p.remote != nil}).
 		Info("CRI pull of a Starlight image: fetching its bundle")
 	pl.wg.Add(1)
 	go func() {

@@ -12,6 +12,11 @@ type Metrics struct {
 	PullSeconds    *prometheus.HistogramVec // phase: ready, complete
 	Resumes        prometheus.Counter
 	ActivePulls    prometheus.Gauge
+	// ImageBytes and DedupBytes add up the registry's figures of each
+	// bundle: the compressed contents of the image, and of those the
+	// ones left out because the worker held them.
+	ImageBytes prometheus.Counter
+	DedupBytes prometheus.Counter
 }
 
 // NewMetrics creates the metrics and registers them with reg (if not nil).
@@ -42,9 +47,17 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Namespace: "starlight", Subsystem: "worker", Name: "active_pulls",
 			Help: "Pulls whose bundle is still streaming.",
 		}),
+		ImageBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "starlight", Subsystem: "worker", Name: "image_bytes_total",
+			Help: "Compressed content bytes of the images pulled (what a pull without dedup would move).",
+		}),
+		DedupBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "starlight", Subsystem: "worker", Name: "dedup_bytes_total",
+			Help: "Compressed content bytes the registry left out of bundles because the worker held them.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.BytesReceived, m.FramesReceived, m.Pulls, m.PullSeconds, m.Resumes, m.ActivePulls)
+		reg.MustRegister(m.BytesReceived, m.FramesReceived, m.Pulls, m.PullSeconds, m.Resumes, m.ActivePulls, m.ImageBytes, m.DedupBytes)
 	}
 	return m
 }

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -49,12 +50,18 @@ type Puller struct {
 	// demand fetches the chunks blocked reads wait for ahead of the
 	// bundle stream; nil when disabled.
 	demand *demand.Fetcher
+	// clientWith and criCredentials: Deps.ClientWith and
+	// Deps.CRICredentials.
+	clientWith     func(first remote.CredentialFunc) *remote.Client
+	criCredentials func(imageRef string) (remote.CredentialFunc, bool)
 	// recordDir holds one JSON record per image (api.WorkerImage), so
 	// that `ctr-starlight images` survives a worker restart.
 	recordDir string
 	// backoff is the wait before the first resume of a broken stream;
 	// it doubles on every further attempt, up to 30s.
 	backoff time.Duration
+	// limits bound the bundle headers the puller accepts.
+	limits bundle.Limits
 
 	sem    chan struct{}
 	ctx    context.Context
@@ -85,12 +92,24 @@ type Deps struct {
 	// the bundle stream.
 	Demand  *demand.Fetcher
 	Metrics *Metrics
+	// ClientWith returns a registry client like Remote whose hosts try
+	// first for credentials: the client of a pull that has credentials
+	// of its own (PullRequest.User, a pod's pull secret). The pull, its
+	// resumes and its on-demand reads use it, and it goes with the job.
+	// nil: such credentials are refused.
+	ClientWith func(first remote.CredentialFunc) *remote.Client
+	// CRICredentials, if set, returns the credentials of the CRI pull of
+	// imageRef in flight, if it carries any (the CRI proxy's Secrets).
+	CRICredentials func(imageRef string) (remote.CredentialFunc, bool)
 	// RecordDir holds the image records.
 	RecordDir string
 	// Backoff is the wait before the first resume of a broken stream
 	// (default DefaultBackoff); it doubles on every further attempt, up
 	// to 30s.
 	Backoff time.Duration
+	// BundleLimits bound the bundle headers accepted (zero fields:
+	// bundle.DefaultLimits).
+	BundleLimits bundle.Limits
 }
 
 // DefaultBackoff is the default wait before resuming a broken stream.
@@ -111,6 +130,9 @@ type Job struct {
 	// platform is the platform the delta request asks for; zero for a
 	// CRI pull, which names its platform manifest by digest.
 	platform api.Platform
+	// remote, if set, is the job's own registry client (a CRI pull with
+	// the pod's credentials), kept in memory for the life of the job.
+	remote *remote.Client
 }
 
 // Snapshot returns the image's state now, and a channel closed at the
@@ -150,8 +172,10 @@ func New(cfg *config.Config, deps Deps) (*Puller, error) {
 	pl := &Puller{
 		cfg: cfg, store: deps.Store, layers: deps.Layers, remote: deps.Remote, importer: deps.Importer,
 		metrics: deps.Metrics, demand: deps.Demand,
+		clientWith: deps.ClientWith, criCredentials: deps.CRICredentials,
 		recordDir: recordDir,
 		backoff:   deps.Backoff,
+		limits:    deps.BundleLimits,
 		sem:       make(chan struct{}, cfg.MaxConcurrentPulls),
 		ctx:       ctx, cancel: cancel,
 		pulls: make(map[string]*Job),
@@ -280,6 +304,12 @@ func (pl *Puller) Start(req api.PullRequest) (*Job, error) {
 		active:   true,
 		platform: platform,
 	}
+	if req.User != "" {
+		if pl.clientWith == nil {
+			return nil, errors.New("this worker takes no credentials with a pull request")
+		}
+		p.remote = pl.clientWith(userCredentials(req.User))
+	}
 	pl.pulls[key] = p
 	pl.wg.Add(1)
 	go func() {
@@ -350,7 +380,7 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	if platform == (api.Platform{}) {
 		platform = DefaultPlatform
 	}
-	rc := pl.client(ep)
+	rc := pl.client(p, ep)
 	if !ep.Starlight {
 		log.G(ctx).WithField("registry", ep.Registry.String()).Info("host is not a Starlight registry, falling back to a standard pull")
 		md, err := pl.importer.PullPlain(ctx, ref.Normalized, platform.String(), rc.Resolver())
@@ -384,18 +414,14 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 		HeaderVersion: bundle.Version,
 	}
 	log.G(ctx).WithFields(log.Fields{"registry": ep.Registry.String(), "platform": platform, "have": len(req.Have)}).Info("requesting delta bundle")
-	body, err := rc.Delta(ctx, ref.Host, ref.Repository, req)
+	body, br, err := pl.openBundle(ctx, p, ref, ep, req)
 	if err != nil {
 		if ctx.Err() != nil {
 			return errShutdown
 		}
-		return fmt.Errorf("%s: %w", ref.Name, err)
+		return err
 	}
 	defer func() { body.Close() }()
-	br, err := bundle.NewReader(body)
-	if err != nil {
-		return fmt.Errorf("%s: reading bundle: %w", ref.Name, err)
-	}
 	h := br.Header()
 	headerAt := time.Now()
 	plan, err := importer.PlanImage(h)
@@ -422,6 +448,8 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 		img.BytesTotal, img.FramesTotal, img.FilesTotal = total, len(h.Frames), files
 		img.ImageBytes, img.DedupBytes, img.SendBytes = h.Stats.ImageBytes, h.Stats.DedupBytes, h.Stats.SendBytes
 	})
+	pl.metrics.ImageBytes.Add(float64(h.Stats.ImageBytes))
+	pl.metrics.DedupBytes.Add(float64(h.Stats.DedupBytes))
 
 	// Trees and expected contents first, so that a read through a layer
 	// mounted from here on blocks until its content arrives.
@@ -511,12 +539,83 @@ func (pl *Puller) complete(ctx context.Context, p *Job, ref Ref, h *api.BundleHe
 	return nil
 }
 
+// openBundle sends the delta request and reads the bundle header. A
+// stream that breaks before its header is complete is asked for again,
+// as receive resumes one that breaks later; any other failure (an error
+// answer, a header the reader refuses) ends the pull at once.
+func (pl *Puller) openBundle(ctx context.Context, p *Job, ref Ref, ep Endpoint, req api.DeltaRequest) (io.ReadCloser, *bundle.Reader, error) {
+	var r retrier
+	for {
+		body, err := pl.client(p, ep).Delta(ctx, ref.Host, ref.Repository, req)
+		if err != nil && r.failures == 0 {
+			return nil, nil, fmt.Errorf("%s: %w", ref.Name, err)
+		}
+		if err == nil {
+			br, rerr := bundle.NewReaderLimits(body, pl.limits)
+			if rerr == nil {
+				return body, br, nil
+			}
+			body.Close()
+			err = rerr
+			if !errors.Is(err, bundle.ErrTruncated) {
+				return nil, nil, fmt.Errorf("%s: reading bundle: %w", ref.Name, err)
+			}
+		}
+		if !pl.retry(ctx, p, &r, false, err, 0) {
+			return nil, nil, fmt.Errorf("%s: reading bundle: %w", ref.Name, err)
+		}
+	}
+}
+
+// retrier counts the attempts of one pull that delivered nothing.
+type retrier struct {
+	// failures is how many attempts in a row brought no frame.
+	failures int
+}
+
+// retry decides whether to ask the registry again after an attempt that
+// failed with err, and waits before it does. A stream that brought frames
+// before it broke is resumed at once: the registry was answering, and the
+// connection is what failed. Attempts that bring nothing count, and wait
+// the backoff, doubling, up to 30s; after cfg.PullRetries of them in a row
+// (or at once, with pull_retries = 0) the pull gives up, as it does when
+// ctx is done.
+func (pl *Puller) retry(ctx context.Context, p *Job, r *retrier, progressed bool, err error, resume int) bool {
+	if ctx.Err() != nil || pl.cfg.PullRetries == 0 {
+		return false
+	}
+	wait := time.Duration(0)
+	if progressed {
+		r.failures = 0
+	} else {
+		r.failures++
+		if r.failures > pl.cfg.PullRetries {
+			return false
+		}
+		wait = min(pl.backoff<<min(r.failures-1, 16), 30*time.Second)
+	}
+	log.G(ctx).WithError(err).WithField("resume", resume).WithField("retryIn", wait).Warn("bundle stream broke, resuming")
+	if wait > 0 {
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return false
+		}
+	}
+	pl.metrics.Resumes.Inc()
+	p.update(func(img *api.WorkerImage) { img.Resumes++ })
+	pl.save(p) // the count survives a crash too
+	return true
+}
+
 // receive stores the frames of the bundle, resuming a broken stream with
-// the same request (same Have, so the same frame order) up to
-// cfg.PullRetries times. When it gives up, the contents still missing fail,
-// so blocked reads return EIO instead of hanging. br is the stream the
-// request opened; nil for a pull resumed after a restart of the worker,
-// which asks at once for the stream from frame from.
+// the same request (same Have, so the same frame order); see retry for
+// how often. When it gives up, when the store cannot write (a full disk),
+// or when a content fails its verification as a whole (asking again would
+// not help either), the contents still missing fail, so blocked reads
+// return EIO instead of hanging. br is the stream the request opened; nil
+// for a pull resumed after a restart of the worker, which asks at once for
+// the stream from frame from.
 func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req api.DeltaRequest, frames []api.Frame,
 	br *bundle.Reader, body *io.ReadCloser, stream *demand.Stream, from int) error {
 	last := store.Progress{Frames: from}
@@ -526,6 +625,7 @@ func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req
 	filesBase := img.FilesReceived
 	if br != nil {
 		countedFrames, filesBase = br.Header().Resume, 0
+		last.Frames = countedFrames
 	}
 	restarted := br == nil
 	progress := func(sp store.Progress) {
@@ -543,9 +643,14 @@ func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req
 			img.FilesReceived = filesBase + sp.Contents
 		})
 	}
-	var err error
-	for attempt := 0; ; attempt++ {
+	var (
+		err error
+		r   retrier
+	)
+	for {
+		progressed := false
 		if br != nil {
+			start := last.Frames
 			err = pl.store.Receive(ctx, br, progress)
 			(*body).Close()
 			if err == nil {
@@ -553,34 +658,37 @@ func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req
 			}
 			filesBase += last.Contents
 			last.Contents = 0
+			progressed = last.Frames > start
+			// Asking again does not help a disk that cannot be
+			// written, nor a content whose verified chunks do not
+			// make up its digest: the registry would send the same.
+			if errors.Is(err, store.ErrStorage) || errors.Is(err, store.ErrFailed) {
+				break
+			}
 		}
 		if ctx.Err() != nil {
 			return errShutdown
 		}
-		if attempt >= pl.cfg.PullRetries {
+		if restarted {
+			// The first request of a pull a restart interrupted.
+			restarted = false
+			log.G(ctx).WithField("resume", last.Frames).Info("resuming the bundle stream the worker's restart interrupted")
+			pl.metrics.Resumes.Inc()
+			p.update(func(img *api.WorkerImage) { img.Resumes++ })
+			pl.save(p)
+		} else if !pl.retry(ctx, p, &r, progressed, err, last.Frames) {
+			if ctx.Err() != nil {
+				return errShutdown
+			}
 			break
 		}
-		if restarted && attempt == 0 {
-			log.G(ctx).WithField("resume", last.Frames).Info("resuming the bundle stream the worker's restart interrupted")
-		} else {
-			wait := min(pl.backoff<<attempt, 30*time.Second)
-			log.G(ctx).WithError(err).WithField("resume", last.Frames).WithField("retryIn", wait).Warn("bundle stream broke, resuming")
-			select {
-			case <-time.After(wait):
-			case <-ctx.Done():
-				continue
-			}
-		}
-		pl.metrics.Resumes.Inc()
-		p.update(func(img *api.WorkerImage) { img.Resumes++ })
-		pl.save(p) // the count survives a crash too
 		req.Resume = last.Frames
 		br = nil
-		*body, err = pl.client(ep).Delta(ctx, ref.Host, ref.Repository, req)
+		*body, err = pl.client(p, ep).Delta(ctx, ref.Host, ref.Repository, req)
 		if err != nil {
 			continue
 		}
-		nbr, nerr := bundle.NewReader(*body)
+		nbr, nerr := bundle.NewReaderLimits(*body, pl.limits)
 		if nerr != nil {
 			(*body).Close()
 			err = nerr
@@ -683,6 +791,61 @@ func (pl *Puller) UsedLayers() map[digest.Digest]bool {
 	return used
 }
 
+// forgetGrace is how long a finished pull's record stays although
+// containerd has no image of its name: a CRI pull's contents may all
+// arrive before containerd, still unpacking, creates the image.
+const forgetGrace = 10 * time.Second
+
+// ForgetDeleted drops the records of the images containerd deleted
+// (`ctr image rm`, `crictl rmi`, kubelet's image garbage collection), so
+// that their layers and contents become garbage once no snapshot uses them:
+// the worker follows containerd. Records of running pulls, of pulls that
+// ended less than forgetGrace ago, and every record while containerd
+// cannot be asked, stay. It returns the refs forgotten.
+func (pl *Puller) ForgetDeleted(ctx context.Context) ([]string, error) {
+	pl.mu.Lock()
+	jobs := make(map[string]*Job, len(pl.pulls))
+	for k, p := range pl.pulls {
+		jobs[k] = p
+	}
+	pl.mu.Unlock()
+	var forgotten []string
+	for key, p := range jobs {
+		img, _ := p.Snapshot()
+		p.mu.Lock()
+		active := p.active
+		p.mu.Unlock()
+		end := img.Started
+		if img.Completed != nil {
+			end = *img.Completed
+		}
+		if active || time.Since(end) < forgetGrace {
+			continue
+		}
+		exists, err := pl.importer.Exists(namespaces.WithNamespace(ctx, img.Namespace), img.Ref)
+		if err != nil {
+			return forgotten, err
+		}
+		if exists {
+			continue
+		}
+		pl.mu.Lock()
+		if pl.pulls[key] != p {
+			pl.mu.Unlock()
+			continue
+		}
+		delete(pl.pulls, key)
+		pl.mu.Unlock()
+		if err := os.Remove(pl.recordPath(img.Namespace, img.Ref)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return forgotten, fmt.Errorf("removing the record of %s: %w", img.Ref, err)
+		}
+		log.G(ctx).WithFields(log.Fields{"ref": img.Ref, "namespace": img.Namespace}).
+			Info("containerd deleted the image: its layers are garbage once no snapshot uses them")
+		forgotten = append(forgotten, img.Ref)
+	}
+	return forgotten, nil
+}
+
 // ErrImageNotFound is returned by Remove for an image the worker and
 // containerd do not know.
 var ErrImageNotFound = errors.New("image not found")
@@ -739,10 +902,26 @@ func (pl *Puller) BlockPulls() (unblock func()) {
 	return pl.gcLock.Unlock
 }
 
-// client is the registry client for a pull from ep.
-func (pl *Puller) client(ep Endpoint) *remote.Client {
-	if ep.Registry.PlainHTTP {
-		return pl.remote.WithPlainHTTP()
+// client is the registry client for the pull p from ep.
+func (pl *Puller) client(p *Job, ep Endpoint) *remote.Client {
+	rc := pl.remote
+	if p.remote != nil {
+		rc = p.remote
 	}
-	return pl.remote
+	if ep.Registry.PlainHTTP {
+		return rc.WithPlainHTTP()
+	}
+	return rc
+}
+
+// userSource names PullRequest.User in errors.
+const userSource = "--user"
+
+// userCredentials are the credentials of PullRequest.User ("user:password",
+// or "user" alone as ctr takes it) for every host of the pull.
+func userCredentials(user string) remote.CredentialFunc {
+	name, secret, _ := strings.Cut(user, ":")
+	return func(string) (remote.Credential, error) {
+		return remote.Credential{Username: name, Secret: secret, Source: userSource}, nil
+	}
 }

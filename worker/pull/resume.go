@@ -205,7 +205,7 @@ func (pl *Puller) resumed(ctx context.Context, r *resumable, ep Endpoint) error 
 	defer pl.metrics.ActivePulls.Dec()
 	start := time.Now()
 	p, ref, h := r.job, r.ref, r.header
-	rc := pl.client(ep)
+	rc := pl.client(p, ep)
 	var stream *demand.Stream
 	if pl.demand != nil {
 		stream = pl.demand.Add(rc, ref.Host, ref.Repository, h)

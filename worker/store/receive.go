@@ -32,9 +32,14 @@ type Progress struct {
 // stays verified and readable, nothing is failed, and a resumed bundle
 // (api.DeltaRequest.Resume = Progress.Frames) fills the rest. Whether to
 // give up on them (FailPending) is the caller's decision.
+//
+// A resumed stream (Resume > 0) does not re-arm a content that failed
+// (its whole file did not match its digest, or the store could not write
+// it): the frames of it before the resume point would not come again, so
+// Receive fails with that content's error instead.
 func (s *Store) Receive(ctx context.Context, br *bundle.Reader, progress func(Progress)) error {
 	h := br.Header()
-	if err := s.ExpectHeader(h); err != nil {
+	if err := s.expectHeader(h, h.Resume == 0); err != nil {
 		return fmt.Errorf("receiving bundle: %w", err)
 	}
 	p := Progress{Frames: h.Resume, FramesTotal: len(h.Frames)}

@@ -52,7 +52,26 @@ var (
 	// ErrMismatch is wrapped when data does not match its expected
 	// layout or digest.
 	ErrMismatch = errors.New("content mismatch")
+	// ErrStorage is wrapped by the errors of the store's own disk: a
+	// write, a file creation or a rename that failed, a full disk.
+	// Unlike a broken or corrupt stream, asking the registry again does
+	// not help until the disk is fixed or has space again.
+	ErrStorage = errors.New("store write failed")
 )
+
+// storageError wraps err, an error of the store's disk, with ErrStorage,
+// and says so plainly when the disk is full.
+func (s *Store) storageError(err error) error {
+	switch {
+	case errors.Is(err, ErrStorage):
+		return err
+	case errors.Is(err, unix.ENOSPC):
+		return fmt.Errorf("%w: the disk of the store %s is full (ENOSPC): %w", ErrStorage, s.root, err)
+	case errors.Is(err, unix.EDQUOT):
+		return fmt.Errorf("%w: the disk quota of the store %s is exhausted (EDQUOT): %w", ErrStorage, s.root, err)
+	}
+	return fmt.Errorf("%w: %w", ErrStorage, err)
+}
 
 // emptyDigest is the sha256 of no bytes, the content of every empty file.
 var emptyDigest = digest.SHA256.FromBytes(nil)
@@ -273,13 +292,14 @@ func sameLayout(a, b []api.Chunk) bool {
 // idempotent and a no-op for a complete content. Expecting a failed content
 // again re-arms it, for a new attempt.
 func (s *Store) Expect(d digest.Digest, size int64, chunks []api.Chunk) error {
-	return s.expect(d, size, chunks, nil)
+	return s.expect(d, size, chunks, nil, true)
 }
 
 // expect is Expect. partials, if not nil, names every file of partial/
 // (listed once for many contents), so that a content with no partial file
-// costs no lookup.
-func (s *Store) expect(d digest.Digest, size int64, chunks []api.Chunk, partials map[string]bool) error {
+// costs no lookup. Without rearm, a failed content stays failed and its
+// error is returned.
+func (s *Store) expect(d digest.Digest, size int64, chunks []api.Chunk, partials map[string]bool, rearm bool) error {
 	d, err := parse(d)
 	if err != nil {
 		return err
@@ -304,6 +324,10 @@ func (s *Store) expect(d digest.Digest, size int64, chunks []api.Chunk, partials
 			return fmt.Errorf("%w: %s expected again with another size or chunk layout", ErrMismatch, d)
 		}
 		return nil
+	} else if ok && !rearm {
+		err := c.err
+		s.mu.Unlock()
+		return err
 	}
 	s.mu.Unlock()
 	if s.Has(d) {
@@ -360,17 +384,17 @@ func (s *Store) newContent(d digest.Digest, size int64, chunks []api.Chunk, mayH
 	case errors.Is(err, os.ErrNotExist):
 		return c, nil
 	case err != nil:
-		return nil, fmt.Errorf("preparing content %s: %w", d, err)
+		return nil, fmt.Errorf("preparing content %s: %w", d, s.storageError(err))
 	case !fi.Mode().IsRegular() || fi.Size() != size:
 		// Not ours to keep.
 		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("preparing content %s: %w", d, err)
+			return nil, fmt.Errorf("preparing content %s: %w", d, s.storageError(err))
 		}
 		return c, nil
 	}
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
-		return nil, fmt.Errorf("preparing content %s: %w", d, err)
+		return nil, fmt.Errorf("preparing content %s: %w", d, s.storageError(err))
 	}
 	for i, ch := range chunks {
 		if verifyChunk(f, ch) {
@@ -392,12 +416,12 @@ func (s *Store) openPartialLocked(c *content) error {
 	// before it is verified.
 	f, err := os.OpenFile(s.partialPath(c.d), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return fmt.Errorf("creating partial content %s: %w", c.d, err)
+		return fmt.Errorf("creating partial content %s: %w", c.d, s.storageError(err))
 	}
 	if err := f.Truncate(c.size); err != nil {
 		f.Close()
 		os.Remove(f.Name())
-		return fmt.Errorf("creating partial content %s: %w", c.d, err)
+		return fmt.Errorf("creating partial content %s: %w", c.d, s.storageError(err))
 	}
 	c.f = f
 	return nil
@@ -421,10 +445,10 @@ func (s *Store) putEmpty(d digest.Digest) error {
 	}
 	p := s.path(d)
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return fmt.Errorf("storing empty content: %w", err)
+		return fmt.Errorf("storing empty content: %w", s.storageError(err))
 	}
 	if err := os.WriteFile(p, nil, 0o444); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("storing empty content: %w", err)
+		return fmt.Errorf("storing empty content: %w", s.storageError(err))
 	}
 	return nil
 }
@@ -438,11 +462,17 @@ func (s *Store) putEmpty(d digest.Digest) error {
 // it sends when two layers store the same content with different chunk
 // sizes); the first entry's chunks are the fallback.
 func (s *Store) ExpectHeader(h *api.BundleHeader) error {
+	return s.expectHeader(h, true)
+}
+
+// expectHeader is ExpectHeader; without rearm, a content that failed
+// stays failed and fails the call.
+func (s *Store) expectHeader(h *api.BundleHeader, rearm bool) error {
 	// One listing of partial/ instead of a lookup per content: it is
 	// empty unless an earlier pull was interrupted.
 	dirents, err := os.ReadDir(filepath.Join(s.root, "partial"))
 	if err != nil {
-		return fmt.Errorf("listing partial contents: %w", err)
+		return fmt.Errorf("listing partial contents: %w", s.storageError(err))
 	}
 	partials := make(map[string]bool, len(dirents))
 	for _, de := range dirents {
@@ -463,7 +493,7 @@ func (s *Store) ExpectHeader(h *api.BundleHeader) error {
 			if _, err := checkChunks(digest.Digest(e.Digest), e.Size, chunks); err != nil {
 				chunks = e.Chunks
 			}
-			if err := s.expect(digest.Digest(e.Digest), e.Size, chunks, partials); err != nil {
+			if err := s.expect(digest.Digest(e.Digest), e.Size, chunks, partials, rearm); err != nil {
 				return fmt.Errorf("layer %s: %s: %w", h.Layers[i].Digest, e.Name, err)
 			}
 			delete(frames, e.Digest)
@@ -582,7 +612,7 @@ func (s *Store) writeChunk(f api.Frame, data io.Reader) (completed bool, err err
 	}
 	s.mu.Unlock()
 
-	w := &sectionWriter{f: file, off: ch.Offset, left: ch.Size}
+	w := &sectionWriter{s: s, f: file, off: ch.Offset, left: ch.Size}
 	var dst io.Writer = w
 	if h != nil {
 		dst = io.MultiWriter(w, h)
@@ -634,6 +664,7 @@ func (s *Store) writeChunk(f api.Frame, data io.Reader) (completed bool, err err
 // sectionWriter writes at most left bytes at off of f: a chunk never spills
 // into its neighbour, whatever the decoder yields.
 type sectionWriter struct {
+	s    *Store
 	f    *os.File
 	off  int64
 	left int64
@@ -646,6 +677,9 @@ func (w *sectionWriter) Write(p []byte) (int, error) {
 	n, err := w.f.WriteAt(p, w.off)
 	w.off += int64(n)
 	w.left -= int64(n)
+	if err != nil {
+		err = w.s.storageError(err)
+	}
 	return n, err
 }
 
@@ -659,7 +693,7 @@ func (s *Store) finish(c *content) error {
 		return c.failure()
 	}
 	if _, err := io.Copy(h, io.NewSectionReader(f, hashed, c.size-hashed)); err != nil {
-		s.fail(c, fmt.Errorf("verifying: %w", err))
+		s.fail(c, fmt.Errorf("verifying: %w", s.storageError(err)))
 		return c.failure()
 	}
 	if got := digest.NewDigest(digest.SHA256, h); got != c.d {
@@ -671,12 +705,12 @@ func (s *Store) finish(c *content) error {
 	// layer instead (Sync before a layer is recorded complete), and an
 	// unclean shutdown makes the next Open re-verify every content.
 	if err := f.Chmod(0o444); err != nil {
-		s.fail(c, fmt.Errorf("making read-only: %w", err))
+		s.fail(c, fmt.Errorf("making read-only: %w", s.storageError(err)))
 		return c.failure()
 	}
 	final := s.path(c.d)
 	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
-		s.fail(c, err)
+		s.fail(c, s.storageError(err))
 		return c.failure()
 	}
 
@@ -688,7 +722,7 @@ func (s *Store) finish(c *content) error {
 		return c.err
 	}
 	if err := os.Rename(s.partialPath(c.d), final); err != nil {
-		s.failLocked(c, fmt.Errorf("renaming into the store: %w", err))
+		s.failLocked(c, fmt.Errorf("renaming into the store: %w", s.storageError(err)))
 		s.mu.Unlock()
 		return c.failure()
 	}

@@ -49,7 +49,7 @@ in eStargz are kept. SRC is never modified.`,
 	f := cmd.Flags()
 	f.BoolVar(&o.plainHTTP, "plain-http", false, "use HTTP instead of HTTPS for the registries")
 	f.StringSliceVar(&o.platforms, "platform", nil, "convert only these platforms of a multi-platform image (os/arch[/variant]; repeatable)")
-	f.StringVarP(&o.user, "user", "u", "", "registry credentials as user:password (default: docker's config.json)")
+	f.StringVarP(&o.user, "user", "u", "", "registry credentials as user[:password] (default: docker's config.json)")
 	f.StringVar(&o.tempDir, "temp-dir", "", "where layers are spooled during conversion (default $TMPDIR)")
 	f.IntVar(&o.chunkSize, "chunk-size", convert.DefaultChunkSize, "eStargz chunk size in bytes")
 	f.IntVar(&o.parallelism, "parallel", 2, "layers converted concurrently")
@@ -67,9 +67,9 @@ func runConvert(ctx context.Context, o convertOptions, src, dst string) error {
 	hc := registry.HostConfig{PlainHTTP: o.plainHTTP}
 	userSource := ""
 	if o.user != "" {
-		user, pass, ok := strings.Cut(o.user, ":")
-		if !ok {
-			return fmt.Errorf("--user: want user:password")
+		user, pass, err := parseUser(o.user)
+		if err != nil {
+			return err
 		}
 		hc.Username, hc.Password, userSource = user, pass, "--user"
 	}

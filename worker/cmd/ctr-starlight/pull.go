@@ -20,10 +20,11 @@ var pullOpts struct {
 	plainHTTP bool
 	wait      bool
 	platform  string
+	user      string
 }
 
 var pullCmd = &cobra.Command{
-	Use:   "pull [--plain-http] [--wait] [--platform os/arch[/variant]] REF",
+	Use:   "pull [--plain-http] [--wait] [--platform os/arch[/variant]] [--user user[:password]] REF",
 	Short: "Pull an image through the worker: one delta bundle, usable before it has arrived",
 	Long: `Pull asks the worker to pull REF from its Starlight registry. It returns as
 soon as the image is usable (it exists in containerd and its snapshot chain is
@@ -37,13 +38,21 @@ its own platform from a multi-platform image unless --platform names another
 	RunE: func(cmd *cobra.Command, args []string) error {
 		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
-		return runPull(ctx, os.Stdout, term.IsTerminal(int(os.Stdout.Fd())), api.PullRequest{
+		req := api.PullRequest{
 			Ref:       args[0],
 			PlainHTTP: pullOpts.plainHTTP,
 			Namespace: global.namespace,
 			Wait:      pullOpts.wait,
 			Platform:  pullOpts.platform,
-		})
+		}
+		if pullOpts.user != "" {
+			user, password, err := parseUser(pullOpts.user)
+			if err != nil {
+				return err
+			}
+			req.User = user + ":" + password
+		}
+		return runPull(ctx, os.Stdout, term.IsTerminal(int(os.Stdout.Fd())), req)
 	},
 }
 
@@ -51,6 +60,7 @@ func init() {
 	pullCmd.Flags().BoolVar(&pullOpts.plainHTTP, "plain-http", false, "talk HTTP, not HTTPS, to the registry for this pull")
 	pullCmd.Flags().BoolVar(&pullOpts.wait, "wait", false, "return once every content has arrived, not when the image is usable")
 	pullCmd.Flags().StringVar(&pullOpts.platform, "platform", "", `platform of a multi-platform image to pull, e.g. linux/arm64 (default: the worker's)`)
+	pullCmd.Flags().StringVarP(&pullOpts.user, "user", "u", "", "registry credentials for this pull as user[:password], first for every host (default: the worker's sources)")
 	rootCmd.AddCommand(pullCmd)
 }
 

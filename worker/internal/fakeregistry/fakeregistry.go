@@ -174,6 +174,10 @@ type Registry struct {
 	// and half of the next one; with AlwaysBreak every response.
 	BreakAfter  int
 	AlwaysBreak bool
+	// BreakInFrame, if > 0, ends every response in the middle of that
+	// frame (an index in the header's frames), so that a resumed stream
+	// breaks in its first frame: a bundle that never completes.
+	BreakInFrame int
 
 	// TraceFailure, if set, is answered (500) to trace reports.
 	TraceFailure string
@@ -182,6 +186,20 @@ type Registry struct {
 	Refs []string
 	// CorruptBlobs flips a byte of every blob served.
 	CorruptBlobs bool
+
+	// A hostile registry, for the worker's fault tests. With any of
+	// these set, a bundle is built whole, then edited, then sent.
+	//
+	// EditHeader changes the planned header (a copy) before it is
+	// written, in the version the worker asked for if the edited frames
+	// are still chunks of the trees, else in version 1.
+	EditHeader func(h *api.BundleHeader)
+	// EditFrame returns the bytes sent for frame i of the header, in
+	// place of raw, its member (nil for a frame the image has no member
+	// for). The bytes may be of any length.
+	EditFrame func(i int, f api.Frame, raw []byte) []byte
+	// EditStream rewrites the whole answer: magic, header and frames.
+	EditStream func(stream []byte) []byte
 
 	// traces are the reports POSTed to /starlight/v1/traces.
 	traces []api.TraceReport
@@ -308,6 +326,7 @@ func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.mu.Lock()
 	f.requests = append(f.requests, req)
 	first := len(f.requests) == 1
+	breakInFrame := f.BreakInFrame
 	f.mu.Unlock()
 	if req.Reference != "app:v1" && req.Reference != "broken:v1" && !slices.Contains(f.Refs, req.Reference) {
 		w.WriteHeader(http.StatusNotFound)
@@ -324,6 +343,10 @@ func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := f.Image.Header(req.Have)
 	h.Resume = req.Resume
 	w.Header().Set("Content-Type", api.MediaTypeBundle)
+	if f.EditHeader != nil || f.EditFrame != nil || f.EditStream != nil {
+		f.serveHostile(w, h, req)
+		return
+	}
 	bw, err := bundle.NewWriterVersion(w, h, bundle.NegotiateVersion(req.HeaderVersion))
 	if err != nil {
 		f.t.Error(err)
@@ -339,7 +362,8 @@ func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	for i, fr := range bw.Remaining() {
 		m := f.Image.Members[MemberKey(fr.Digest, fr.Offset)]
-		if (first || f.AlwaysBreak) && f.BreakAfter > 0 && i == f.BreakAfter {
+		if (first || f.AlwaysBreak) && f.BreakAfter > 0 && i == f.BreakAfter ||
+			breakInFrame > 0 && h.Resume+i == breakInFrame {
 			w.Write(m[:len(m)/2])
 			return // the stream ends in the middle of a frame
 		}
@@ -348,6 +372,50 @@ func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		w.(http.Flusher).Flush()
 	}
+}
+
+// serveHostile answers a delta request with the bundle h, edited by
+// EditHeader, EditFrame and EditStream.
+func (f *Registry) serveHostile(w http.ResponseWriter, h *api.BundleHeader, req api.DeltaRequest) {
+	if f.EditHeader != nil {
+		// The planned header shares its trees with the image.
+		b, err := json.Marshal(h)
+		if err == nil {
+			h = new(api.BundleHeader)
+			err = json.Unmarshal(b, h)
+		}
+		if err != nil {
+			f.t.Error(err)
+			return
+		}
+		f.EditHeader(h)
+	}
+	var buf bytes.Buffer
+	if _, err := bundle.NewWriterVersion(&buf, h, bundle.NegotiateVersion(req.HeaderVersion)); err != nil {
+		f.t.Error(err)
+		return
+	}
+	for i := h.Resume; i < len(h.Frames); i++ {
+		fr := h.Frames[i]
+		m := f.Image.Members[MemberKey(fr.Digest, fr.Offset)]
+		if f.EditFrame != nil {
+			m = f.EditFrame(i, fr, m)
+		}
+		buf.Write(m)
+	}
+	stream := buf.Bytes()
+	if f.EditStream != nil {
+		stream = f.EditStream(stream)
+	}
+	w.Write(stream)
+}
+
+// SetBreakInFrame sets BreakInFrame for the requests that come from now on
+// (0: the registry stops breaking its streams).
+func (f *Registry) SetBreakInFrame(i int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.BreakInFrame = i
 }
 
 // Requests are the delta requests received so far.
