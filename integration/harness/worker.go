@@ -7,11 +7,12 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/starlight-project/starlight/api"
@@ -54,23 +55,35 @@ type Worker struct {
 	MetricsAddr string
 	proc        *Process
 	bin         string
+	// How to start it again (Restart): the worker binary, its arguments
+	// and environment, its log.
+	workerBin string
+	args      []string
+	env       []string
+	logPath   string
+	ctd       *Containerd
 }
 
 // StartWorker runs bin/starlight-worker with a private root and sockets.
 // Cleanup removes the containers' tasks (their rootfs sit on the worker's
-// mounts), stops the worker by PID with SIGTERM (it unmounts its FUSE
-// mounts) and lazily unmounts leftovers under its root.
+// mounts), stops the worker by PID with SIGTERM, lazily unmounts what is
+// left under its root (the layer views outlive the worker) and stops the
+// fd-holder that kept their connections.
 func StartWorker(t T, opts WorkerOptions) *Worker {
 	t.Helper()
 	bins := Binaries(t)
 	dir := ShortTempDir(t, "wrk-")
 	w := &Worker{
-		Dir:      dir,
-		Root:     opts.Root,
-		Address:  opts.Address,
-		API:      filepath.Join(dir, "api.sock"),
-		CRIProxy: filepath.Join(dir, "cri.sock"),
-		bin:      filepath.Join(bins, CLIBinary),
+		Dir:       dir,
+		Root:      opts.Root,
+		Address:   opts.Address,
+		API:       filepath.Join(dir, "api.sock"),
+		CRIProxy:  filepath.Join(dir, "cri.sock"),
+		bin:       filepath.Join(bins, CLIBinary),
+		workerBin: filepath.Join(bins, WorkerBinary),
+		env:       opts.Env,
+		logPath:   filepath.Join(dir, "worker.log"),
+		ctd:       opts.Containerd,
 	}
 	if w.Root == "" {
 		w.Root = filepath.Join(dir, "root")
@@ -97,22 +110,32 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 		w.MetricsAddr = fmt.Sprintf("127.0.0.1:%d", port)
 		args = append(args, "--metrics", w.MetricsAddr)
 	}
-	args = append(args, opts.Args...)
-	p, err := startProcess("starlight-worker", filepath.Join(dir, "worker.log"), opts.Env, filepath.Join(bins, WorkerBinary), args...)
-	if err != nil {
-		t.Fatalf("worker: %v", err)
-	}
-	w.proc = p
+	w.args = append(args, opts.Args...)
 	t.Cleanup(func() {
 		if opts.Containerd != nil {
 			opts.Containerd.removeTasks(t)
 		}
-		p.Stop(15 * time.Second)
-		p.dumpOnFailure(t)
+		if w.proc != nil {
+			w.proc.Stop(15 * time.Second)
+			w.proc.dumpOnFailure(t)
+		}
 		if err := UnmountUnder(w.Root); err != nil {
 			t.Logf("worker cleanup: %v", err)
 		}
+		w.stopHolder(t)
 	})
+	w.start(t)
+	return w
+}
+
+// start runs the worker process and waits until it serves.
+func (w *Worker) start(t T) {
+	t.Helper()
+	p, err := startProcess("starlight-worker", w.logPath, w.env, w.workerBin, w.args...)
+	if err != nil {
+		t.Fatalf("worker: %v", err)
+	}
+	w.proc = p
 	if err := waitFor(p, 60*time.Second, func() error {
 		for _, s := range []string{w.Address, w.API, w.CRIProxy} {
 			c, err := net.Dial("unix", s)
@@ -130,7 +153,7 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 	// leaves the connection in gRPC's reconnect backoff, during which
 	// containerd's own clients (crictl, ctr) are refused although the
 	// worker serves. Wait until containerd reaches it.
-	if c := opts.Containerd; c != nil && c.starlightSocket == w.Address {
+	if c := w.ctd; c != nil && c.starlightSocket == w.Address {
 		if err := waitFor(p, 60*time.Second, func() error {
 			_, err := c.CtrE("snapshots", "--snapshotter", "starlight", "ls")
 			return err
@@ -139,7 +162,66 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 		}
 	}
 	t.Logf("starlight-worker pid %d, snapshotter %s, api %s", p.PID(), w.Address, w.API)
-	return w
+}
+
+// Kill kills the worker with SIGKILL, as a crash would, and waits until it
+// is gone.
+func (w *Worker) Kill(t T) {
+	t.Helper()
+	if err := w.proc.cmd.Process.Kill(); err != nil {
+		t.Fatalf("kill worker: %v", err)
+	}
+	<-w.proc.Done()
+}
+
+// Stop stops the worker with SIGTERM, as systemctl stop does, and waits
+// until it has exited.
+func (w *Worker) Stop(t T) {
+	t.Helper()
+	w.proc.Stop(60 * time.Second)
+}
+
+// Restart starts the stopped or killed worker again, on the same root and
+// sockets (its log goes on in the same file).
+func (w *Worker) Restart(t T) {
+	t.Helper()
+	if ok, _ := w.proc.Exited(); !ok {
+		t.Fatalf("restart: the worker (pid %d) still runs", w.proc.PID())
+	}
+	w.start(t)
+}
+
+// PID is the worker's process id.
+func (w *Worker) PID() int { return w.proc.PID() }
+
+// stopHolder stops the fd-holder the worker started, if it still runs: it
+// exits by itself once it holds nothing, which takes a few seconds after
+// the views are unmounted.
+func (w *Worker) stopHolder(t T) {
+	b, err := os.ReadFile(filepath.Join(w.Root, "fd-holder.sock.pid"))
+	if err != nil {
+		return
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		return
+	}
+	alive := func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		f := strings.Fields(string(b))
+		return err == nil && len(f) > 2 && f[2] != "Z" && strings.Contains(f[1], "starlight")
+	}
+	if !alive() {
+		return
+	}
+	syscall.Kill(pid, syscall.SIGTERM)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if !alive() {
+			return
+		}
+	}
+	t.Logf("fd-holder %d ignores SIGTERM; killing it", pid)
+	syscall.Kill(pid, syscall.SIGKILL)
 }
 
 // Node is a containerd with the starlight proxy snapshotter and its worker.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/BurntSushi/toml"
@@ -25,6 +26,7 @@ const (
 	DefaultMaxConcurrentPulls = 4
 	DefaultPullRetries        = 5
 	DefaultDemandFetches      = 8
+	DefaultFDStore            = "auto"
 	// DefaultConfigPath is containerd's host configuration directory,
 	// the one its CRI plugin reads too.
 	DefaultConfigPath = "/etc/containerd/certs.d"
@@ -79,8 +81,29 @@ type Config struct {
 	// [[registry]] entry. Empty: $DOCKER_CONFIG/config.json, else
 	// ~/.docker/config.json.
 	DockerConfig string `toml:"docker_config"`
+	// FDStore is where the worker keeps the FUSE connections of its
+	// layer views, so that running containers survive a restart, a
+	// crash or an upgrade of the worker: "systemd" (the unit's file
+	// descriptor store, FileDescriptorStoreMax=), "holder" (the
+	// fd-holder process the worker starts), "auto" (systemd's store
+	// when systemd says the unit has one, else the holder) or "off"
+	// (the views end with the worker, and so do the containers' root
+	// file systems).
+	FDStore string `toml:"fd_store"`
+	// FDHolder is the fd-holder's unix socket. Empty: fd-holder.sock
+	// under Root.
+	FDHolder string `toml:"fd_holder"`
 	// Registries are the Starlight registries references may point at.
 	Registries []Registry `toml:"registry"`
+}
+
+// FDHolderSocket is the fd-holder's socket: FDHolder, or its default
+// under Root.
+func (c *Config) FDHolderSocket() string {
+	if c.FDHolder != "" {
+		return c.FDHolder
+	}
+	return filepath.Join(c.Root, "fd-holder.sock")
 }
 
 // Registry is one Starlight registry endpoint.
@@ -132,6 +155,7 @@ func Default() *Config {
 		MaxConcurrentPulls: DefaultMaxConcurrentPulls,
 		PullRetries:        DefaultPullRetries,
 		DemandFetches:      DefaultDemandFetches,
+		FDStore:            DefaultFDStore,
 		ConfigPath:         DefaultConfigPath,
 	}
 }
@@ -218,6 +242,11 @@ func (c *Config) Validate() error {
 	}
 	if c.DemandFetches < 0 {
 		return fmt.Errorf("config: demand_fetches must not be negative")
+	}
+	switch c.FDStore {
+	case "auto", "systemd", "holder", "off":
+	default:
+		return fmt.Errorf("config: fd_store must be auto, systemd, holder or off, not %q", c.FDStore)
 	}
 	seen := map[string]bool{}
 	for i := range c.Registries {

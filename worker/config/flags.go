@@ -22,6 +22,8 @@ type Flags struct {
 	demand     int
 	hostsDir   string
 	dockerCfg  string
+	fdStore    string
+	fdHolder   string
 }
 
 // AddFlags registers the worker flags on fs.
@@ -38,6 +40,8 @@ func AddFlags(fs *pflag.FlagSet) *Flags {
 	fs.IntVar(&f.demand, "demand-fetches", DefaultDemandFetches, "concurrent ranged GETs for chunks a blocked read waits for (0: wait for the bundle stream)")
 	fs.StringVar(&f.hostsDir, "hosts-dir", DefaultConfigPath, "containerd's host configuration directory (hosts.toml), config_path (empty: none)")
 	fs.StringVar(&f.dockerCfg, "docker-config", "", "docker config.json for registry credentials (default $DOCKER_CONFIG/config.json or ~/.docker/config.json)")
+	fs.StringVar(&f.fdStore, "fd-store", DefaultFDStore, "where the FUSE connections are kept across worker restarts: auto, systemd, holder, off")
+	fs.StringVar(&f.fdHolder, "fd-holder", "", "unix socket of the fd-holder (default ROOT/fd-holder.sock)")
 	fs.StringArrayVar(&f.registries, "registry", nil, "Starlight registry, repeatable: http://host:port (plain HTTP), https://host, userinfo allowed")
 	return f
 }
@@ -63,6 +67,8 @@ func (f *Flags) Load() (*Config, error) {
 		"log-level":     &c.LogLevel,
 		"hosts-dir":     &c.ConfigPath,
 		"docker-config": &c.DockerConfig,
+		"fd-store":      &c.FDStore,
+		"fd-holder":     &c.FDHolder,
 	} {
 		if fl := f.fs.Lookup(name); fl != nil && fl.Changed {
 			*dst = fl.Value.String()

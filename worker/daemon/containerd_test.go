@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -151,11 +152,21 @@ type testWorker struct {
 	cfg    *config.Config
 	d      *Daemon
 	client *client.Client
+	// stop stops the worker and waits for it (once; the test's cleanup
+	// calls it too).
+	stop func()
 }
 
-// startWorker runs a worker in-process until the test ends.
+// startWorker runs a worker in-process until the test ends. Its views end
+// with it (fd_store = "off").
 func startWorker(t *testing.T, dir string, registries ...config.Registry) *testWorker {
 	t.Helper()
+	t.Cleanup(func() { unmountUnder(t, dir) }) // after the worker stopped
+	return serveWorker(t, workerConfig(dir, registries...), WithPullBackoff(10*time.Millisecond))
+}
+
+// workerConfig is the configuration of a test worker under dir.
+func workerConfig(dir string, registries ...config.Registry) *config.Config {
 	cfg := config.Default()
 	cfg.Root = filepath.Join(dir, "worker")
 	cfg.Address = filepath.Join(dir, "sn.sock")
@@ -163,8 +174,16 @@ func startWorker(t *testing.T, dir string, registries ...config.Registry) *testW
 	cfg.Containerd = filepath.Join(dir, "ctrd", "containerd.sock")
 	cfg.Registries = registries
 	cfg.PullRetries = 2
+	cfg.FDStore = "off"
+	return cfg
+}
+
+// serveWorker runs a worker with cfg in-process until stop or the end of
+// the test.
+func serveWorker(t *testing.T, cfg *config.Config, opts ...Option) *testWorker {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := New(ctx, cfg, WithPullBackoff(10*time.Millisecond))
+	d, err := New(ctx, cfg, opts...)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
@@ -172,18 +191,21 @@ func startWorker(t *testing.T, dir string, registries ...config.Registry) *testW
 	ready := make(chan struct{})
 	done := make(chan error, 1)
 	go func() { done <- d.Serve(ctx, func() { close(ready) }) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("worker: %v", err)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("worker: %v", err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Errorf("worker did not stop")
 			}
-		case <-time.After(30 * time.Second):
-			t.Errorf("worker did not stop")
-		}
-		unmountUnder(t, dir)
-	})
+		})
+	}
+	t.Cleanup(stop)
 	select {
 	case <-ready:
 	case err := <-done:
@@ -191,7 +213,7 @@ func startWorker(t *testing.T, dir string, registries ...config.Registry) *testW
 	}
 	c := client.New(cfg.API)
 	t.Cleanup(c.Close)
-	return &testWorker{cfg: cfg, d: d, client: c}
+	return &testWorker{cfg: cfg, d: d, client: c, stop: stop}
 }
 
 func waitImage(t *testing.T, c *client.Client, ref string, cond func(api.WorkerImage) bool) api.WorkerImage {

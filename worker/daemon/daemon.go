@@ -31,6 +31,8 @@ import (
 	"github.com/starlight-project/starlight/worker/cri"
 	"github.com/starlight-project/starlight/worker/criproxy"
 	"github.com/starlight-project/starlight/worker/demand"
+	"github.com/starlight-project/starlight/worker/fdstore"
+	"github.com/starlight-project/starlight/worker/fs"
 	"github.com/starlight-project/starlight/worker/gc"
 	"github.com/starlight-project/starlight/worker/importer"
 	"github.com/starlight-project/starlight/worker/layers"
@@ -50,7 +52,10 @@ type Daemon struct {
 	Tracer      *tracer.Tracer
 	Collector   *gc.Collector
 	importer    *importer.Importer
-	metrics     *prometheus.Registry
+	// keeper keeps the views' FUSE connections across restarts; nil
+	// with fd_store = "off".
+	keeper  *fdstore.Store
+	metrics *prometheus.Registry
 	// criSecrets holds the credentials of the CRI proxy's pulls in
 	// flight.
 	criSecrets *criproxy.Secrets
@@ -64,7 +69,14 @@ type Daemon struct {
 type Option func(*options)
 
 type options struct {
-	pullBackoff time.Duration
+	pullBackoff   time.Duration
+	holderCommand []string
+}
+
+// WithHolderCommand sets how to start the fd-holder when none runs (tests
+// whose binary is not starlight-worker).
+func WithHolderCommand(cmd []string) Option {
+	return func(o *options) { o.holderCommand = cmd }
 }
 
 // WithPullBackoff sets the wait before the first resume of a broken bundle
@@ -75,8 +87,11 @@ func WithPullBackoff(d time.Duration) Option {
 
 // New opens the worker's state under cfg.Root: the content store
 // (store/), the layer registry (layers/), the snapshotter (snapshots/),
-// the image records (images/) and the traces (traces/). It remounts the
-// known layers, so that snapshots made before a restart work again.
+// the image records (images/) and the traces (traces/). It mounts the
+// known layers, so that snapshots made before a restart work again: the
+// views an earlier worker left mounted (cfg.FDStore keeps their
+// connections) are taken over, so the containers that run on them never
+// notice, and the pulls it left unfinished resume.
 func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, err error) {
 	var o options
 	for _, opt := range opts {
@@ -96,7 +111,16 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 	if d.Store, err = store.Open(filepath.Join(cfg.Root, "store")); err != nil {
 		return nil, err
 	}
-	if d.Layers, err = layers.Open(ctx, filepath.Join(cfg.Root, "layers"), d.Store, layers.FUSEMounter(d.Store, nil)); err != nil {
+	if d.keeper, err = fdstore.Open(ctx, fdstore.Options{
+		Mode: cfg.FDStore, Socket: cfg.FDHolderSocket(), HolderCommand: o.holderCommand,
+	}); err != nil {
+		return nil, fmt.Errorf("opening the fd store (fd_store = %q; \"off\" runs without, and containers then lose their root file systems when the worker stops): %w", cfg.FDStore, err)
+	}
+	var keeper fs.FDKeeper
+	if d.keeper != nil {
+		keeper = d.keeper
+	}
+	if d.Layers, err = layers.Open(ctx, filepath.Join(cfg.Root, "layers"), d.Store, layers.FUSEMounter(d.Store, nil, keeper)); err != nil {
 		return nil, err
 	}
 	rc := newRemote(registryHosts(cfg, nil))
@@ -138,7 +162,14 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 			Namespace: "starlight", Subsystem: "worker", Name: "pending_contents",
 			Help: "Contents expected and not arrived yet; reads of them wait.",
 		}, func() float64 { return float64(d.Store.Pending()) }))
+	// The puller expected the contents of the pulls it resumes: reads
+	// through the views taken over wait for them from the first request.
 	d.Layers.MountAll(ctx)
+	if d.keeper != nil {
+		if dropped := d.keeper.DropUnclaimed(ctx); len(dropped) > 0 {
+			log.G(ctx).WithField("names", dropped).Warn("dropped kept FUSE connections of layers this worker does not know")
+		}
+	}
 	return d, nil
 }
 
@@ -204,9 +235,11 @@ func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
 
 // Serve serves the snapshotter (gRPC on cfg.Address), the worker API (HTTP
 // on cfg.API) and the metrics (cfg.Metrics, if set) until ctx is done,
-// then stops gracefully: servers drain, pulls stop, every FUSE mount the
-// worker made is unmounted and the sockets are removed. ready, if not nil,
-// is called once every listener is up.
+// then stops gracefully: servers drain, pulls stop (they resume at the next
+// start), the layer views stay mounted for the next worker to take over
+// (unmounted only with fd_store = "off") and the sockets are removed.
+// ready, if not nil, is called once every listener is up; systemd is told
+// too (Type=notify).
 func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 	var (
 		wg       sync.WaitGroup
@@ -281,6 +314,9 @@ func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 	if ready != nil && ctx.Err() == nil {
 		ready()
 	}
+	if err := fdstore.NotifyReady(); err != nil {
+		log.G(ctx).WithError(err).Warn("telling systemd the worker is ready")
+	}
 
 	<-ctx.Done()
 	log.G(ctx).Info("stopping")
@@ -308,7 +344,7 @@ func (d *Daemon) Serve(ctx context.Context, ready func()) error {
 	return serveErr
 }
 
-// close releases what New opened, unmounting every layer view. It runs
+// close releases what New opened; kept layer views stay mounted. It runs
 // on a partly built daemon too (New failed).
 func (d *Daemon) close(ctx context.Context) {
 	d.cancel()
@@ -325,7 +361,12 @@ func (d *Daemon) close(ctx context.Context) {
 	}
 	if d.Layers != nil {
 		if err := d.Layers.Close(); err != nil {
-			log.G(ctx).WithError(err).Warn("unmounting layers")
+			log.G(ctx).WithError(err).Warn("closing the layer views")
+		}
+	}
+	if d.keeper != nil {
+		if err := d.keeper.Close(); err != nil {
+			log.G(ctx).WithError(err).Warn("closing the fd store")
 		}
 	}
 	if d.importer != nil {

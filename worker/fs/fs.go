@@ -12,23 +12,45 @@
 // interrupt cancels it), and fails with EIO if the content failed. A file
 // whose content is complete when it is opened is handed to the kernel with
 // FUSE passthrough, so its reads never reach this process.
+//
+// A view can outlive the process that serves it (Options.Keeper): its
+// /dev/fuse connection is kept outside the process, and the next process
+// that mounts the same layer on the same directory takes the connection
+// over instead of mounting again. Everything the kernel holds about the
+// view stays valid across the takeover, because nothing of it lives only
+// in the process that served it:
+//
+//   - node IDs are the tree's inode numbers, which the tree alone
+//     determines (assignInodes), and which a takeover keeps even if this
+//     version of the worker numbers the tree otherwise (the inode map);
+//   - file handles carry no state a new process could not rebuild, and
+//     each inode's I/O mode (passthrough with its backing file, or served
+//     here), which the kernel requires to stay consistent while files are
+//     open, is logged next to the connection (iomodes.go);
+//   - the kernel's INIT request is kept with the connection and replayed
+//     into the new server, so both sides agree on the protocol;
+//   - requests the old process had read but not answered are sent again
+//     by the kernel (FUSE_NOTIFY_RESEND, Linux 6.9), and requests that
+//     arrived meanwhile wait in the kernel's queue.
+//
+// The FUSE protocol is go-fuse's (fuse.ProtocolServer), on a connection this
+// package mounts and reads itself (server.go).
 package fs
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
+	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/containerd/log"
-	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 
 	"github.com/starlight-project/starlight/api"
 	"github.com/starlight-project/starlight/worker/store"
@@ -54,25 +76,56 @@ type Options struct {
 	// on the read path and must be cheap.
 	OnRead func(layer digest.Digest, name string, off, size int64)
 	// NoPassthrough serves every read through this process, even of a
-	// complete content (from the complete file, without copying through
-	// user space where the kernel can splice). A traced view uses it.
+	// complete content (from the complete file). A traced view uses it.
 	NoPassthrough bool
+	// Keeper, if not nil, keeps the mount's connection outside this
+	// process, so that the mount outlives it (see Detach) and the next
+	// process's Mount of the same directory takes it over. StateDir is
+	// then required.
+	Keeper FDKeeper
+	// StateDir holds what a takeover needs besides the connection (the
+	// INIT exchange, the inodes' I/O modes). It is created if needed and
+	// belongs to the mount.
+	StateDir string
 	// Debug logs every FUSE request.
 	Debug bool
 }
 
+// FDKeeper keeps file descriptors outside the process (package fdstore).
+type FDKeeper interface {
+	// Keep stores a duplicate of f under name, replacing what name held.
+	Keep(name string, f *os.File) error
+	// Take returns, once, the descriptor an earlier process kept under
+	// name; it stays kept.
+	Take(name string) (*os.File, bool)
+	// Drop forgets name and closes the kept copy.
+	Drop(name string) error
+}
+
 // MountedLayer is a live FUSE mount of one layer.
 type MountedLayer struct {
-	server     *fuse.Server
+	conn       *conn
 	mountpoint string
+	keeper     FDKeeper // nil: the mount ends with this process
+	keptName   string
+	stateDir   string
 	cancel     context.CancelFunc // ends the reads still waiting for content
 	once       sync.Once
 	err        error
+	// TakenOver reports that Mount took over the connection of an
+	// earlier process instead of mounting.
+	TakenOver bool
 }
 
 // Mount mounts the view of tree on mountpoint (an existing directory) and
 // returns once the mount is live. It needs root (CAP_SYS_ADMIN) and
 // /dev/fuse.
+//
+// With opts.Keeper, a mount of the same directory that an earlier process
+// kept is taken over: it is served again, from where that process stopped,
+// and the containers that use it never notice. Otherwise a mount left on
+// mountpoint (dead: "transport endpoint is not connected") is detached and
+// the view mounted anew.
 func Mount(mountpoint string, tree api.LayerTree, opts Options) (*MountedLayer, error) {
 	layer, err := api.ParseDigest(tree.Digest)
 	if err != nil {
@@ -85,47 +138,23 @@ func Mount(mountpoint string, tree api.LayerTree, opts Options) (*MountedLayer, 
 	if opts.Store == nil && hasContent(root) {
 		return nil, fmt.Errorf("mounting layer %s: no content store", layer)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	l := &layerFS{layer: layer, store: opts.Store, onOpen: opts.OnOpen, onRead: opts.OnRead,
-		passthrough: !opts.NoPassthrough, ctx: ctx}
-	timeout := cacheTimeout
-	fsopts := &gofs.Options{
-		MountOptions: fuse.MountOptions{
-			AllowOther:        true,
-			DirectMount:       true,
-			DirectMountStrict: true,
-			// Read-only, and without the nosuid/nodev go-fuse adds by
-			// default: setuid binaries and device nodes of the image
-			// must work as on an unpacked layer.
-			DirectMountFlags: syscall.MS_RDONLY,
-			// Let the kernel check permissions against the modes and
-			// owners, as on a local filesystem.
-			Options:  []string{"default_permissions"},
-			FsName:   "starlight",
-			Name:     "starlight",
-			MaxWrite: 1 << 20, // also the largest read request
-			// Kernel readahead of a file read through this process
-			// (one not complete when opened) is one request: if its
-			// window reaches into a chunk that has not arrived, the
-			// whole request waits for it. A modest window keeps
-			// such waits to the neighbouring chunk.
-			MaxReadAhead: 128 << 10,
-			Debug:        opts.Debug,
-		},
-		EntryTimeout:    &timeout,
-		AttrTimeout:     &timeout,
-		NegativeTimeout: &timeout,
-		// Modes are served as they are, 0 included (whiteouts, and
-		// files like /etc/shadow in some images).
-		NullPermissions: true,
-		RootStableAttr:  &gofs.StableAttr{Ino: root.ino},
+	if opts.Keeper != nil && opts.StateDir == "" {
+		return nil, fmt.Errorf("mounting layer %s: a kept mount needs a state directory", layer)
 	}
-	server, err := gofs.Mount(mountpoint, &rootNode{node: node{l: l, m: root}}, fsopts)
-	if err != nil {
-		cancel()
-		return nil, fmt.Errorf("mounting layer %s on %s: %w", layer, mountpoint, err)
+	if opts.Keeper != nil {
+		m, err := takeOver(mountpoint, layer, root, opts)
+		if err == nil {
+			return m, nil
+		}
+		if !errors.Is(err, errNotKept) {
+			log.L.WithError(err).WithField("layer", layer).WithField("mountpoint", mountpoint).
+				Error("cannot take over the kept mount; mounting the layer again (its users lose it)")
+		}
 	}
-	return &MountedLayer{server: server, mountpoint: mountpoint, cancel: cancel}, nil
+	// A worker that crashed without a keeper leaves its FUSE mounts
+	// behind, dead: detach them first.
+	_ = syscall.Unmount(mountpoint, syscall.MNT_DETACH)
+	return mountNew(mountpoint, layer, root, opts)
 }
 
 func hasContent(n *inode) bool {
@@ -140,255 +169,161 @@ func hasContent(n *inode) bool {
 	return false
 }
 
+// mountOptions are the FUSE options of every view. A takeover relies on
+// them being the ones the kept connection was mounted with; mountState
+// records what was negotiated.
+func mountOptions(debug bool) *fuse.MountOptions {
+	return &fuse.MountOptions{
+		// Read-only, and without nosuid/nodev: setuid binaries and
+		// device nodes of the image must work as on an unpacked layer.
+		FsName: "starlight",
+		Name:   "starlight",
+		// Also the largest read request.
+		MaxWrite: 1 << 20,
+		// Kernel readahead of a file read through this process (one
+		// not complete when opened) is one request: if its window
+		// reaches into a chunk that has not arrived, the whole request
+		// waits for it. A modest window keeps such waits to the
+		// neighbouring chunk.
+		MaxReadAhead: 128 << 10,
+		Debug:        debug,
+	}
+}
+
+// mountNew mounts a fresh connection.
+func mountNew(mountpoint string, layer digest.Digest, root *inode, opts Options) (*MountedLayer, error) {
+	mo := mountOptions(opts.Debug)
+	var modes *ioModes
+	if opts.Keeper != nil {
+		if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("mounting layer %s: %w", layer, err)
+		}
+		// A new connection starts with no inode in any I/O mode.
+		var err error
+		if modes, err = createIOModes(filepath.Join(opts.StateDir, ioModesFile)); err != nil {
+			return nil, fmt.Errorf("mounting layer %s: %w", layer, err)
+		}
+	} else {
+		modes = newIOModes()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	l := newLayerFS(ctx, layer, root, opts, modes)
+	fd, err := mountFUSE(mountpoint, mo)
+	if err != nil {
+		cancel()
+		modes.close()
+		return nil, fmt.Errorf("mounting layer %s on %s: %w", layer, mountpoint, err)
+	}
+	c, err := newConn(fd, l, mo)
+	if err != nil {
+		syscall.Unmount(mountpoint, syscall.MNT_DETACH)
+		unix.Close(fd)
+		cancel()
+		modes.close()
+		return nil, fmt.Errorf("mounting layer %s on %s: %w", layer, mountpoint, err)
+	}
+	l.conn = c
+	st, err := c.initNew()
+	if err == nil && opts.Keeper != nil {
+		st.Dev, err = mountDevice(mountpoint)
+		if err == nil {
+			err = writeInodeMap(opts.StateDir, root)
+		}
+		if err == nil {
+			err = writeMountState(opts.StateDir, st)
+		}
+	}
+	serving := err == nil
+	if serving {
+		go c.serve()
+		err = pollHack(mountpoint)
+	}
+	if err != nil {
+		syscall.Unmount(mountpoint, syscall.MNT_DETACH)
+		if serving {
+			c.detach()
+		} else {
+			close(c.done)
+		}
+		c.closeWhenDone()
+		cancel()
+		modes.close()
+		return nil, fmt.Errorf("mounting layer %s on %s: %w", layer, mountpoint, err)
+	}
+	m := &MountedLayer{conn: c, mountpoint: mountpoint, cancel: cancel}
+	if opts.Keeper != nil {
+		name := keptName(mountpoint)
+		err := keep(opts.Keeper, name, c)
+		if err != nil {
+			// The view works; it just will not outlive this process.
+			log.L.WithError(err).WithField("layer", layer).Warn("cannot keep the FUSE connection outside the worker: " +
+				"this view ends with the worker process")
+		} else {
+			m.keeper, m.keptName, m.stateDir = opts.Keeper, name, opts.StateDir
+		}
+	}
+	return m, nil
+}
+
+// keep hands a duplicate of c's descriptor to the keeper.
+func keep(k FDKeeper, name string, c *conn) error {
+	f, err := c.file()
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return k.Keep(name, f)
+}
+
 // Mountpoint returns where the layer is mounted.
 func (m *MountedLayer) Mountpoint() string { return m.mountpoint }
 
-// Unmount unmounts the layer. If the mount is busy it is detached (lazy
-// unmount), so it disappears from the namespace at once and goes away when
-// its last user does.
+// Unmount unmounts the layer: the explicit end of the view (no snapshot
+// uses it any more), unlike Detach. If the mount is busy it is detached
+// (lazy unmount), so it disappears from the namespace at once and goes
+// away when its last user does. The kept connection is dropped.
 func (m *MountedLayer) Unmount() error {
 	m.once.Do(func() {
 		// Readahead requests are not interrupted by the kernel; once
 		// the mount is gone nobody waits for their answer.
 		defer m.cancel()
-		if err := m.server.Unmount(); err != nil {
+		if err := syscall.Unmount(m.mountpoint, 0); err != nil {
 			if derr := syscall.Unmount(m.mountpoint, syscall.MNT_DETACH); derr != nil {
 				m.err = fmt.Errorf("unmounting %s: %w (lazy unmount: %v)", m.mountpoint, err, derr)
+				return
 			}
 		}
+		if m.keeper != nil {
+			if err := m.keeper.Drop(m.keptName); err != nil {
+				log.L.WithError(err).WithField("mountpoint", m.mountpoint).Warn("dropping the kept FUSE connection")
+			}
+			os.RemoveAll(m.stateDir)
+		}
+		m.conn.closeWhenDone()
+		go func() { <-m.conn.done; m.conn.fs.closeFiles() }()
 	})
 	return m.err
 }
 
-// Wait blocks until the filesystem is unmounted.
-func (m *MountedLayer) Wait() { m.server.Wait() }
+// Kept reports whether the mount outlives this process (Detach).
+func (m *MountedLayer) Kept() bool { return m.keeper != nil }
 
-// layerFS is what every node of one mount shares.
-type layerFS struct {
-	layer  digest.Digest
-	store  *store.Store
-	onOpen func(layer digest.Digest, name string)
-	onRead func(layer digest.Digest, name string, off, size int64)
-	// passthrough hands complete contents to the kernel.
-	passthrough bool
-	ctx         context.Context // done when the layer is unmounted
+// Detach stops serving the view and leaves it mounted, for the next
+// process to take over: the worker stops, the containers stay. Requests
+// still unanswered are left to the kernel, which sends them to the next
+// server. A view that is not kept (Kept) is unmounted instead.
+func (m *MountedLayer) Detach() error {
+	if m.keeper == nil {
+		return m.Unmount()
+	}
+	m.once.Do(func() {
+		m.conn.detach()
+		m.cancel()
+		m.conn.fs.modes.close()
+		m.conn.fs.closeFiles()
+	})
+	return nil
 }
 
-// node is a file of the view. One node per inode: hard links add the same
-// node under several names.
-type node struct {
-	gofs.Inode
-	l *layerFS
-	m *inode
-
-	opened atomic.Bool // OnOpen was called
-
-	// cachedOpens counts the open handles that read through this
-	// process (page-cache mode). The kernel refuses to mix them with
-	// passthrough handles on one inode, so passthrough is used only when
-	// there are none.
-	mu          sync.Mutex
-	cachedOpens int
-}
-
-var (
-	_ gofs.NodeGetattrer   = (*node)(nil)
-	_ gofs.NodeReadlinker  = (*node)(nil)
-	_ gofs.NodeGetxattrer  = (*node)(nil)
-	_ gofs.NodeListxattrer = (*node)(nil)
-	_ gofs.NodeOpener      = (*node)(nil)
-	_ gofs.NodeOnAdder     = (*rootNode)(nil)
-)
-
-// rootNode builds the whole tree of inodes when the mount starts.
-type rootNode struct {
-	node
-}
-
-func (r *rootNode) OnAdd(ctx context.Context) {
-	nodes := map[*inode]*gofs.Inode{r.m: &r.Inode}
-	var add func(dir *gofs.Inode, m *inode)
-	add = func(dir *gofs.Inode, m *inode) {
-		for name, c := range m.children {
-			child, ok := nodes[c]
-			if !ok {
-				child = dir.NewPersistentInode(ctx, &node{l: r.l, m: c}, gofs.StableAttr{Mode: c.typ, Ino: c.ino})
-				nodes[c] = child
-				if c.isDir() {
-					add(child, c)
-				}
-			}
-			dir.AddChild(name, child, false)
-		}
-	}
-	add(&r.Inode, r.m)
-}
-
-func (n *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	m := n.m
-	out.Ino = m.ino
-	out.Mode = m.typ | m.mode
-	out.Size = uint64(m.size)
-	out.Uid = m.uid
-	out.Gid = m.gid
-	out.Nlink = m.nlink
-	out.Rdev = m.rdev
-	out.Blksize = 4096
-	out.SetTimes(&m.mtime, &m.mtime, &m.mtime)
-	return 0
-}
-
-func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
-	if n.m.typ != syscall.S_IFLNK {
-		return nil, syscall.EINVAL
-	}
-	return []byte(n.m.target), 0
-}
-
-func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
-	v, ok := n.m.xattrs[attr]
-	if !ok {
-		return 0, syscall.ENODATA
-	}
-	if len(dest) < len(v) {
-		return uint32(len(v)), syscall.ERANGE
-	}
-	return uint32(copy(dest, v)), 0
-}
-
-func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
-	var size int
-	for _, k := range n.m.xattrNames() {
-		size += len(k) + 1
-	}
-	if len(dest) < size {
-		return uint32(size), syscall.ERANGE
-	}
-	off := 0
-	for _, k := range n.m.xattrNames() {
-		off += copy(dest[off:], k)
-		dest[off] = 0
-		off++
-	}
-	return uint32(size), 0
-}
-
-func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
-	if n.m.typ != syscall.S_IFREG {
-		return nil, 0, syscall.EINVAL
-	}
-	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
-		return nil, 0, syscall.EROFS
-	}
-	if n.l.onOpen != nil && !n.opened.Swap(true) {
-		n.l.onOpen(n.l.layer, n.m.name)
-	}
-	// The content never changes: keep the page cache across opens.
-	const fuseFlags = fuse.FOPEN_KEEP_CACHE
-	if n.m.digest == "" {
-		return &handle{n: n}, fuseFlags, 0
-	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if n.l.passthrough && n.cachedOpens == 0 && n.l.store.Has(n.m.digest) {
-		if f, err := n.l.store.Open(n.m.digest); err == nil {
-			// go-fuse registers f as the backing file (passthrough)
-			// and drops KEEP_CACHE; if the kernel refuses, reads
-			// come here and are served from f.
-			return &handle{n: n, f: f, passthrough: true}, fuseFlags, 0
-		}
-	}
-	n.cachedOpens++
-	return &handle{n: n}, fuseFlags, 0
-}
-
-// handle is an open regular file.
-type handle struct {
-	n *node
-	// passthrough handles are opened on complete contents and offer f
-	// to the kernel as the backing file.
-	passthrough bool
-
-	mu sync.Mutex
-	f  *os.File // the complete content, once known to be complete
-}
-
-var (
-	_ gofs.FilePassthroughFder = (*handle)(nil)
-	_ gofs.FileReader          = (*handle)(nil)
-	_ gofs.FileReleaser        = (*handle)(nil)
-)
-
-// PassthroughFd implements FilePassthroughFder. It is only asked when the
-// inode has no backing file yet; a handle opened before its content was
-// complete declines, so it keeps reading through ReadAt.
-func (h *handle) PassthroughFd() (int, bool) {
-	if !h.passthrough {
-		return 0, false
-	}
-	return int(h.f.Fd()), true
-}
-
-// servedReads counts the reads this process served, that is, the reads
-// that did not go through passthrough.
-var servedReads atomic.Int64
-
-func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	servedReads.Add(1)
-	m := h.n.m
-	if off >= m.size || len(dest) == 0 {
-		return fuse.ReadResultData(nil), 0
-	}
-	dest = dest[:min(int64(len(dest)), m.size-off)]
-	if h.n.l.onRead != nil {
-		h.n.l.onRead(h.n.l.layer, m.name, off, int64(len(dest)))
-	}
-	if f := h.complete(); f != nil {
-		return fuse.ReadResultFd(f.Fd(), off, len(dest)), 0
-	}
-	// The request's context is done on a FUSE INTERRUPT; reads issued
-	// by kernel readahead are never interrupted, so unmounting ends them.
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stop := context.AfterFunc(h.n.l.ctx, cancel)
-	defer stop()
-	n, err := h.n.l.store.ReadAt(ctx, m.digest, dest, off)
-	if err != nil && !(errors.Is(err, io.EOF) && n == len(dest)) {
-		if ctx.Err() != nil {
-			return nil, syscall.EINTR
-		}
-		log.G(ctx).WithError(err).WithFields(log.Fields{
-			"layer": h.n.l.layer, "name": m.name, "offset": off,
-		}).Warn("read failed")
-		return nil, syscall.EIO
-	}
-	return fuse.ReadResultData(dest[:n]), 0
-}
-
-// complete returns the complete content file, opening it the first time
-// the content is found complete.
-func (h *handle) complete() *os.File {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.f == nil && h.n.l.store.Has(h.n.m.digest) {
-		if f, err := h.n.l.store.Open(h.n.m.digest); err == nil {
-			h.f = f
-		}
-	}
-	return h.f
-}
-
-func (h *handle) Release(ctx context.Context) syscall.Errno {
-	if !h.passthrough && h.n.m.digest != "" {
-		h.n.mu.Lock()
-		h.n.cachedOpens--
-		h.n.mu.Unlock()
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.f != nil {
-		h.f.Close()
-		h.f = nil
-	}
-	return 0
-}
+// Wait blocks until the filesystem is unmounted (or detached).
+func (m *MountedLayer) Wait() { <-m.conn.done }

@@ -106,7 +106,7 @@ func mountLayer(t testing.TB, s *store.Store, entries []api.Entry, opts ...func(
 	t.Helper()
 	mnt := t.TempDir()
 	layerSeq++
-	o := Options{Store: s}
+	o := Options{Store: s, Debug: os.Getenv("FSDEBUG") != ""} // FSDEBUG=1 logs every request
 	for _, f := range opts {
 		f(&o)
 	}

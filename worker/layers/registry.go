@@ -2,7 +2,8 @@
 // tree of every layer a bundle header described, which of them are
 // complete, the pushed layers they replace, and their FUSE views, mounted
 // when a snapshot needs them (every known layer at start) and unmounted
-// when no snapshot uses them any more. It implements snapshotter.Layers.
+// when no snapshot uses them any more (not when the worker stops: a kept
+// view outlives it). It implements snapshotter.Layers.
 package layers
 
 import (
@@ -50,6 +51,8 @@ type contentSyncer interface {
 //	                 sha256:<hex>, as a bundle header said (a CRI pull
 //	                 names layers by their pushed digests)
 //	mnt/             the mount point of the layer's view, mounted on demand
+//	fuse/            what the next worker needs to take the view over
+//	                 (a kept view outlives the worker; see FUSEMounter)
 //
 // It implements snapshotter.Layers: the snapshotter resolves a Prepare to a
 // known layer and asks for its directory when it mounts a rootfs. The
@@ -430,7 +433,8 @@ func (l *Registry) Usage(ctx context.Context, d digest.Digest) (snapshots.Usage,
 }
 
 // MountAll mounts every known layer, as at worker start: snapshots made
-// before a restart point at these directories.
+// before a restart point at these directories. A view an earlier worker
+// left mounted is taken over (see FUSEMounter).
 func (l *Registry) MountAll(ctx context.Context) {
 	for _, d := range l.Digests(false) {
 		if _, err := l.Dir(ctx, d); err != nil {
@@ -439,15 +443,24 @@ func (l *Registry) MountAll(ctx context.Context) {
 	}
 }
 
-// Close unmounts every view this registry mounted.
+// Close stops serving every view this registry mounted, as the worker
+// stops: a view that can outlive the worker (Detacher) stays mounted for
+// the next worker to take over, so the containers using it keep running;
+// the others are unmounted.
 func (l *Registry) Close() error {
 	var errs []error
 	for _, d := range l.Digests(false) {
 		ly, _ := l.get(d)
 		ly.mu.Lock()
 		if ly.mnt != nil {
-			if err := ly.mnt.Close(); err != nil {
-				errs = append(errs, fmt.Errorf("unmounting layer %s: %w", d, err))
+			var err error
+			if dt, ok := ly.mnt.(Detacher); ok {
+				err = dt.Detach()
+			} else {
+				err = ly.mnt.Close()
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("closing the view of layer %s: %w", d, err))
 			} else {
 				ly.mnt = nil
 			}

@@ -156,7 +156,10 @@ func (p *Job) update(fn func(img *api.WorkerImage)) {
 func imageKey(namespace, ref string) string { return namespace + "\x00" + ref }
 
 // New loads the image records under deps.RecordDir. A pull that was still
-// running when the worker stopped is reported as interrupted.
+// running when the worker stopped (or crashed) resumes by itself, from what
+// had arrived: its contents are expected again at once (reads through the
+// views wait for them instead of failing) and the stream is asked for from
+// the first frame missing (resume.go).
 func New(cfg *config.Config, deps Deps) (*Puller, error) {
 	recordDir := deps.RecordDir
 	if err := os.MkdirAll(recordDir, 0o700); err != nil {
@@ -182,6 +185,7 @@ func New(cfg *config.Config, deps Deps) (*Puller, error) {
 	if err != nil {
 		return nil, err
 	}
+	var resumable []*resumable
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -191,11 +195,23 @@ func New(cfg *config.Config, deps Deps) (*Puller, error) {
 		if json.Unmarshal(b, &img) != nil || img.Ref == "" {
 			continue
 		}
+		job := &Job{img: img, changed: make(chan struct{})}
+		pl.pulls[imageKey(img.Namespace, img.Ref)] = job
 		if img.State != api.PullComplete && img.State != api.PullFailed {
-			img.State = api.PullFailed
-			img.Error = "interrupted by a worker restart; pull again to fetch the missing contents"
+			r, err := pl.loadResumable(job)
+			if err != nil {
+				log.L.WithError(err).WithField("ref", img.Ref).Warn("cannot resume the pull interrupted by the worker's stop")
+				job.img.State = api.PullFailed
+				job.img.Error = "interrupted by a worker restart and not resumable (" + err.Error() + "); pull again"
+				continue
+			}
+			resumable = append(resumable, r)
 		}
-		pl.pulls[imageKey(img.Namespace, img.Ref)] = &Job{img: img, changed: make(chan struct{})}
+	}
+	// Started once every record is loaded: a resumed pull saves its
+	// record, and Start may restart one.
+	for _, r := range resumable {
+		pl.resume(r)
 	}
 	return pl, nil
 }
@@ -303,27 +319,49 @@ func (pl *Puller) Start(req api.PullRequest) (*Job, error) {
 	return p, nil
 }
 
+// errShutdown ends a pull the worker's stop interrupts: its record keeps
+// its state, and the next start of the worker resumes it.
+var errShutdown = errors.New("the worker is stopping; the pull resumes when it starts again")
+
 // run is one pull, from the delta request to the last frame.
 func (pl *Puller) run(p *Job, ref Ref, ep Endpoint) {
+	if !p.cri {
+		// Recorded from the start, so that a pull the worker's stop
+		// interrupts before the registry answered starts again.
+		pl.save(p)
+	}
+	pl.finishRun(p, ref, func(ctx context.Context) error {
+		return pl.pull(ctx, p, ref, ep, time.Now())
+	})
+}
+
+// finishRun runs a pull (pull or a resumed one) and records how it ended.
+func (pl *Puller) finishRun(p *Job, ref Ref, body func(ctx context.Context) error) {
 	ctx := log.WithLogger(pl.ctx, log.G(pl.ctx).WithField("ref", ref.Name))
 	img, _ := p.Snapshot()
 	ctx = namespaces.WithNamespace(ctx, img.Namespace)
-	start := time.Now()
 
-	err := pl.pull(ctx, p, ref, ep, start)
+	err := body(ctx)
 	if p.header != nil {
 		p.header(err) // no-op once the header was signalled
 	}
+	stopped := errors.Is(err, errShutdown) && pl.ctx.Err() != nil
 	p.update(func(img *api.WorkerImage) {
 		p.active = false
-		if err != nil {
+		if err != nil && !stopped {
 			img.State = api.PullFailed
 			img.Error = err.Error()
 		}
 	})
-	if err != nil {
+	switch {
+	case stopped:
+		log.G(ctx).Info("pull interrupted by the worker's stop; it resumes at the next start")
+	case err != nil:
 		log.G(ctx).WithError(err).Error("pull failed")
 		pl.metrics.Pulls.WithLabelValues("failed").Inc()
+		pl.removeResumable(p)
+	default:
+		pl.removeResumable(p)
 	}
 	pl.save(p)
 }
@@ -332,7 +370,7 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	select {
 	case pl.sem <- struct{}{}:
 	case <-ctx.Done():
-		return errors.New("the worker is shutting down")
+		return errShutdown
 	}
 	defer func() { <-pl.sem }()
 	pl.metrics.ActivePulls.Inc()
@@ -378,6 +416,9 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	log.G(ctx).WithFields(log.Fields{"registry": ep.Registry.String(), "platform": platform, "have": len(req.Have)}).Info("requesting delta bundle")
 	body, br, err := pl.openBundle(ctx, p, ref, ep, req)
 	if err != nil {
+		if ctx.Err() != nil {
+			return errShutdown
+		}
 		return err
 	}
 	defer func() { body.Close() }()
@@ -425,6 +466,12 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 		stream = pl.demand.Add(rc, ref.Host, ref.Repository, h)
 		defer stream.Close()
 	}
+	// What a restarted worker needs to resume this pull, before anything
+	// can read through its layers.
+	if err := pl.saveResumable(p, req, h); err != nil {
+		log.G(ctx).WithError(err).Warn("this pull will not resume after a restart of the worker")
+	}
+	pl.save(p)
 	// The image record names the layers now: they and their contents
 	// are safe from the collector.
 	unlockGC()
@@ -434,6 +481,9 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 		// can now resolve its layer, and the others find theirs.
 		p.header(nil)
 	} else if err := pl.importer.Import(ctx, ref.Name, plan); err != nil {
+		if ctx.Err() != nil {
+			return errShutdown
+		}
 		err = fmt.Errorf("%s: %w", ref.Name, err)
 		pl.failFrames(h.Frames, err)
 		return err
@@ -456,10 +506,14 @@ func (pl *Puller) pull(ctx context.Context, p *Job, ref Ref, ep Endpoint, start 
 	}).Info("image ready, receiving contents")
 	pl.save(p)
 
-	if err := pl.receive(ctx, p, ref, ep, req, br, &body, stream); err != nil {
+	if err := pl.receive(ctx, p, ref, ep, req, h.Frames, br, &body, stream, 0); err != nil {
 		return err
 	}
+	return pl.complete(ctx, p, ref, h, start)
+}
 
+// complete records the end of a pull whose stream was received whole.
+func (pl *Puller) complete(ctx context.Context, p *Job, ref Ref, h *api.BundleHeader, start time.Time) error {
 	complete := true
 	for i := range h.Layers {
 		ok, err := pl.layers.CheckComplete(&h.Layers[i])
@@ -550,6 +604,7 @@ func (pl *Puller) retry(ctx context.Context, p *Job, r *retrier, progressed bool
 	}
 	pl.metrics.Resumes.Inc()
 	p.update(func(img *api.WorkerImage) { img.Resumes++ })
+	pl.save(p) // the count survives a crash too
 	return true
 }
 
@@ -558,13 +613,21 @@ func (pl *Puller) retry(ctx context.Context, p *Job, r *retrier, progressed bool
 // how often. When it gives up, when the store cannot write (a full disk),
 // or when a content fails its verification as a whole (asking again would
 // not help either), the contents still missing fail, so blocked reads
-// return EIO instead of hanging.
-func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req api.DeltaRequest, br *bundle.Reader, body *io.ReadCloser, stream *demand.Stream) error {
-	frames := br.Header().Frames
-	var last store.Progress
+// return EIO instead of hanging. br is the stream the request opened; nil
+// for a pull resumed after a restart of the worker, which asks at once for
+// the stream from frame from.
+func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req api.DeltaRequest, frames []api.Frame,
+	br *bundle.Reader, body *io.ReadCloser, stream *demand.Stream, from int) error {
+	last := store.Progress{Frames: from}
 	var countedBytes int64
-	countedFrames, filesBase := br.Header().Resume, 0
-	last.Frames = countedFrames
+	countedFrames := from
+	img, _ := p.Snapshot()
+	filesBase := img.FilesReceived
+	if br != nil {
+		countedFrames, filesBase = br.Header().Resume, 0
+		last.Frames = countedFrames
+	}
+	restarted := br == nil
 	progress := func(sp store.Progress) {
 		last = sp
 		if stream != nil {
@@ -604,11 +667,18 @@ func (pl *Puller) receive(ctx context.Context, p *Job, ref Ref, ep Endpoint, req
 			}
 		}
 		if ctx.Err() != nil {
-			return errors.New("the worker is shutting down; pull again to fetch the missing contents")
+			return errShutdown
 		}
-		if !pl.retry(ctx, p, &r, progressed, err, last.Frames) {
+		if restarted {
+			// The first request of a pull a restart interrupted.
+			restarted = false
+			log.G(ctx).WithField("resume", last.Frames).Info("resuming the bundle stream the worker's restart interrupted")
+			pl.metrics.Resumes.Inc()
+			p.update(func(img *api.WorkerImage) { img.Resumes++ })
+			pl.save(p)
+		} else if !pl.retry(ctx, p, &r, progressed, err, last.Frames) {
 			if ctx.Err() != nil {
-				return errors.New("the worker is shutting down; pull again to fetch the missing contents")
+				return errShutdown
 			}
 			break
 		}

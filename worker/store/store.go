@@ -32,6 +32,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/containerd/log"
@@ -148,7 +149,13 @@ func Open(root string) (*Store, error) {
 	}
 	s := &Store{root: root, pending: make(map[digest.Digest]*content)}
 	marker := filepath.Join(root, uncleanMarker)
-	if _, err := os.Stat(marker); err == nil {
+	boot := bootID()
+	if b, err := os.ReadFile(marker); err == nil && (boot == "" || string(b) != boot) {
+		// The machine went down since (or the marker predates boot
+		// IDs): what was not synced may be torn. If only the previous
+		// process died, during this boot, everything it wrote is in
+		// the page cache and reaches the disk: nothing to verify, and
+		// a worker killed with -9 starts as fast as a stopped one.
 		removed, err := s.verifyContents()
 		if err != nil {
 			return nil, fmt.Errorf("opening store after an unclean shutdown: verifying contents: %w", err)
@@ -157,12 +164,19 @@ func Open(root string) (*Store, error) {
 			log.L.WithField("removed", removed).Warn("store: removed contents torn by an unclean shutdown")
 		}
 	}
-	f, err := os.Create(marker)
-	if err != nil {
+	if err := os.WriteFile(marker, []byte(boot), 0o600); err != nil {
 		return nil, fmt.Errorf("opening store: %w", err)
 	}
-	f.Close()
 	return s, nil
+}
+
+// bootID identifies the running boot of the machine ("" if unknown).
+func bootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
 }
 
 // Root returns the directory of the store.
@@ -204,6 +218,25 @@ func (s *Store) Has(d digest.Digest) bool {
 	}
 	fi, err := os.Lstat(s.path(d))
 	return err == nil && fi.Mode().IsRegular()
+}
+
+// HasChunk reports whether the chunk of d at offset is in: the content is
+// complete, or that chunk of it arrived and was verified. A resumed bundle
+// starts at its first frame whose chunk is not in.
+func (s *Store) HasChunk(d digest.Digest, offset int64) bool {
+	d, err := parse(d)
+	if err != nil {
+		return false
+	}
+	s.mu.Lock()
+	c, ok := s.pending[d]
+	if ok {
+		defer s.mu.Unlock()
+		i := c.chunkIndex(offset)
+		return c.err == nil && i >= 0 && c.have[i]
+	}
+	s.mu.Unlock()
+	return s.Has(d)
 }
 
 // Open opens the complete content d for reading. It fails with an error
@@ -703,9 +736,10 @@ func (s *Store) finish(c *content) error {
 	return nil
 }
 
-// uncleanMarker exists while a Store is open: finding it at Open means the
-// previous process did not Close, so contents renamed into place since the
-// last Sync may not have reached the disk.
+// uncleanMarker exists while a Store is open, holding the boot ID: finding
+// it at Open with another boot ID means the machine went down while a
+// Store was open, so contents renamed into place since the last Sync may
+// not have reached the disk.
 const uncleanMarker = "unclean"
 
 // Sync makes every content written so far durable (syncfs of the store's

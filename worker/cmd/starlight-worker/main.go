@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -16,6 +17,7 @@ import (
 	"github.com/starlight-project/starlight/api/version"
 	"github.com/starlight-project/starlight/worker/config"
 	"github.com/starlight-project/starlight/worker/daemon"
+	"github.com/starlight-project/starlight/worker/fdstore"
 )
 
 func main() {
@@ -54,5 +56,40 @@ func newCommand() *cobra.Command {
 		}
 		return d.Serve(ctx, nil)
 	}
+	cmd.AddCommand(newHolderCommand())
+	return cmd
+}
+
+// newHolderCommand is `starlight-worker fd-holder`: the process that keeps
+// the worker's FUSE connections while no worker runs (package fdstore).
+// The worker starts it when it needs one; it exits once it holds nothing
+// and no worker is connected.
+func newHolderCommand() *cobra.Command {
+	var socket string
+	cmd := &cobra.Command{
+		Use:   "fd-holder",
+		Short: "Keep the worker's FUSE connections across its restarts (started by the worker)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if socket == "" {
+				return fmt.Errorf("--socket is required")
+			}
+			if err := log.SetFormat(log.TextFormat); err != nil {
+				return err
+			}
+			// A holder outlives the worker's terminal and session; only
+			// SIGTERM (or SIGKILL) from someone who means it stops it,
+			// and then the views it keeps end.
+			signal.Ignore(syscall.SIGHUP, syscall.SIGINT)
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+			defer stop()
+			err := fdstore.Serve(ctx, socket, 0)
+			if errors.Is(err, fdstore.ErrHolderRunning) {
+				return nil
+			}
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&socket, "socket", "", "unix socket the worker talks to")
 	return cmd
 }

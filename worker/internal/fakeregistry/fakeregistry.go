@@ -326,6 +326,7 @@ func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.mu.Lock()
 	f.requests = append(f.requests, req)
 	first := len(f.requests) == 1
+	breakInFrame := f.BreakInFrame
 	f.mu.Unlock()
 	if req.Reference != "app:v1" && req.Reference != "broken:v1" && !slices.Contains(f.Refs, req.Reference) {
 		w.WriteHeader(http.StatusNotFound)
@@ -362,7 +363,7 @@ func (f *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	for i, fr := range bw.Remaining() {
 		m := f.Image.Members[MemberKey(fr.Digest, fr.Offset)]
 		if (first || f.AlwaysBreak) && f.BreakAfter > 0 && i == f.BreakAfter ||
-			f.BreakInFrame > 0 && h.Resume+i == f.BreakInFrame {
+			breakInFrame > 0 && h.Resume+i == breakInFrame {
 			w.Write(m[:len(m)/2])
 			return // the stream ends in the middle of a frame
 		}
@@ -407,6 +408,14 @@ func (f *Registry) serveHostile(w http.ResponseWriter, h *api.BundleHeader, req 
 		stream = f.EditStream(stream)
 	}
 	w.Write(stream)
+}
+
+// SetBreakInFrame sets BreakInFrame for the requests that come from now on
+// (0: the registry stops breaking its streams).
+func (f *Registry) SetBreakInFrame(i int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.BreakInFrame = i
 }
 
 // Requests are the delta requests received so far.
