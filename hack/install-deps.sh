@@ -21,6 +21,8 @@ if ! command -v go >/dev/null 2>&1; then
 	exit 1
 fi
 go mod download
+# containerd 2, which the end-to-end tests build from its own module.
+go -C integration/containerd2 mod download
 # crictl drives containerd's CRI plugin in integration/cri_test.go. It is
 # installed as a binary rather than a go.mod tool: its Kubernetes
 # dependencies would otherwise enter this module's graph.

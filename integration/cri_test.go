@@ -23,7 +23,9 @@ import (
 // fetches the pushed manifest and config; the worker answers the Prepare
 // of every layer (named by its pushed gzip digest) with the converted
 // layer, so containerd never downloads a layer blob; the image runs while
-// the bundle streams.
+// the bundle streams. It runs against containerd 1.6 and containerd 2
+// (whose CRI image service is its own plugin, configured apart from the
+// runtime), each on the same registry and pushed image.
 func TestCRIPullIsAccelerated(t *testing.T) {
 	requireRoot(t)
 	crictl, err := exec.LookPath("crictl")
@@ -39,10 +41,15 @@ func TestCRIPullIsAccelerated(t *testing.T) {
 	docker.Push(t, img, ref)
 	reg.WaitReady(t, repo, tag)
 	manifest, layers := pushedManifest(t, reg, repo, tag)
+	for _, v := range harness.ContainerdVersions {
+		t.Run(v.String(), func(t *testing.T) { criPullIsAccelerated(t, v, crictl, reg, repo, ref, manifest, layers) })
+	}
+}
 
+func criPullIsAccelerated(t *testing.T, v harness.ContainerdVersion, crictl string, reg *harness.Registry, repo, ref, manifest string, layers []string) {
 	dir := harness.ShortTempDir(t, "cri-")
 	snSock := filepath.Join(dir, "sn.sock")
-	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: snSock, Namespace: "k8s.io", CRIRegistry: reg.Addr})
+	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: snSock, Namespace: "k8s.io", CRIRegistry: reg.Addr, Version: v})
 	w := harness.StartWorker(t, harness.WorkerOptions{Registries: []string{reg.URL}, Containerd: ctd, Address: snSock})
 
 	const ns = "k8s.io"
@@ -135,7 +142,8 @@ func dirBytes(t *testing.T, dir string) int64 {
 // holds none. Without --creds crictl gets the registry's refusal; with
 // them containerd pulls the manifest and config, the worker fetches the
 // bundle with the pod's credentials (containerd downloads no layer blob),
-// and the image runs. No secret reaches the worker's log.
+// and the image runs. No secret reaches the worker's log. It runs against
+// containerd 1.6 and containerd 2, on the same registry.
 func TestCRIPullSecrets(t *testing.T) {
 	requireRoot(t)
 	crictl, err := exec.LookPath("crictl")
@@ -148,10 +156,18 @@ func TestCRIPullSecrets(t *testing.T) {
 	pushRunnable(t, reg, repo, tag, "hello with a pull secret\n")
 	reg.WaitReady(t, repo, tag)
 	ref := reg.Addr + "/" + repo + ":" + tag
+	manifest, layers := pushedManifest(t, reg, repo, tag)
+	for _, v := range harness.ContainerdVersions {
+		t.Run(v.String(), func(t *testing.T) {
+			criPullSecrets(t, v, crictl, reg, ref, manifest, layers, user, password)
+		})
+	}
+}
 
+func criPullSecrets(t *testing.T, v harness.ContainerdVersion, crictl string, reg *harness.Registry, ref, manifest string, layers []string, user, password string) {
 	dir := harness.ShortTempDir(t, "cris-")
 	snSock := filepath.Join(dir, "sn.sock")
-	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: snSock, Namespace: "k8s.io", CRIRegistry: reg.Addr})
+	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: snSock, Namespace: "k8s.io", CRIRegistry: reg.Addr, Version: v})
 	w := harness.StartWorker(t, harness.WorkerOptions{Registries: []string{reg.URL}, Containerd: ctd, Address: snSock})
 	crictlPull := func(args ...string) (string, error) {
 		args = append([]string{"--runtime-endpoint", "unix://" + ctd.Address, "--image-endpoint", "unix://" + w.CRIProxy,
@@ -160,10 +176,16 @@ func TestCRIPullSecrets(t *testing.T) {
 		return string(out), err
 	}
 
+	// How each containerd reports the registry's 401 to CRI: 1.6 quotes
+	// the status, 2 says no credentials answered the challenge.
+	refusal := map[harness.ContainerdVersion]string{
+		harness.Containerd16: "401 Unauthorized",
+		harness.Containerd2:  "authorization failed: no basic auth credentials",
+	}[v]
 	out, err := crictlPull()
 	t.Logf("crictl pull without credentials: %v: %s", err, strings.TrimSpace(out))
-	if err == nil || !strings.Contains(out, "401 Unauthorized") {
-		t.Fatalf("crictl pull without credentials: %v, want the registry's 401:\n%s", err, out)
+	if err == nil || !strings.Contains(out, refusal) {
+		t.Fatalf("crictl pull without credentials: %v, want the registry's 401 (%q):\n%s", err, refusal, out)
 	}
 
 	timed(t, "crictl pull --creds through the CRI proxy", func() {
@@ -174,7 +196,6 @@ func TestCRIPullSecrets(t *testing.T) {
 
 	const ns = "k8s.io"
 	content := ctd.CtrNS(t, ns, "content", "ls", "-q")
-	manifest, layers := pushedManifest(t, reg, repo, tag)
 	mustContain(t, "containerd content", content, manifest)
 	for i, l := range layers {
 		if strings.Contains(content, l) {
@@ -244,7 +265,8 @@ func pushedManifest(t *testing.T, reg *harness.Registry, repo, tag string) (stri
 // TestCRIPod runs a Kubernetes pod the way kubelet does, through crictl:
 // a pod sandbox (runp, host network: this machine has no CNI) whose
 // sandbox image and container image both come through Starlight, a
-// container created and started in it, and its log read back.
+// container created and started in it, and its log read back. It runs
+// against containerd 1.6 and containerd 2, on the same registry.
 func TestCRIPod(t *testing.T) {
 	requireRoot(t)
 	crictl, err := exec.LookPath("crictl")
@@ -267,10 +289,19 @@ func TestCRIPod(t *testing.T) {
 		reg.WaitReady(t, r[0], r[1])
 	}
 	ref := reg.Addr + "/" + repo + ":" + tag
+	_, layers := pushedManifest(t, reg, repo, tag)
+	layers = append(layers, pauseLayer.Digest)
+	for _, v := range harness.ContainerdVersions {
+		t.Run(v.String(), func(t *testing.T) { criPod(t, v, crictl, reg, ref, layers) })
+	}
+}
 
+// criPod runs the pod of TestCRIPod on containerd version v; layers are
+// the app's and the sandbox image's.
+func criPod(t *testing.T, v harness.ContainerdVersion, crictl string, reg *harness.Registry, ref string, layers []string) {
 	dir := harness.ShortTempDir(t, "pod-")
 	snSock := filepath.Join(dir, "sn.sock")
-	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: snSock, Namespace: "k8s.io", CRIRegistry: reg.Addr})
+	ctd := harness.StartContainerd(t, harness.ContainerdOptions{StarlightSocket: snSock, Namespace: "k8s.io", CRIRegistry: reg.Addr, Version: v})
 	w := harness.StartWorker(t, harness.WorkerOptions{Registries: []string{reg.URL}, Containerd: ctd, Address: snSock})
 	crictlDo := func(args ...string) string {
 		t.Helper()
@@ -314,9 +345,8 @@ func TestCRIPod(t *testing.T) {
 	if got := waitComplete(t, w, ref, "k8s.io"); !got.Complete {
 		t.Errorf("worker's record of %s: %+v", ref, got)
 	}
-	_, layers := pushedManifest(t, reg, repo, tag)
 	content := ctd.CtrNS(t, "k8s.io", "content", "ls", "-q")
-	for _, l := range append(layers, pauseLayer.Digest) {
+	for _, l := range layers {
 		if strings.Contains(content, l) {
 			t.Errorf("containerd downloaded layer %s", l)
 		}

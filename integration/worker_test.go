@@ -12,7 +12,9 @@ import (
 // TestWorkerRunsPushedImage is the acceptance test of the worker: an image
 // pushed with docker runs on a fresh worker after `ctr-starlight pull`,
 // through `ctr run` and through `ctr c create` + `ctr t start`, and its
-// rootfs equals, file by file, the overlayfs pull of the same image.
+// rootfs equals, file by file, the overlayfs pull of the same image. It
+// runs against containerd 1.6 and containerd 2, each a fresh node on the
+// same registry and pushed image.
 func TestWorkerRunsPushedImage(t *testing.T) {
 	requireRoot(t)
 	reg := harness.StartRegistry(t, harness.RegistryOptions{})
@@ -24,7 +26,13 @@ func TestWorkerRunsPushedImage(t *testing.T) {
 	docker.Push(t, img, ref)
 	reg.WaitReady(t, repo, tag)
 
-	node := harness.StartNode(t, reg.URL)
+	for _, v := range harness.ContainerdVersions {
+		t.Run(v.String(), func(t *testing.T) { workerRunsPushedImage(t, v, reg, spec, repo, ref) })
+	}
+}
+
+func workerRunsPushedImage(t *testing.T, v harness.ContainerdVersion, reg *harness.Registry, spec harness.ImageSpec, repo, ref string) {
+	node := harness.StartNodeOn(t, v, harness.WorkerOptions{Registries: []string{reg.URL}})
 	ctd, w := node.Containerd, node.Worker
 	const ns, plainNS = "sl", "plain"
 	var pullOut string

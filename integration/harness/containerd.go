@@ -24,6 +24,39 @@ const (
 	CtrBinary        = "/usr/bin/ctr"
 )
 
+// ContainerdVersion is the containerd a test runs against.
+type ContainerdVersion int
+
+const (
+	// ContainerdDefault is Containerd16, or Containerd2 when
+	// $STARLIGHT_CONTAINERD is 2: the whole end-to-end suite runs against
+	// containerd 2 with `STARLIGHT_CONTAINERD=2 make test`.
+	ContainerdDefault ContainerdVersion = iota
+	// Containerd16 is Debian's containerd 1.6 (ContainerdBinary), with a
+	// configuration of version 2.
+	Containerd16
+	// Containerd2 is containerd 2 built from the module
+	// integration/containerd2 (see Containerd2Binaries), with a
+	// configuration of version 3, its own shim and its own ctr.
+	Containerd2
+)
+
+// ContainerdVersions are the versions the end-to-end tests that matter
+// most run against, in the order they run.
+var ContainerdVersions = []ContainerdVersion{Containerd16, Containerd2}
+
+func (v ContainerdVersion) String() string {
+	switch v {
+	case ContainerdDefault:
+		return "containerd-default"
+	case Containerd16:
+		return "containerd1.6"
+	case Containerd2:
+		return "containerd2"
+	}
+	return fmt.Sprintf("containerd-version-%d", int(v))
+}
+
 // ContainerdOptions configure StartContainerd.
 type ContainerdOptions struct {
 	// StarlightSocket, when set, registers the starlight snapshotter as
@@ -37,9 +70,12 @@ type ContainerdOptions struct {
 	Namespace string
 	// CRIRegistry, when set, turns the CRI plugin on: it pulls into the
 	// starlight snapshotter with CRI's snapshot annotations, and reaches
-	// this registry (host:port) over plain HTTP. There is no CNI: tests
-	// stop before pod sandboxes.
+	// this registry (host:port) over plain HTTP. Its sandbox image is
+	// CRIRegistry/starlight-test/pause:none. There is no CNI: pod
+	// sandboxes use the host network.
 	CRIRegistry string
+	// Version is the containerd to start; ContainerdDefault when zero.
+	Version ContainerdVersion
 }
 
 // Containerd is a private containerd daemon.
@@ -49,13 +85,21 @@ type Containerd struct {
 	State     string
 	Dir       string
 	Namespace string
+	// Version is the containerd this is (never ContainerdDefault).
+	Version ContainerdVersion
+	// ctr is its ctr binary, env what its daemon and ctr get added to
+	// their environment.
+	ctr string
+	env []string
 	// starlightSocket is where its starlight proxy snapshotter is.
 	starlightSocket string
 	proc            *Process
 }
 
-// StartContainerd starts /usr/bin/containerd with its own root, state and
-// socket under a short temporary directory, the CRI plugin off. Cleanup
+// StartContainerd starts containerd (/usr/bin/containerd, or containerd 2
+// when opts.Version says so) with its own root, state and socket under a
+// short temporary directory, the CRI plugin off unless opts.CRIRegistry
+// is set. Cleanup
 // removes the tasks left running, stops it by PID and unmounts whatever is
 // still mounted under its directories.
 func StartContainerd(t T, opts ContainerdOptions) *Containerd {
@@ -67,12 +111,97 @@ func StartContainerd(t T, opts ContainerdOptions) *Containerd {
 		Root:      filepath.Join(dir, "root"),
 		State:     filepath.Join(dir, "state"),
 		Namespace: opts.Namespace,
+		Version:   opts.Version,
 
+		ctr:             CtrBinary,
 		starlightSocket: opts.StarlightSocket,
 	}
 	if c.Namespace == "" {
 		c.Namespace = "starlight-test"
 	}
+	if c.Version == ContainerdDefault {
+		switch v := os.Getenv("STARLIGHT_CONTAINERD"); v {
+		case "", "1.6":
+			c.Version = Containerd16
+		case "2":
+			c.Version = Containerd2
+		default:
+			t.Fatalf("STARLIGHT_CONTAINERD=%q: want 1.6 or 2", v)
+		}
+	}
+	bin := ContainerdBinary
+	var cfg string
+	switch c.Version {
+	case Containerd16:
+		cfg = config16(c, opts)
+	case Containerd2:
+		tools := Containerd2Binaries(t)
+		bin, c.ctr = filepath.Join(tools, Containerd2Binary), filepath.Join(tools, Ctr2Binary)
+		// Its own shim first on PATH, where containerd looks shims up
+		// (Debian's 1.6 shim is in /usr/bin). Deprecation warnings off:
+		// ctr 2 prints the daemon's (cgroup v1 on this machine) with
+		// every command, in output the tests compare with 1.6's.
+		c.env = []string{"PATH=" + tools + string(os.PathListSeparator) + os.Getenv("PATH"),
+			"CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS=1"}
+		var err error
+		if cfg, err = config2(c, opts); err != nil {
+			t.Fatalf("containerd 2 config: %v", err)
+		}
+	default:
+		t.Fatalf("containerd: no version %d", int(c.Version))
+	}
+	if opts.StarlightSocket != "" {
+		cfg += fmt.Sprintf(`
+[proxy_plugins.starlight]
+  type = "snapshot"
+  address = %q
+`, opts.StarlightSocket)
+	}
+	names := make([]string, 0, len(opts.ProxySnapshotters))
+	for name := range opts.ProxySnapshotters {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		cfg += fmt.Sprintf(`
+[proxy_plugins.%q]
+  type = "snapshot"
+  address = %q
+`, name, opts.ProxySnapshotters[name])
+	}
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatalf("containerd config: %v", err)
+	}
+	p, err := startProcess("containerd", filepath.Join(dir, "containerd.log"), c.env, bin, "--config", cfgPath)
+	if err != nil {
+		t.Fatalf("containerd: %v", err)
+	}
+	c.proc = p
+	t.Cleanup(func() {
+		c.removeTasks(t)
+		p.Stop(10 * time.Second)
+		p.dumpOnFailure(t)
+		for _, d := range []string{c.State, c.Root} {
+			if err := UnmountUnder(d); err != nil {
+				t.Logf("containerd cleanup: %v", err)
+			}
+		}
+	})
+	if err := waitFor(p, 60*time.Second, func() error {
+		_, err := c.CtrE("version")
+		return err
+	}); err != nil {
+		t.Fatalf("start containerd: %v\n%s", err, p.Log(32<<10))
+	}
+	t.Logf("%s pid %d on %s", c.Version, p.PID(), c.Address)
+	return c
+}
+
+// config16 is the configuration (version 2) of containerd 1.6: the
+// proxy plugins are appended by StartContainerd.
+func config16(c *Containerd, opts ContainerdOptions) string {
+	dir := c.Dir
 	disabled := `"io.containerd.grpc.v1.cri", `
 	if opts.CRIRegistry != "" {
 		disabled = ""
@@ -122,52 +251,7 @@ disabled_plugins = [%s"io.containerd.snapshotter.v1.btrfs", "io.containerd.snaps
   endpoint = ["http://%s"]
 `, opts.CRIRegistry, filepath.Join(dir, "cni-bin"), filepath.Join(dir, "cni-conf"), opts.CRIRegistry, opts.CRIRegistry)
 	}
-	if opts.StarlightSocket != "" {
-		cfg += fmt.Sprintf(`
-[proxy_plugins.starlight]
-  type = "snapshot"
-  address = %q
-`, opts.StarlightSocket)
-	}
-	names := make([]string, 0, len(opts.ProxySnapshotters))
-	for name := range opts.ProxySnapshotters {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		cfg += fmt.Sprintf(`
-[proxy_plugins.%q]
-  type = "snapshot"
-  address = %q
-`, name, opts.ProxySnapshotters[name])
-	}
-	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
-		t.Fatalf("containerd config: %v", err)
-	}
-	p, err := startProcess("containerd", filepath.Join(dir, "containerd.log"), nil, ContainerdBinary, "--config", cfgPath)
-	if err != nil {
-		t.Fatalf("containerd: %v", err)
-	}
-	c.proc = p
-	t.Cleanup(func() {
-		c.removeTasks(t)
-		p.Stop(10 * time.Second)
-		p.dumpOnFailure(t)
-		for _, d := range []string{c.State, c.Root} {
-			if err := UnmountUnder(d); err != nil {
-				t.Logf("containerd cleanup: %v", err)
-			}
-		}
-	})
-	if err := waitFor(p, 60*time.Second, func() error {
-		_, err := c.CtrE("version")
-		return err
-	}); err != nil {
-		t.Fatalf("start containerd: %v\n%s", err, p.Log(32<<10))
-	}
-	t.Logf("containerd pid %d on %s", p.PID(), c.Address)
-	return c
+	return cfg
 }
 
 // Log returns the tail of the containerd log.
@@ -181,7 +265,7 @@ func (c *Containerd) CtrE(args ...string) (string, error) {
 
 // CtrNSE is CtrE in namespace ns.
 func (c *Containerd) CtrNSE(ns string, args ...string) (string, error) {
-	return c.ToolE(CtrBinary, ns, args...)
+	return c.ToolE(c.ctr, ns, args...)
 }
 
 // ToolE runs a ctr-like client (ctr, ctr-remote) against this containerd:
@@ -191,6 +275,7 @@ func (c *Containerd) ToolE(bin, ns string, args ...string) (string, error) {
 	defer cancel()
 	full := append([]string{"--address", c.Address, "-n", ns}, args...)
 	cmd := exec.CommandContext(ctx, bin, full...)
+	cmd.Env = append(os.Environ(), c.env...)
 	var out bytes.Buffer
 	cmd.Stdout = &out
 	cmd.Stderr = &out

@@ -35,8 +35,10 @@ func StartDockerd(t T) *Dockerd {
 	t.Helper()
 	dir := ShortTempDir(t, "dkd-")
 	// dockerd would use the system containerd if /run/containerd/containerd.sock
-	// exists; a private one keeps the test hermetic.
-	ctd := StartContainerd(t, ContainerdOptions{})
+	// exists; a private one keeps the test hermetic. Debian's 1.6, the one
+	// Debian's dockerd is built for, whatever $STARLIGHT_CONTAINERD says:
+	// dockerd builds and pushes the test images, it is not under test.
+	ctd := StartContainerd(t, ContainerdOptions{Version: Containerd16})
 	d := &Dockerd{Dir: dir, Host: "unix://" + filepath.Join(dir, "d.sock"), configDir: filepath.Join(dir, "client")}
 	if err := os.MkdirAll(d.configDir, 0o700); err != nil {
 		t.Fatalf("dockerd: %v", err)

@@ -241,9 +241,15 @@ func StartNode(t T, registries ...string) *Node {
 // and Address are set by it.
 func StartNodeWith(t T, opts WorkerOptions) *Node {
 	t.Helper()
+	return StartNodeOn(t, ContainerdDefault, opts)
+}
+
+// StartNodeOn is StartNodeWith on containerd version v.
+func StartNodeOn(t T, v ContainerdVersion, opts WorkerOptions) *Node {
+	t.Helper()
 	dir := ShortTempDir(t, "node-")
 	opts.Address = filepath.Join(dir, "sn.sock")
-	opts.Containerd = StartContainerd(t, ContainerdOptions{StarlightSocket: opts.Address})
+	opts.Containerd = StartContainerd(t, ContainerdOptions{StarlightSocket: opts.Address, Version: v})
 	w := StartWorker(t, opts)
 	return &Node{Containerd: opts.Containerd, Worker: w}
 }

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/BurntSushi/toml"
 	"github.com/distribution/distribution/v3/configuration"
 	"github.com/starlight-project/starlight/worker/config"
 	"helm.sh/helm/v3/pkg/action"
@@ -59,8 +61,9 @@ worker:
     - {host: "10.0.0.7:5000", plainHTTP: true}
   metricsPort: 0
 `,
-	"registry only": "worker: {enabled: false}\n",
-	"workers only":  "registry: {enabled: false}\nworker: {registries: [{host: registry.example.com}]}\n",
+	"containerd 2 nodes": "worker: {containerd: {version: 2, installConfig: true}}\n",
+	"registry only":      "worker: {enabled: false}\n",
+	"workers only":       "registry: {enabled: false}\nworker: {registries: [{host: registry.example.com}]}\n",
 }
 
 // TestLint is `helm lint --strict` of the chart with every value set.
@@ -154,6 +157,72 @@ func TestWorkerDaemonSet(t *testing.T) {
 	}
 }
 
+// The containerd snippet is valid TOML in the syntax of the nodes'
+// containerd: the proxy snapshotter, and the CRI plugin pulling into it
+// with snapshot annotations and the worker's hosts.toml directory, where
+// each version reads them (containerd 2 splits the CRI plugin; its image
+// service is io.containerd.cri.v1.images).
+func TestContainerdSnippet(t *testing.T) {
+	type setting struct {
+		path  []string
+		value any
+	}
+	proxy := []setting{
+		{[]string{"proxy_plugins", "starlight", "type"}, "snapshot"},
+		{[]string{"proxy_plugins", "starlight", "address"}, "/run/starlight/starlight-snapshotter.sock"},
+	}
+	v2 := slices.Concat(proxy, []setting{
+		{[]string{"version"}, int64(2)},
+		{[]string{"plugins", "io.containerd.grpc.v1.cri", "containerd", "snapshotter"}, "starlight"},
+		{[]string{"plugins", "io.containerd.grpc.v1.cri", "containerd", "disable_snapshot_annotations"}, false},
+		{[]string{"plugins", "io.containerd.grpc.v1.cri", "registry", "config_path"}, "/etc/containerd/certs.d"},
+	})
+	v3 := slices.Concat(proxy, []setting{
+		{[]string{"version"}, int64(3)},
+		{[]string{"plugins", "io.containerd.cri.v1.images", "snapshotter"}, "starlight"},
+		{[]string{"plugins", "io.containerd.cri.v1.images", "disable_snapshot_annotations"}, false},
+		{[]string{"plugins", "io.containerd.cri.v1.images", "use_local_image_pull"}, true},
+		{[]string{"plugins", "io.containerd.cri.v1.images", "registry", "config_path"}, "/etc/containerd/certs.d"},
+	})
+	for name, tc := range map[string]struct {
+		values string
+		want   []setting
+	}{
+		"default":      {"", v2},
+		"containerd 1": {"worker: {containerd: {version: 1}}", v2},
+		"containerd 2": {"worker: {containerd: {version: 2}}", v3},
+	} {
+		t.Run(name, func(t *testing.T) {
+			snippet := named[*corev1.ConfigMap](t, render(t, tc.values), "-worker").Data["starlight.toml"]
+			var doc map[string]any
+			if _, err := toml.Decode(snippet, &doc); err != nil {
+				t.Fatalf("containerd snippet: %v\n%s", err, snippet)
+			}
+			for _, s := range tc.want {
+				if got := lookup(doc, s.path); got != s.value {
+					t.Errorf("%q = %v, want %v", s.path, got, s.value)
+				}
+			}
+			if t.Failed() {
+				t.Logf("containerd snippet:\n%s", snippet)
+			}
+		})
+	}
+}
+
+// lookup is the value at path in a decoded TOML document, nil if absent.
+func lookup(doc map[string]any, path []string) any {
+	var cur any = doc
+	for _, key := range path {
+		m, ok := cur.(map[string]any)
+		if !ok {
+			return nil
+		}
+		cur = m[key]
+	}
+	return cur
+}
+
 // The registry's config.yml is one distribution reads, with the secrets
 // outside it, and the Deployment probes and scales as configured.
 func TestRegistry(t *testing.T) {
@@ -214,6 +283,7 @@ func TestInvalidValues(t *testing.T) {
 		"registry: {auth: {type: htpasswd}}":                            "needs registry.auth.htpasswd.secret",
 		"registry: {database: {type: mysql}}":                           `registry.database.type "mysql"`,
 		"worker: {updateStrategy: Never}":                               `worker.updateStrategy "Never"`,
+		"worker: {containerd: {version: 3}}":                            "worker.containerd.version 3: want 1",
 	} {
 		_, err := renderErr(t, values)
 		if err == nil || !strings.Contains(err.Error(), want) {

@@ -73,4 +73,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if not (has .Values.worker.updateStrategy (list "OnDelete" "RollingUpdate")) -}}
 {{- fail (printf "worker.updateStrategy %q: want OnDelete or RollingUpdate" .Values.worker.updateStrategy) -}}
 {{- end -}}
+{{- if not (has (int .Values.worker.containerd.version) (list 1 2)) -}}
+{{- fail (printf "worker.containerd.version %v: want 1 (containerd 1.6, 1.7) or 2 (containerd 2.x)" .Values.worker.containerd.version) -}}
+{{- end -}}
 {{- end -}}
