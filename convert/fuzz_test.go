@@ -229,13 +229,11 @@ func FuzzVerifyEStargz(f *testing.F) {
 	})
 }
 
-// TestWriteFuzzCorpus writes the seeds of the fuzz targets to
-// testdata/fuzz when STARLIGHT_WRITE_FUZZ_CORPUS=1, so that the committed
-// corpus follows the seeds above.
-func TestWriteFuzzCorpus(t *testing.T) {
-	if os.Getenv("STARLIGHT_WRITE_FUZZ_CORPUS") != "1" {
-		t.Skip("set STARLIGHT_WRITE_FUZZ_CORPUS=1 to rewrite testdata/fuzz")
-	}
+// TestFuzzCorpus checks that the committed corpus in testdata/fuzz holds
+// the seeds above; with STARLIGHT_WRITE_FUZZ_CORPUS=1 it writes them
+// there instead.
+func TestFuzzCorpus(t *testing.T) {
+	rewrite := os.Getenv("STARLIGHT_WRITE_FUZZ_CORPUS") == "1"
 	write := func(target string, seeds [][]byte) {
 		dir := filepath.Join("testdata", "fuzz", target)
 		if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -243,8 +241,15 @@ func TestWriteFuzzCorpus(t *testing.T) {
 		}
 		for i, s := range seeds {
 			b := fmt.Appendf(nil, "go test fuzz v1\n[]byte(%q)\n", s)
-			if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("seed-%02d", i)), b, 0o644); err != nil {
-				t.Fatal(err)
+			path := filepath.Join(dir, fmt.Sprintf("seed-%02d", i))
+			if rewrite {
+				if err := os.WriteFile(path, b, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				continue
+			}
+			if got, err := os.ReadFile(path); err != nil || !bytes.Equal(got, b) {
+				t.Errorf("%s is not seed %d of %s (%v): run STARLIGHT_WRITE_FUZZ_CORPUS=1 go test -run TestFuzzCorpus ./convert", path, i, target, err)
 			}
 		}
 	}
