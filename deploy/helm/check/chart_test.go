@@ -124,6 +124,15 @@ func TestWorkerDaemonSet(t *testing.T) {
 	if ds.Spec.UpdateStrategy.Type != appsv1.RollingUpdateDaemonSetStrategyType {
 		t.Errorf("updateStrategy %q, want the value's RollingUpdate", ds.Spec.UpdateStrategy.Type)
 	}
+	var holder *corev1.Container
+	for i := range ds.Spec.Template.Spec.Containers {
+		if c := &ds.Spec.Template.Spec.Containers[i]; c.Name == "fd-holder" {
+			holder = c
+		}
+	}
+	if holder == nil || !slices.Contains(holder.Command, "--stay") || len(holder.VolumeMounts) != 1 || holder.VolumeMounts[0].MountPath != "/var/lib/starlight" {
+		t.Errorf("no fd-holder sidecar on the worker's root keeps the views across worker restarts: %+v", holder)
+	}
 	if len(ds.Spec.Template.Spec.InitContainers) != 1 {
 		t.Error("installConfig: no init container writes the containerd snippet")
 	}
@@ -135,6 +144,9 @@ func TestWorkerDaemonSet(t *testing.T) {
 	cfg := loadWorkerConfig(t, cm.Data["worker.toml"])
 	if cfg.CRIProxy != "/run/starlight/cri.sock" || cfg.DockerConfig != "/etc/starlight/docker/config.json" {
 		t.Errorf("worker config: cri_proxy %q, docker_config %q", cfg.CRIProxy, cfg.DockerConfig)
+	}
+	if cfg.FDStore != "holder" || cfg.FDHolderSocket() != "/var/lib/starlight/fd-holder.sock" {
+		t.Errorf("worker config: fd_store %q, fd-holder socket %q, want the sidecar's", cfg.FDStore, cfg.FDHolderSocket())
 	}
 	if len(cfg.Registries) != 1 || cfg.Registries[0].Host != "registry.example.com" || cfg.Registries[0].PlainHTTP {
 		t.Errorf("worker registries: %+v, want the chart's registry over HTTPS", cfg.Registries)

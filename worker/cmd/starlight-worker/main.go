@@ -7,9 +7,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/spf13/cobra"
@@ -65,7 +67,10 @@ func newCommand() *cobra.Command {
 // The worker starts it when it needs one; it exits once it holds nothing
 // and no worker is connected.
 func newHolderCommand() *cobra.Command {
-	var socket string
+	var (
+		socket string
+		stay   bool
+	)
 	cmd := &cobra.Command{
 		Use:   "fd-holder",
 		Short: "Keep the worker's FUSE connections across its restarts (started by the worker)",
@@ -83,7 +88,11 @@ func newHolderCommand() *cobra.Command {
 			signal.Ignore(syscall.SIGHUP, syscall.SIGINT)
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 			defer stop()
-			err := fdstore.Serve(ctx, socket, 0)
+			var idle time.Duration // the default: exit when idle
+			if stay {
+				idle = math.MaxInt64
+			}
+			err := fdstore.Serve(ctx, socket, idle)
 			if errors.Is(err, fdstore.ErrHolderRunning) {
 				return nil
 			}
@@ -91,5 +100,6 @@ func newHolderCommand() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&socket, "socket", "", "unix socket the worker talks to")
+	cmd.Flags().BoolVar(&stay, "stay", false, "keep running while idle (a Kubernetes sidecar), instead of exiting once nothing is held")
 	return cmd
 }
