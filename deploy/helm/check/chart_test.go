@@ -105,7 +105,12 @@ func TestTemplate(t *testing.T) {
 func TestWorkerDaemonSet(t *testing.T) {
 	objs := render(t, valueSets["scale-out"])
 	ds := one[*appsv1.DaemonSet](t, objs)
-	c := ds.Spec.Template.Spec.Containers[0]
+	var c corev1.Container
+	for _, ct := range ds.Spec.Template.Spec.Containers {
+		if ct.Name == "worker" {
+			c = ct
+		}
+	}
 	if c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged {
 		t.Error("the worker is not privileged: it cannot mount FUSE and overlayfs")
 	}
