@@ -77,6 +77,8 @@ type layer struct {
 	usage    snapshots.Usage
 	complete bool
 	mnt      io.Closer
+	// deps caches ChainDeps (under mu).
+	deps *snapshotter.ChainDeps
 	// pins counts Resolves whose snapshot is not committed yet; epoch is
 	// the Registry epoch of the last Resolve or Unpin; removing is set
 	// while the collector removes the layer. All three under Registry.mu.

@@ -137,7 +137,8 @@ func remoteLayers(chain []lower) []digest.Digest {
 	return out
 }
 
-// resolveLowers returns the directories of a parent chain, nearest first.
+// resolveLowers returns the directories of a parent chain, nearest first,
+// with the chain fixes of remote layers (see LayerChainDeps).
 // The remote layers of a traced snapshot (tr not nil) are its private
 // views. It calls Layers.Dir, so it must not run inside a metadata
 // transaction.
@@ -174,7 +175,7 @@ func (o *snapshotter) resolveLowers(ctx context.Context, chain []lower, tr *trac
 		}
 		dirs[i] = dir
 	}
-	return dirs, nil
+	return o.withChainFixes(ctx, chain, dirs)
 }
 
 func (o *snapshotter) layerDir(ctx context.Context, d digest.Digest) (string, error) {
