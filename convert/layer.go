@@ -100,6 +100,10 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 	if err != nil {
 		return nil, err
 	}
+	if err := src.raw.err(); err != nil {
+		removeTemp(src.file)
+		return nil, err
+	}
 	tarFile, tarSize := src.file, src.size
 	if src.duplicates {
 		nf, n, err := normalizeTar(src.file, src.size, opts.TempDir)
@@ -171,6 +175,9 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 	if idx.TOCDigest != blob.TOCDigest() {
 		return nil, fmt.Errorf("reading back the converted layer: TOC digest %s, built %s", idx.TOCDigest, blob.TOCDigest())
 	}
+	if err := src.raw.restore(idx.Entries); err != nil {
+		return nil, err
+	}
 	idx.UncompressedSize = usize
 	if _, err := out.Seek(0, io.SeekStart); err != nil {
 		return nil, err
@@ -200,6 +207,7 @@ type spooledTar struct {
 	diffID   digest.Digest
 	// duplicates: some name has more than one entry (normalizeTar).
 	duplicates bool
+	raw        *rawNames
 }
 
 // spoolTar decompresses r into a temporary file, validating every tar header
@@ -219,12 +227,17 @@ func spoolTar(ctx context.Context, r io.Reader, opts Options) (_ *spooledTar, re
 		contents   int64
 		seen       = map[string]bool{}
 		duplicates bool
+		raw        = &rawNames{}
 	)
 	size, diffID, err := scanTar(ctx, r, opts, bw, func(h *tar.Header, _ io.Reader) error {
 		contents += h.Size              // 0 but for regular files (tarValidator)
 		name, _ := cleanTarName(h.Name) // valid: tarValidator checked it
 		duplicates = duplicates || seen[name]
 		seen[name] = true
+		raw.addName(name)
+		if h.Typeflag == tar.TypeSymlink {
+			raw.addTarget(h.Linkname)
+		}
 		return nil
 	})
 	if err == nil {
@@ -236,7 +249,7 @@ func spoolTar(ctx context.Context, r io.Reader, opts Options) (_ *spooledTar, re
 		}
 		return nil, tempErr(opts.TempDir, fmt.Errorf("spooling the uncompressed layer: %w", err))
 	}
-	return &spooledTar{file: f, size: size, contents: contents, diffID: diffID, duplicates: duplicates}, nil
+	return &spooledTar{file: f, size: size, contents: contents, diffID: diffID, duplicates: duplicates, raw: raw}, nil
 }
 
 // scanTar reads a layer (gzip, zstd or plain tar) to its end, validating

@@ -13,11 +13,13 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/containerd/containerd/content"
 	"github.com/containerd/containerd/diff/apply"
@@ -75,7 +77,8 @@ func TestRootfsMatchesContainerd(t *testing.T) {
 		seed = time.Now().UnixNano()
 	}
 	t.Logf("seed %d: replay with go test ./integration/rootfs -run TestRootfsMatchesContainerd -rootfs.seed=%d", seed, seed)
-	opts := genOptions{nonUTF8: os.Getenv("NOUTF") == ""}
+	opts := genOptions{nonUTF8: true}
+	var total coverage
 	stacks := *stacksFlag
 	for first := 0; first < stacks; first += *batchFlag {
 		var idx []int
@@ -90,6 +93,7 @@ func TestRootfsMatchesContainerd(t *testing.T) {
 		gen := make([][][]layerEntry, len(idx))
 		for j, i := range idx {
 			gen[j] = newStackGen(seed+int64(i), stackPrefix(i), opts).layers()
+			total.add(gen[j])
 		}
 		t.Run(fmt.Sprintf("stacks-%03d-%03d", idx[0], idx[len(idx)-1]), func(t *testing.T) {
 			compareBatch(t, rand.New(rand.NewSource(seed+int64(first))), batchLayers(gen))
@@ -99,6 +103,65 @@ func TestRootfsMatchesContainerd(t *testing.T) {
 			return
 		}
 	}
+	t.Logf("compared %s", total)
+}
+
+// coverage counts what the generated stacks hold, so that a run shows the
+// cases it compared.
+type coverage struct {
+	stacks, layers, entries, hardlinks, dirsAgain, opaque, whiteouts, symlinks, devices, fifos,
+	xattrs, special, long, nonUTF8 int
+}
+
+func (c *coverage) add(stack [][]layerEntry) {
+	c.stacks++
+	dirs := map[string]bool{}
+	for _, l := range stack {
+		c.layers++
+		for _, e := range l {
+			c.entries++
+			h := e.hdr
+			base := path.Base(h.Name)
+			switch {
+			case base == ".wh..wh..opq":
+				c.opaque++
+			case strings.HasPrefix(base, ".wh."):
+				c.whiteouts++
+			case h.Typeflag == tar.TypeLink:
+				c.hardlinks++
+			case h.Typeflag == tar.TypeSymlink:
+				c.symlinks++
+			case h.Typeflag == tar.TypeChar || h.Typeflag == tar.TypeBlock:
+				c.devices++
+			case h.Typeflag == tar.TypeFifo:
+				c.fifos++
+			case h.Typeflag == tar.TypeDir:
+				if dirs[h.Name] {
+					c.dirsAgain++
+				}
+				dirs[h.Name] = true
+			}
+			if len(h.PAXRecords) > 0 {
+				c.xattrs++
+			}
+			if h.Mode&0o7000 != 0 {
+				c.special++
+			}
+			if len(base) > 100 {
+				c.long++
+			}
+			if !utf8.ValidString(h.Name) {
+				c.nonUTF8++
+			}
+		}
+	}
+}
+
+func (c coverage) String() string {
+	return fmt.Sprintf("%d stacks, %d layers, %d entries: %d hard links, %d directories declared again, %d opaque markers, "+
+		"%d whiteouts, %d symlinks, %d devices, %d fifos, %d with xattrs, %d setuid/setgid/sticky, %d long names, %d non-UTF-8 names",
+		c.stacks, c.layers, c.entries, c.hardlinks, c.dirsAgain, c.opaque, c.whiteouts, c.symlinks, c.devices, c.fifos,
+		c.xattrs, c.special, c.long, c.nonUTF8)
 }
 
 func requirePrivileges(t *testing.T) {
