@@ -229,9 +229,28 @@ func compareBatch(t *testing.T, r *rand.Rand, layers [][]layerEntry) {
 	if !diffTrees(t, "arriving", wantTree, got) {
 		return
 	}
-	sl.complete(t)
+	// Layers complete one by one: a rootfs mixes FUSE views and
+	// materialised layers until all are complete.
+	sl.receive(t)
+	for i := range sl.trees {
+		if i%2 == 0 {
+			sl.complete(t, i)
+		}
+	}
+	if !diffTrees(t, "some layers materialised", wantTree, scan(t, sl.rootfs(t, ctx, "mixed"), true)) {
+		return
+	}
+	for i := range sl.trees {
+		if i%2 == 1 {
+			sl.complete(t, i)
+		}
+	}
 	complete := sl.rootfs(t, ctx, "complete")
-	diffTrees(t, "complete", wantTree, scan(t, complete, true))
+	// No FUSE view on the path of the new container.
+	if !strings.Contains(sl.options["complete"], "metacopy=on") || strings.Contains(sl.options["complete"], "/mnt") {
+		t.Errorf("the rootfs of complete layers is %s, want materialised layers over the store", sl.options["complete"])
+	}
+	diffTrees(t, "complete, materialised", wantTree, scan(t, complete, true))
 }
 
 // shortTempDir keeps overlay option strings short.
@@ -326,6 +345,7 @@ type starlight struct {
 	top      string
 	gate     chan struct{}
 	received chan error
+	options  map[string]string // mount options of each rootfs
 }
 
 func newStarlight(t *testing.T, ctx context.Context, img *image, root string, r *rand.Rand) *starlight {
@@ -384,7 +404,7 @@ func newStarlight(t *testing.T, ctx context.Context, img *image, root string, r 
 		raws[i], raws[j] = raws[j], raws[i]
 	})
 	pr, pw := io.Pipe()
-	s := &starlight{root: root, gate: make(chan struct{}), received: make(chan error, 1)}
+	s := &starlight{root: root, gate: make(chan struct{}), received: make(chan error, 1), options: map[string]string{}}
 	go func() {
 		bw, err := bundle.NewWriter(pw, h)
 		if err == nil {
@@ -413,7 +433,10 @@ func newStarlight(t *testing.T, ctx context.Context, img *image, root string, r 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	s.reg, err = layers.Open(ctx, filepath.Join(root, "layers"), st, layers.FUSEMounter(st, nil))
+	if err := snapshotter.DataLayersSupported(root, nil); err != nil {
+		t.Fatalf("overlayfs cannot stack materialised layers here: %v", err)
+	}
+	s.reg, err = layers.Open(ctx, filepath.Join(root, "layers"), st, layers.FUSEMounter(st, nil), layers.Materialize(st))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -468,21 +491,28 @@ func (s *starlight) rootfs(t *testing.T, ctx context.Context, key string) string
 	if err != nil {
 		t.Fatal(err)
 	}
+	s.options[key] = strings.Join(mounts[0].Options, ",")
 	return mountRootfs(t, mounts, filepath.Join(s.root, "rootfs-"+key))
 }
 
-// complete waits for the stream and marks the layers complete, as the
-// puller does.
-func (s *starlight) complete(t *testing.T) {
+// receive waits for the stream to end.
+func (s *starlight) receive(t *testing.T) {
 	t.Helper()
 	if err := <-s.received; err != nil {
 		t.Fatalf("receiving the bundle: %v", err)
 	}
-	for i := range s.trees {
-		ok, err := s.reg.CheckComplete(&s.trees[i])
-		if err != nil || !ok {
-			t.Fatalf("layer %d complete: %v, %v", i, ok, err)
-		}
+}
+
+// complete marks layer i complete, as the puller does once its contents
+// are in; it is then materialised.
+func (s *starlight) complete(t *testing.T, i int) {
+	t.Helper()
+	ok, err := s.reg.CheckComplete(&s.trees[i])
+	if err != nil || !ok {
+		t.Fatalf("layer %d complete: %v, %v", i, ok, err)
+	}
+	if d := digest.Digest(s.trees[i].Digest); !s.reg.Materialized(d) {
+		t.Fatalf("layer %d is complete but not materialised", i)
 	}
 }
 

@@ -196,6 +196,17 @@ func (s *Store) Path(d digest.Digest) (string, error) {
 	return s.path(d), nil
 }
 
+// DataDir is the directory of the complete contents; DataPath(d) is where
+// content d is in it (an absolute path inside DataDir, as an overlayfs
+// data-only layer's redirect names it).
+func (s *Store) DataDir() string { return filepath.Join(s.root, "content") }
+
+// DataPath returns the path of content d inside DataDir, starting with "/".
+func (s *Store) DataPath(d digest.Digest) string {
+	hex := d.Encoded()
+	return "/" + filepath.Join("sha256", hex[:2], hex)
+}
+
 // Has reports whether the content d is complete and verified.
 func (s *Store) Has(d digest.Digest) bool {
 	d, err := parse(d)
