@@ -28,10 +28,10 @@ const (
 // 0:0 character devices, opaque directories marked), with every regular
 // file that has content as an overlayfs metadata-only file whose data is
 // redirect(digest), a path in the data-only layer the content store's
-// files are in. Hard links are hard links. The directory is only usable as
+// files are in (keep it short: see store.DataPath). Hard links are hard links. The directory is only usable as
 // an overlayfs lower layer stacked above that data layer; it needs root
 // (trusted.* xattrs, devices, owners).
-func Materialize(dst string, tree api.LayerTree, redirect func(digest.Digest) string) error {
+func Materialize(dst string, tree api.LayerTree, redirect func(digest.Digest) (string, error)) error {
 	root, err := buildTree(tree.Entries)
 	if err != nil {
 		return fmt.Errorf("materializing layer %s: %w", tree.Digest, err)
@@ -47,7 +47,7 @@ func Materialize(dst string, tree api.LayerTree, redirect func(digest.Digest) st
 }
 
 type materializer struct {
-	redirect func(digest.Digest) string
+	redirect func(digest.Digest) (string, error)
 	first    map[*inode]string // the path an inode was created at
 }
 
@@ -99,10 +99,14 @@ func (w *materializer) create(n *inode, p string) error {
 			return err
 		}
 		if n.digest != "" {
+			target, err := w.redirect(n.digest)
+			if err != nil {
+				return err
+			}
 			if err := unix.Lsetxattr(p, metacopyXattr, nil, 0); err != nil {
 				return fmt.Errorf("metacopy xattr: %w", err)
 			}
-			if err := unix.Lsetxattr(p, redirectXattr, []byte(w.redirect(n.digest)), 0); err != nil {
+			if err := unix.Lsetxattr(p, redirectXattr, []byte(target), 0); err != nil {
 				return fmt.Errorf("redirect xattr: %w", err)
 			}
 		}

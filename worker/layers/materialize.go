@@ -30,7 +30,7 @@ type DataStore interface {
 	// DataDir is the directory of the complete contents, DataPath(d)
 	// the path of content d inside it, starting with "/".
 	DataDir() string
-	DataPath(d digest.Digest) string
+	DataPath(d digest.Digest) (string, error)
 }
 
 // Option configures a Registry.
