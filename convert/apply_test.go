@@ -1,6 +1,7 @@
 package convert
 
 import (
+	"archive/tar"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -13,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/archive"
 	"golang.org/x/sys/unix"
@@ -25,7 +27,24 @@ func TestConvertLayerUnpacksIdentically(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("SKIPPED: unpacking devices, owners and security.capability needs root")
 	}
-	src := buildTar(t, trickyEntries())
+	want := assertUnpacksAlike(t, buildTar(t, trickyEntries()))
+	// The tree really has what the test claims to compare.
+	for _, name := range []string{"bin/ping", "removed", "var/opaque", "dev/sda", "bin/big-link"} {
+		if _, ok := want[name]; !ok {
+			t.Errorf("unpacked source lacks %s", name)
+		}
+	}
+	if !strings.Contains(want["bin/ping"], "security.capability") || !strings.Contains(want["var/opaque"], "trusted.overlay.opaque") ||
+		!strings.Contains(want["removed"], "rdev=0:0") {
+		t.Errorf("unexpected unpacked metadata: %q %q %q", want["bin/ping"], want["var/opaque"], want["removed"])
+	}
+}
+
+// assertUnpacksAlike unpacks the layer src and its conversion with
+// containerd's applier and fails on any difference; it returns the
+// unpacked source.
+func assertUnpacksAlike(t *testing.T, src []byte) map[string]string {
+	t.Helper()
 	opts, _ := testOptions(t)
 	l, err := ConvertLayer(context.Background(), bytes.NewReader(gzipBytes(t, src)), opts)
 	if err != nil {
@@ -59,15 +78,53 @@ func TestConvertLayerUnpacksIdentically(t *testing.T) {
 			t.Errorf("%s: only in the converted layer", name)
 		}
 	}
-	// The tree really has what the test claims to compare.
-	for _, name := range []string{"bin/ping", "removed", "var/opaque", "dev/sda", "bin/big-link"} {
-		if _, ok := want[name]; !ok {
-			t.Errorf("unpacked source lacks %s", name)
-		}
+	return want
+}
+
+// TestConvertLayerDuplicateNames converts a layer that names paths more
+// than once: estargz keeps one entry per name, conversion must keep what
+// containerd's applier makes of them.
+func TestConvertLayerDuplicateNames(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("SKIPPED: unpacking owners needs root")
 	}
-	if !strings.Contains(want["bin/ping"], "security.capability") || !strings.Contains(want["var/opaque"], "trusted.overlay.opaque") ||
-		!strings.Contains(want["removed"], "rdev=0:0") {
-		t.Errorf("unexpected unpacked metadata: %q %q %q", want["bin/ping"], want["var/opaque"], want["removed"])
+	i := 0
+	mt := func() time.Time { i++; return baseTime.Add(time.Duration(i) * time.Hour) }
+	pax := func(h tar.Header, kv ...string) tar.Header {
+		h.PAXRecords, h.Format = map[string]string{}, tar.FormatPAX
+		for j := 0; j < len(kv); j += 2 {
+			h.PAXRecords["SCHILY.xattr."+kv[j]] = kv[j+1]
+		}
+		return h
+	}
+	dir := func(name string, mode int64) tar.Header {
+		return tar.Header{Typeflag: tar.TypeDir, Name: name, Mode: mode, ModTime: mt()}
+	}
+	reg := func(name string, data string) tarEntry {
+		return tarEntry{hdr: tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, Size: int64(len(data)), ModTime: mt()}, data: []byte(data)}
+	}
+	link := tar.Header{Typeflag: tar.TypeLink, Name: "e/l", Linkname: "t", Mode: 0o600, Uid: 5, ModTime: mt()}
+	entries := []tarEntry{
+		{hdr: pax(dir("d/", 0o700), "user.a", "1", "user.b", "1")},
+		reg("d/f", "f"),
+		// A directory again: its metadata, and its xattrs over the first's.
+		{hdr: pax(dir("d/", 0o750), "user.b", "2")},
+		{hdr: dir("e/", 0o755)},
+		reg("e/x", "x"),
+		reg("t", "target"),
+		// The link goes with e, its header's effect on t stays.
+		{hdr: link},
+		reg("e", "e is a file now"),
+		// A directory's mtime is set again once the layer is applied,
+		// on what is at its path then.
+		{hdr: dir("m/", 0o755)},
+		reg("m", "m is a file now"),
+	}
+	got := assertUnpacksAlike(t, buildTar(t, entries))
+	for name, want := range map[string]string{"d": "user.a=31,user.b=32", "t": "uid=5", "e": "size=15"} {
+		if !strings.Contains(got[name], want) {
+			t.Errorf("%s: %s, want %s in it", name, got[name], want)
+		}
 	}
 }
 

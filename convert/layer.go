@@ -100,13 +100,29 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 	if err != nil {
 		return nil, err
 	}
+	if err := src.raw.err(); err != nil {
+		removeTemp(src.file)
+		return nil, err
+	}
+	tarFile, tarSize := src.file, src.size
+	if src.duplicates {
+		nf, n, err := normalizeTar(src.file, src.size, opts.TempDir)
+		if err != nil {
+			removeTemp(src.file)
+			return nil, err
+		}
+		if nf != nil {
+			removeTemp(src.file)
+			tarFile, tarSize = nf, n
+		}
+	}
 
 	// Cancellation reaches estargz through its input, not through
 	// estargz.WithContext: on cancellation that option removes the
 	// temporary files created so far while the parts still being started
 	// create theirs, which then stay behind. A failing input makes Build
 	// fail and remove every file after its parts have stopped.
-	blob, err := estargz.Build(io.NewSectionReader(ctxReaderAt{ctx: ctx, r: src.file}, 0, src.size),
+	blob, err := estargz.Build(io.NewSectionReader(ctxReaderAt{ctx: ctx, r: tarFile}, 0, tarSize),
 		estargz.WithChunkSize(opts.ChunkSize),
 		estargz.WithCompression(newCompression(opts.CompressionLevel)),
 		estargz.WithParallelism(buildParts(src.contents)),
@@ -114,7 +130,7 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 	// Build has read the whole tar into its parts: the spool goes now, so
 	// a conversion needs about twice the layer's size of temporary space,
 	// not three times.
-	removeTemp(src.file)
+	removeTemp(tarFile)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -159,6 +175,9 @@ func ConvertLayer(ctx context.Context, r io.Reader, opts Options) (_ *Layer, ret
 	if idx.TOCDigest != blob.TOCDigest() {
 		return nil, fmt.Errorf("reading back the converted layer: TOC digest %s, built %s", idx.TOCDigest, blob.TOCDigest())
 	}
+	if err := src.raw.restore(idx.Entries); err != nil {
+		return nil, err
+	}
 	idx.UncompressedSize = usize
 	if _, err := out.Seek(0, io.SeekStart); err != nil {
 		return nil, err
@@ -186,6 +205,9 @@ type spooledTar struct {
 	size     int64
 	contents int64 // bytes of regular file contents
 	diffID   digest.Digest
+	// duplicates: some name has more than one entry (normalizeTar).
+	duplicates bool
+	raw        *rawNames
 }
 
 // spoolTar decompresses r into a temporary file, validating every tar header
@@ -201,9 +223,21 @@ func spoolTar(ctx context.Context, r io.Reader, opts Options) (_ *spooledTar, re
 		}
 	}()
 	bw := bufio.NewWriterSize(f, 1<<20)
-	var contents int64
+	var (
+		contents   int64
+		seen       = map[string]bool{}
+		duplicates bool
+		raw        = &rawNames{}
+	)
 	size, diffID, err := scanTar(ctx, r, opts, bw, func(h *tar.Header, _ io.Reader) error {
-		contents += h.Size // 0 but for regular files (tarValidator)
+		contents += h.Size              // 0 but for regular files (tarValidator)
+		name, _ := cleanTarName(h.Name) // valid: tarValidator checked it
+		duplicates = duplicates || seen[name]
+		seen[name] = true
+		raw.addName(name)
+		if h.Typeflag == tar.TypeSymlink {
+			raw.addTarget(h.Linkname)
+		}
 		return nil
 	})
 	if err == nil {
@@ -215,7 +249,7 @@ func spoolTar(ctx context.Context, r io.Reader, opts Options) (_ *spooledTar, re
 		}
 		return nil, tempErr(opts.TempDir, fmt.Errorf("spooling the uncompressed layer: %w", err))
 	}
-	return &spooledTar{file: f, size: size, contents: contents, diffID: diffID}, nil
+	return &spooledTar{file: f, size: size, contents: contents, diffID: diffID, duplicates: duplicates, raw: raw}, nil
 }
 
 // scanTar reads a layer (gzip, zstd or plain tar) to its end, validating
@@ -421,8 +455,8 @@ func (v *tarValidator) check(h *tar.Header) error {
 		v.linked[target] = struct{}{}
 	}
 	if _, ok := v.types[name]; ok {
-		// estargz keeps only the last entry of a name and moves it to the
-		// end, so a hard link to the first copy would lose its target.
+		// A layer keeps one entry per name (normalizeTar), so a hard
+		// link to the first copy would lose its target.
 		if _, ok := v.linked[name]; ok {
 			return fmt.Errorf("entry %q: redefines the target of an earlier hard link", h.Name)
 		}

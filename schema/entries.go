@@ -2,9 +2,12 @@ package schema
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/starlight-project/starlight/api"
 )
@@ -42,6 +45,31 @@ func encodeMtime(t time.Time) int64 {
 // produces, reads back as the epoch.
 func decodeMtime(ns int64) time.Time { return time.Unix(0, ns).UTC() }
 
+// A name or link target is bytes and may not be valid UTF-8, which a
+// PostgreSQL TEXT column refuses. encodeText stores such a string as
+// textEscape followed by its base64; it escapes a string that begins with
+// textEscape the same way, so that every string reads back as it was.
+// Valid names, the rest, are stored as they are.
+const textEscape = "\x01"
+
+func encodeText(s string) string {
+	if utf8.ValidString(s) && !strings.HasPrefix(s, textEscape) {
+		return s
+	}
+	return textEscape + base64.StdEncoding.EncodeToString([]byte(s))
+}
+
+func decodeText(s string) (string, error) {
+	if !strings.HasPrefix(s, textEscape) {
+		return s, nil
+	}
+	b, err := base64.StdEncoding.DecodeString(s[len(textEscape):])
+	if err != nil {
+		return "", fmt.Errorf("escaped name %q: %w", s, err)
+	}
+	return string(b), nil
+}
+
 // appendFileRow appends to row the values of fileColumns for e.
 func appendFileRow(row []any, e *api.Entry) ([]any, error) {
 	xattrs := ""
@@ -52,8 +80,8 @@ func appendFileRow(row []any, e *api.Entry) ([]any, error) {
 		}
 		xattrs = string(b)
 	}
-	return append(row, e.Name, e.Type, int64(e.Mode), e.UID, e.GID, e.Size, encodeMtime(e.ModTime),
-		e.LinkName, e.DevMajor, e.DevMinor, xattrs, e.Digest), nil
+	return append(row, encodeText(e.Name), e.Type, int64(e.Mode), e.UID, e.GID, e.Size, encodeMtime(e.ModTime),
+		encodeText(e.LinkName), e.DevMajor, e.DevMinor, xattrs, e.Digest), nil
 }
 
 // fileColumns are the columns appendFileRow and scanFile cover, after
@@ -74,6 +102,13 @@ func scanFile(row interface{ Scan(...any) error }) (int64, api.Entry, error) {
 	// Rows come from PutLayer, whose entries (convert.ReadIndex's) carry
 	// no type bits; masking keeps a stray one (a row written by hand or by
 	// an older writer) from reaching a worker's inode mode.
+	var err error
+	if e.Name, err = decodeText(e.Name); err != nil {
+		return 0, api.Entry{}, err
+	}
+	if e.LinkName, err = decodeText(e.LinkName); err != nil {
+		return 0, api.Entry{}, err
+	}
 	e.Mode = uint32(mode & modeBits)
 	e.ModTime = decodeMtime(mtime)
 	if xattrs != "" {

@@ -53,3 +53,29 @@ func TestEntryRoundTrip(t *testing.T) {
 		})
 	}
 }
+
+// TestEntryNamesRoundTrip: names and link targets are bytes; those that are
+// not UTF-8 (which PostgreSQL's TEXT refuses) read back as they were.
+func TestEntryNamesRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	db := openTest(t)
+	entries := []api.Entry{
+		{Name: "plain", Type: api.TypeSymlink, LinkName: "/etc/passwd"},
+		{Name: "bin-\xff\xfe", Type: api.TypeSymlink, LinkName: "t\x80rget"},
+		{Name: "\x01escaped", Type: api.TypeSymlink, LinkName: "\x01x"},
+		{Name: "ü ñ", Type: api.TypeHardlink, LinkName: "bin-\xff\xfe"},
+	}
+	for i := range entries {
+		entries[i].ModTime = time.Unix(0, 0).UTC()
+	}
+	if err := db.PutLayer(ctx, &Layer{Digest: "sha256:2b", DiffID: "sha256:d2", TOCDigest: "sha256:70d", Entries: entries}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := db.GetLayer(ctx, "sha256:2b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got.Entries, entries) {
+		t.Errorf("read back %+v, want %+v", got.Entries, entries)
+	}
+}

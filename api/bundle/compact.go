@@ -2,6 +2,7 @@ package bundle
 
 import (
 	"time"
+	"unicode/utf8"
 
 	"github.com/starlight-project/starlight/api"
 )
@@ -58,6 +59,10 @@ type compactEntry struct {
 	Xattrs   map[string][]byte `json:"x,omitempty"`
 	Digest   string            `json:"d,omitempty"`
 	Chunks   []compactChunk    `json:"c,omitempty"`
+	// NameBytes and LinkNameBytes carry a name or link target that is
+	// not valid UTF-8 (JSON replaces its invalid bytes in "n" and "l").
+	NameBytes     []byte `json:"nb,omitempty"`
+	LinkNameBytes []byte `json:"lb,omitempty"`
 }
 
 type compactChunk struct {
@@ -121,6 +126,12 @@ func compactEntryOf(e *api.Entry) compactEntry {
 		LinkName: e.LinkName, DevMajor: e.DevMajor, DevMinor: e.DevMinor, Xattrs: e.Xattrs, Digest: e.Digest,
 		MTime: e.ModTime.Unix(), MTimeNs: e.ModTime.Nanosecond(),
 	}
+	if !utf8.ValidString(e.Name) {
+		ce.NameBytes = []byte(e.Name)
+	}
+	if !utf8.ValidString(e.LinkName) {
+		ce.LinkNameBytes = []byte(e.LinkName)
+	}
 	for _, ch := range e.Chunks {
 		cc := compactChunk{Offset: ch.Offset, Size: ch.Size, Digest: ch.Digest,
 			CompressedOffset: ch.CompressedOffset, CompressedSize: ch.CompressedSize}
@@ -160,6 +171,12 @@ func (c *compactHeader) expand() (*api.BundleHeader, error) {
 				Name: ce.Name, Type: ce.Type, Mode: ce.Mode, UID: ce.UID, GID: ce.GID, Size: ce.Size,
 				ModTime:  time.Unix(ce.MTime, int64(ce.MTimeNs)).UTC(),
 				LinkName: ce.LinkName, DevMajor: ce.DevMajor, DevMinor: ce.DevMinor, Xattrs: ce.Xattrs, Digest: ce.Digest,
+			}
+			if ce.NameBytes != nil {
+				e.Name = string(ce.NameBytes)
+			}
+			if ce.LinkNameBytes != nil {
+				e.LinkName = string(ce.LinkNameBytes)
 			}
 			for _, cc := range ce.Chunks {
 				ch := api.Chunk{Offset: cc.Offset, Size: cc.Size, Digest: cc.Digest,

@@ -120,7 +120,15 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 	if d.keeper != nil {
 		keeper = d.keeper
 	}
-	if d.Layers, err = layers.Open(ctx, filepath.Join(cfg.Root, "layers"), d.Store, layers.FUSEMounter(d.Store, nil, keeper)); err != nil {
+	// Complete layers leave FUSE where overlayfs stacks data-only layers
+	// (layers.Materialize).
+	var layerOpts []layers.Option
+	if err := snapshotter.DataLayersSupported(cfg.Root, nil); err != nil {
+		log.G(ctx).WithError(err).Warn("complete layers stay FUSE views")
+	} else {
+		layerOpts = append(layerOpts, layers.Materialize(d.Store))
+	}
+	if d.Layers, err = layers.Open(ctx, filepath.Join(cfg.Root, "layers"), d.Store, layers.FUSEMounter(d.Store, nil, keeper), layerOpts...); err != nil {
 		return nil, err
 	}
 	rc := newRemote(registryHosts(cfg, nil))

@@ -152,7 +152,8 @@ func TestMountEntries(t *testing.T) {
 		{Name: "empty", Type: api.TypeReg, Mode: 0o600, UID: 1000, GID: 1000, ModTime: mtime},
 		{Name: "secret", Type: api.TypeReg, Mode: 0, ModTime: mtime},
 		{Name: "link", Type: api.TypeSymlink, Mode: 0o777, LinkName: "etc/passwd", ModTime: mtime},
-		{Name: "hard", Type: api.TypeHardlink, LinkName: "etc/passwd"},
+		// A hard link's header applies to its inode (containerd's applier).
+		{Name: "hard", Type: api.TypeHardlink, LinkName: "etc/passwd", Mode: 0o644, ModTime: mtime},
 		{Name: "dev/null", Type: api.TypeChar, Mode: 0o666, DevMajor: 1, DevMinor: 3, ModTime: mtime},
 		{Name: "dev/sda", Type: api.TypeBlock, Mode: 0o660, GID: 6, DevMajor: 8, DevMinor: 0, ModTime: mtime},
 		{Name: "fifo", Type: api.TypeFifo, Mode: 0o644, ModTime: mtime},
@@ -199,7 +200,7 @@ func TestMountEntries(t *testing.T) {
 		"fifo":       {mode: syscall.S_IFIFO | 0o644, nlink: 1},
 		"gone/old":   {mode: syscall.S_IFCHR, uid: 7, gid: 8, nlink: 1, rdev: 0},
 		"opq":        {mode: syscall.S_IFDIR | 0o700, size: 4096, nlink: 2},
-		"replaced":   {mode: syscall.S_IFLNK, size: int64(len("/nowhere")), nlink: 1},
+		"replaced":   {mode: syscall.S_IFLNK | 0o777, size: int64(len("/nowhere")), nlink: 1},
 	}
 	for name, w := range wants {
 		fi, err := os.Lstat(filepath.Join(mnt, name))

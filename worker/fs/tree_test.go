@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"fmt"
 	"syscall"
 	"testing"
 
@@ -127,6 +128,55 @@ func TestBuildTree(t *testing.T) {
 			}
 		},
 	}, {
+		// containerd's applier chowns and chmods the linked path: the
+		// shared inode takes the link's header, the last one wins.
+		name: "hard link headers apply to the inode",
+		entries: []api.Entry{
+			{Name: "data/hello.txt", Type: api.TypeReg, Mode: 0o640, UID: 1000, GID: 1000},
+			{Name: "data/hello-hard", Type: api.TypeHardlink, LinkName: "data/hello.txt", Mode: 0o644,
+				Xattrs: map[string][]byte{"user.a": []byte("1")}},
+			{Name: "data/again", Type: api.TypeHardlink, LinkName: "data/hello-hard", Mode: 0o4755, UID: 5, GID: 6},
+		},
+		check: func(t *testing.T, root *inode) {
+			f := mustLookup(t, root, "data/hello.txt")
+			if f != mustLookup(t, root, "data/again") || f.mode != 0o4755 || f.uid != 5 || f.gid != 6 || string(f.xattrs["user.a"]) != "1" {
+				t.Errorf("linked inode: %+v", f)
+			}
+		},
+	}, {
+		name: "a hard link to a symlink leaves its mode",
+		entries: []api.Entry{
+			{Name: "s", Type: api.TypeSymlink, LinkName: "x", Mode: 0o644},
+			{Name: "l", Type: api.TypeHardlink, LinkName: "s", Mode: 0o600, UID: 3},
+		},
+		check: func(t *testing.T, root *inode) {
+			if s := mustLookup(t, root, "l"); s.mode != 0o777 || s.uid != 3 {
+				t.Errorf("symlink: %+v", s)
+			}
+		},
+	}, {
+		name: "xattrs containerd's applier refuses",
+		entries: []api.Entry{
+			{Name: "f", Type: api.TypeReg, Xattrs: map[string][]byte{"trusted.x": {1}, "user.x": {2}}},
+			{Name: "s", Type: api.TypeSymlink, LinkName: "f", Xattrs: map[string][]byte{"user.x": {2}, "security.x": {3}}},
+		},
+		check: func(t *testing.T, root *inode) {
+			if f := mustLookup(t, root, "f"); len(f.xattrs) != 1 || f.xattrs["user.x"] == nil {
+				t.Errorf("file xattrs: %v", f.xattrs)
+			}
+			if s := mustLookup(t, root, "s"); len(s.xattrs) != 1 || s.xattrs["security.x"] == nil {
+				t.Errorf("symlink xattrs: %v", s.xattrs)
+			}
+		},
+	}, {
+		name:    "a missing parent in a setgid directory takes its group",
+		entries: []api.Entry{{Name: "d", Type: api.TypeDir, Mode: 0o2775, GID: 50}, reg("d/e/f")},
+		check: func(t *testing.T, root *inode) {
+			if e := mustLookup(t, root, "d/e"); e.gid != 50 || e.mode != 0o755 || !e.implicit {
+				t.Errorf("d/e: %+v", e)
+			}
+		},
+	}, {
 		name:    "hard link to a missing target",
 		entries: []api.Entry{{Name: "h", Type: api.TypeHardlink, LinkName: "nope"}},
 		wantErr: true,
@@ -171,4 +221,43 @@ func mustLookup(t *testing.T, root *inode, name string) *inode {
 		t.Fatalf("%s: %v", name, err)
 	}
 	return n
+}
+
+func TestLayerChainDeps(t *testing.T) {
+	tests := []struct {
+		name    string
+		entries []api.Entry
+		want    ChainDeps
+	}{{
+		name:    "declared parents",
+		entries: []api.Entry{dir("a", 0o750), reg("a/f")},
+	}, {
+		// The case: data/ comes from the lower layer.
+		name:    "implicit parents",
+		entries: []api.Entry{reg("data/hello.txt"), reg("data/sub/x"), dir("data/sub", 0o700)},
+		want: ChainDeps{Implicit: []ImplicitDir{
+			{Path: "data"}, {Path: "data/sub", Declared: true, ChainParent: true},
+		}},
+	}, {
+		name:    "whiteouts",
+		entries: []api.Entry{dir("a", 0o755), reg("a/.wh.x")},
+		want:    ChainDeps{Whiteouts: []string{"a/x"}},
+	}, {
+		// Without parents, the marker removes the missing parent b, made
+		// before it, but keeps what entries created.
+		name:    "opaque marker after a missing parent",
+		entries: []api.Entry{dir("a", 0o755), reg("a/b/c"), reg("a/f"), reg("a/.wh..wh..opq"), reg("a/g")},
+		want:    ChainDeps{Implicit: []ImplicitDir{{Path: "a/b"}}, BaseRemoved: []string{"a/b"}},
+	}}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := LayerChainDeps(tt.entries)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fmt.Sprint(*got) != fmt.Sprint(tt.want) {
+				t.Errorf("got %+v, want %+v", *got, tt.want)
+			}
+		})
+	}
 }

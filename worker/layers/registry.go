@@ -72,6 +72,9 @@ type Registry struct {
 	// was released: no snapshot uses it any more, the garbage
 	// collector's cue.
 	released chan struct{}
+	// data, when set, is the store complete layers are materialised on
+	// (Materialize).
+	data DataStore
 }
 
 type layer struct {
@@ -80,6 +83,10 @@ type layer struct {
 	usage    snapshots.Usage
 	complete bool
 	mnt      io.Closer
+	// deps caches ChainDeps (under mu).
+	deps *snapshotter.ChainDeps
+	// materialized: root/<hex>/fs is made and checked (under mu).
+	materialized bool
 	// pins counts Resolves whose snapshot is not committed yet; epoch is
 	// the Registry epoch of the last Resolve or Unpin; removing is set
 	// while the collector removes the layer. All three under Registry.mu.
@@ -95,12 +102,15 @@ var _ snapshotter.LayerUnpinner = (*Registry)(nil)
 // Open loads the layer registry at root. Trees that do not parse are
 // reported and ignored (they are written atomically, so that only happens
 // if someone edited them).
-func Open(ctx context.Context, root string, store ContentChecker, mount Mounter) (*Registry, error) {
+func Open(ctx context.Context, root string, store ContentChecker, mount Mounter, opts ...Option) (*Registry, error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("opening layer registry: %w", err)
 	}
 	l := &Registry{root: root, store: store, mount: mount, layers: make(map[digest.Digest]*layer),
 		originals: make(map[digest.Digest]digest.Digest), released: make(chan struct{}, 1)}
+	for _, o := range opts {
+		o(l)
+	}
 	dirs, err := os.ReadDir(root)
 	if err != nil {
 		return nil, fmt.Errorf("opening layer registry: %w", err)
@@ -544,5 +554,11 @@ func (l *Registry) CheckComplete(t *api.LayerTree) (bool, error) {
 	l.mu.Lock()
 	ly.complete = true
 	l.mu.Unlock()
+	if l.data != nil {
+		// New containers get the layer without FUSE from now on.
+		if _, err := l.materialized(context.Background(), d); err != nil {
+			log.L.WithError(err).WithField("layer", d).Warn("complete layer not materialised; serving it through FUSE")
+		}
+	}
 	return true, nil
 }

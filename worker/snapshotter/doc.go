@@ -1,9 +1,11 @@
 // Package snapshotter is Starlight's containerd snapshotter: containerd's
 // overlayfs snapshotter, extended with "remote" layers whose trees are
-// provided by the worker. A remote layer is always a FUSE view of a
-// converted layer, served by the worker from its content store, while its
-// contents are still streaming in and after they have all arrived; a
-// container's rootfs is overlayfs over those views.
+// provided by the worker: a FUSE view of a converted layer, served by the
+// worker from its content store while its contents stream in, or, once the
+// layer is complete, a plain directory of overlayfs metadata-only files
+// over the store (LayerDataDirs). A container's rootfs is overlayfs over
+// those directories, each with its chain fix where the layer's unpacking
+// depends on the layers below it (LayerChainDeps).
 //
 // # Snapshots
 //

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/containerd/containerd/errdefs"
@@ -137,21 +138,32 @@ func remoteLayers(chain []lower) []digest.Digest {
 	return out
 }
 
-// resolveLowers returns the directories of a parent chain, nearest first.
+// lowerDirs are the overlay lower directories of a snapshot, nearest
+// first, and the data-only directories below them (see LayerDataDirs).
+type lowerDirs struct {
+	dirs []string
+	data []string
+}
+
+// resolveLowers returns the directories of a parent chain, nearest first,
+// with the chain fixes of remote layers (see LayerChainDeps).
 // The remote layers of a traced snapshot (tr not nil) are its private
 // views. It calls Layers.Dir, so it must not run inside a metadata
 // transaction.
-func (o *snapshotter) resolveLowers(ctx context.Context, chain []lower, tr *traced) ([]string, error) {
+func (o *snapshotter) resolveLowers(ctx context.Context, chain []lower, tr *traced) (lowerDirs, error) {
 	dirs := make([]string, len(chain))
-	var private []string
+	var (
+		private []string
+		data    []string
+	)
 	if tr != nil {
 		remote := remoteLayers(chain)
 		var err error
 		if private, err = o.tracer.TracedDirs(ctx, tr.key, tr.labels, remote); err != nil {
-			return nil, fmt.Errorf("traced views of %s: %w", tr.key, err)
+			return lowerDirs{}, fmt.Errorf("traced views of %s: %w", tr.key, err)
 		}
 		if len(private) != len(remote) {
-			return nil, fmt.Errorf("traced views of %s: %d directories for %d layers", tr.key, len(private), len(remote))
+			return lowerDirs{}, fmt.Errorf("traced views of %s: %d directories for %d layers", tr.key, len(private), len(remote))
 		}
 	}
 	for i, l := range chain {
@@ -160,37 +172,58 @@ func (o *snapshotter) resolveLowers(ctx context.Context, chain []lower, tr *trac
 			continue
 		}
 		var (
-			dir string
-			err error
+			dir, dd string
+			err     error
 		)
 		if tr != nil {
 			dir, private = private[0], private[1:]
 			err = checkLowerDir(l.layer, dir)
 		} else {
-			dir, err = o.layerDir(ctx, l.layer)
+			dir, dd, err = o.layerDir(ctx, l.layer)
 		}
 		if err != nil {
-			return nil, err
+			return lowerDirs{}, err
 		}
 		dirs[i] = dir
+		if dd != "" && !slices.Contains(data, dd) {
+			data = append(data, dd)
+		}
 	}
-	return dirs, nil
+	dirs, err := o.withChainFixes(ctx, chain, dirs)
+	if err != nil {
+		return lowerDirs{}, err
+	}
+	return lowerDirs{dirs: dirs, data: data}, nil
 }
 
-func (o *snapshotter) layerDir(ctx context.Context, d digest.Digest) (string, error) {
+// layerDir returns the directory of a remote layer and, for a directory of
+// metadata-only files, the data directory it needs below.
+func (o *snapshotter) layerDir(ctx context.Context, d digest.Digest) (dir, data string, err error) {
 	if o.layers == nil {
-		return "", fmt.Errorf("snapshot refers to remote layer %s but the snapshotter has no layer provider: %w", d, errdefs.ErrFailedPrecondition)
+		return "", "", fmt.Errorf("snapshot refers to remote layer %s but the snapshotter has no layer provider: %w", d, errdefs.ErrFailedPrecondition)
 	}
 	unlock, err := o.layerLocks.lock(ctx, d.String())
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
-	dir, err := o.layers.Dir(ctx, d)
+	if dl, ok := o.layers.(LayerDataDirs); ok && o.dataLayers {
+		dir, data, err = dl.DirAndData(ctx, d)
+	} else {
+		dir, err = o.layers.Dir(ctx, d)
+	}
 	unlock()
 	if err != nil {
-		return "", fmt.Errorf("layer %s: %w", d, err)
+		return "", "", fmt.Errorf("layer %s: %w", d, err)
 	}
-	return dir, checkLowerDir(d, dir)
+	if err := checkLowerDir(d, dir); err != nil {
+		return "", "", err
+	}
+	if data != "" {
+		if err := checkLowerDir(d, data); err != nil {
+			return "", "", err
+		}
+	}
+	return dir, data, nil
 }
 
 // checkLowerDir checks a layer directory before it goes into a comma- and
@@ -238,8 +271,8 @@ func (o *snapshotter) releaseIfUnused(ctx context.Context, d digest.Digest) {
 
 // buildMounts returns the mounts of an active or view snapshot whose parent
 // chain lives in lowers, nearest parent first.
-func (o *snapshotter) buildMounts(kind snapshots.Kind, id string, lowers []string) []mount.Mount {
-	if len(lowers) == 0 {
+func (o *snapshotter) buildMounts(kind snapshots.Kind, id string, lowers lowerDirs) []mount.Mount {
+	if len(lowers.dirs) == 0 {
 		// No parent: overlay needs a lower dir, so bind the upper dir.
 		ro := "rw"
 		if kind == snapshots.KindView {
@@ -247,8 +280,8 @@ func (o *snapshotter) buildMounts(kind snapshots.Kind, id string, lowers []strin
 		}
 		return []mount.Mount{{Type: "bind", Source: o.upperPath(id), Options: []string{ro, "rbind"}}}
 	}
-	if kind == snapshots.KindView && len(lowers) == 1 {
-		return []mount.Mount{{Type: "bind", Source: lowers[0], Options: []string{"ro", "rbind"}}}
+	if kind == snapshots.KindView && len(lowers.dirs) == 1 && len(lowers.data) == 0 {
+		return []mount.Mount{{Type: "bind", Source: lowers.dirs[0], Options: []string{"ro", "rbind"}}}
 	}
 	options := append([]string(nil), o.options...)
 	if kind == snapshots.KindActive {
@@ -257,7 +290,14 @@ func (o *snapshotter) buildMounts(kind snapshots.Kind, id string, lowers []strin
 			"upperdir="+o.upperPath(id),
 		)
 	}
+	lowerdir := "lowerdir=" + strings.Join(lowers.dirs, ":")
+	if len(lowers.data) > 0 {
+		// Data-only layers, below the others: only the metadata-only
+		// files of materialised layers reach them.
+		lowerdir += "::" + strings.Join(lowers.data, "::")
+		options = append(options, "metacopy=on")
+	}
 	// Without an upper dir (a view), overlayfs mounts read-only.
-	options = append(options, "lowerdir="+strings.Join(lowers, ":"))
+	options = append(options, lowerdir)
 	return []mount.Mount{{Type: "overlay", Source: "overlay", Options: options}}
 }

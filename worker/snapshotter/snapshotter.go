@@ -143,6 +143,8 @@ type snapshotter struct {
 	tracer      Tracer
 	// layerLocks serialises Layers.Dir against Layers.Release per digest.
 	layerLocks keyedMutex
+	// dataLayers: overlayfs here mounts data-only layers (LayerDataDirs).
+	dataLayers bool
 }
 
 // New returns a snapshotter storing its metadata in root/metadata.db and its
@@ -195,7 +197,16 @@ func New(root string, layers Layers, opts ...Opt) (snapshots.Snapshotter, error)
 		options = append(options, "index=off")
 	}
 
+	var dataLayers bool
+	if _, ok := layers.(LayerDataDirs); ok {
+		if err := DataLayersSupported(root, options); err != nil {
+			log.L.WithError(err).Info("complete layers stay FUSE views")
+		} else {
+			dataLayers = true
+		}
+	}
 	return &snapshotter{
+		dataLayers:  dataLayers,
 		root:        root,
 		ms:          ms,
 		layers:      layers,
@@ -550,7 +561,7 @@ func (o *snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 
 	lowers, err := o.resolveLowers(ctx, chain, o.traceOf(key, info))
 	if err == nil && len(chain) > 0 && chain[0].layer != "" {
-		err = copyOwner(o.upperPath(s.ID), lowers[0])
+		err = copyOwner(o.upperPath(s.ID), lowers.dirs[0])
 	}
 	if err != nil {
 		// The snapshot is committed in the metadata; take it back so the

@@ -210,6 +210,68 @@ func (s *Store) Path(d digest.Digest) (string, error) {
 	return s.path(d), nil
 }
 
+// DataDir is the directory of the complete contents, as an overlayfs
+// data-only layer: DataPath names a content in it.
+func (s *Store) DataDir() string { return filepath.Join(s.root, "content") }
+
+// DataPath returns the path of the complete content d inside DataDir,
+// starting with "/", for the trusted.overlay.redirect of a metadata-only
+// file. It is short ("/ab/" and 20 more hex digits of the digest, 24
+// bytes, a second name of the content made here): with the metacopy
+// xattr it fits in an ext4 inode's own xattr space, where a redirect to
+// content/sha256/ab/<64 hex> would take a block of its own per file, read
+// by every cold stat. If that short name is another content's (88 bits of
+// the digest), the full path is returned.
+func (s *Store) DataPath(d digest.Digest) (string, error) {
+	d, err := parse(d)
+	if err != nil {
+		return "", err
+	}
+	long := s.path(d)
+	fi, err := os.Lstat(long)
+	if err != nil {
+		return "", fmt.Errorf("%w: %s is not complete", ErrNotFound, d)
+	}
+	rel := s.shortName(d)
+	short := filepath.Join(s.DataDir(), rel)
+	for range 2 {
+		if sfi, err := os.Lstat(short); err == nil {
+			if os.SameFile(fi, sfi) {
+				return rel, nil
+			}
+			return "/" + filepath.Join("sha256", d.Encoded()[:2], d.Encoded()), nil
+		}
+		if err := os.MkdirAll(filepath.Dir(short), 0o700); err != nil {
+			return "", err
+		}
+		if err := os.Link(long, short); err == nil {
+			return rel, nil
+		} else if !errors.Is(err, os.ErrExist) {
+			return "", err
+		}
+	}
+	return "", fmt.Errorf("short name %s of %s keeps changing", rel, d)
+}
+
+// shortName is DataPath's short name of d.
+func (s *Store) shortName(d digest.Digest) string {
+	hex := d.Encoded()
+	return "/" + hex[:2] + "/" + hex[2:22]
+}
+
+// removeShortName removes the short name of d, if it names the file at
+// p (which must still exist).
+func (s *Store) removeShortName(d digest.Digest, p string) {
+	short := filepath.Join(s.DataDir(), s.shortName(d))
+	fi, err := os.Lstat(p)
+	if err != nil {
+		return
+	}
+	if sfi, err := os.Lstat(short); err == nil && os.SameFile(fi, sfi) {
+		os.Remove(short)
+	}
+}
+
 // Has reports whether the content d is complete and verified.
 func (s *Store) Has(d digest.Digest) bool {
 	d, err := parse(d)
@@ -794,6 +856,7 @@ func (s *Store) verifyContents() (int, error) {
 		}
 		if h.Digest() != d {
 			removed++
+			s.removeShortName(d, path)
 			return os.Remove(path)
 		}
 		return nil
@@ -867,6 +930,7 @@ func (s *Store) Remove(d digest.Digest) error {
 		delete(s.pending, d)
 	}
 	s.mu.Unlock()
+	s.removeShortName(d, s.path(d))
 	if err := os.Remove(s.path(d)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing %s: %w", d, err)
 	}

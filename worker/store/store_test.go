@@ -889,3 +889,57 @@ func TestHasChunk(t *testing.T) {
 		}
 	}
 }
+
+// TestDataPath: a complete content has a short second name in DataDir
+// (for overlayfs redirects), the full path when the short one is taken,
+// and Remove removes both.
+func TestDataPath(t *testing.T) {
+	s := openStore(t)
+	put := func(seed int64) *testContent {
+		c := newContent(t, seed, 100, 64)
+		if err := s.Expect(c.d, int64(len(c.data)), c.chunks); err != nil {
+			t.Fatal(err)
+		}
+		for i := range c.frames {
+			if err := c.write(t, s, i); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return c
+	}
+	a, b := put(1), put(2)
+	if _, err := s.DataPath(digest.FromString("absent")); !errors.Is(err, ErrNotFound) {
+		t.Errorf("DataPath of an absent content: %v", err)
+	}
+	rel, err := s.DataPath(a.d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rel) != 24 || rel[0] != '/' {
+		t.Errorf("DataPath %q: want 24 bytes from /", rel)
+	}
+	if got, err := os.ReadFile(filepath.Join(s.DataDir(), rel)); err != nil || !bytes.Equal(got, a.data) {
+		t.Errorf("%s: %v", rel, err)
+	}
+	// The short name of b, taken by something else: the full path.
+	short := filepath.Join(s.DataDir(), s.shortName(b.d))
+	os.MkdirAll(filepath.Dir(short), 0o700)
+	if err := os.WriteFile(short, []byte("other"), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	if rel, err := s.DataPath(b.d); err != nil || rel != "/sha256/"+b.d.Encoded()[:2]+"/"+b.d.Encoded() {
+		t.Errorf("DataPath with the short name taken: %q, %v", rel, err)
+	}
+	if err := s.Remove(a.d); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(filepath.Join(s.DataDir(), s.shortName(a.d))); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("short name after Remove: %v", err)
+	}
+	if err := s.Remove(b.d); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(short); err != nil {
+		t.Errorf("Remove removed a short name that was not the content's: %v", err)
+	}
+}
