@@ -77,3 +77,9 @@ go build -o "$tmp/starlight-bench" ./integration/bench/cmd/starlight-bench
 "$tmp/starlight-bench" "$@" &
 bench_pid=$!
 wait "$bench_pid"
+
+# Complete layers against overlayfs, inside a container: a metadata walk and
+# a read of every file, cold and warm (issue: complete layers leave FUSE).
+echo
+echo "complete images against overlayfs (integration/cmd/measure-worker):"
+go run ./integration/cmd/measure-worker -big-mb 64 -small-files 5000 -rtt 2ms -mbps 1000 -runs 3
