@@ -147,6 +147,35 @@ func (s *S3Server) CreateBucket(t T, name string) *S3Bucket {
 	return &S3Bucket{S3Server: s, Name: name}
 }
 
+// KeepDirectory creates key (ending in "/") as a directory object.
+// versitygw's posix backend removes a directory that a delete leaves
+// empty, unless it is such an object, and its PutObject fails with
+// ExistingObjectIsDirectory when a concurrent delete removes a parent it
+// is creating (versitygw v1.8.0: backend.MkdirAll, then os.Mkdir, is not
+// retried on ENOENT). Distribution deletes every finished upload under
+// <repository>/_uploads/, so concurrent pushes to one repository hit
+// that; keeping _uploads/ in place avoids it. AWS S3 has no directories.
+func (b *S3Bucket) KeepDirectory(t T, key string) {
+	t.Helper()
+	if !strings.HasSuffix(key, "/") {
+		t.Fatalf("directory object %q must end in /", key)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := b.client.PutObjectWithContext(ctx, &s3.PutObjectInput{
+		Bucket: aws.String(b.Name), Key: aws.String(key), Body: bytes.NewReader(nil),
+	}); err != nil {
+		t.Fatalf("create directory object %s in bucket %s: %v", key, b.Name, err)
+	}
+}
+
+// KeepUploads keeps the upload directory of repo in the registry storage
+// of the bucket (see KeepDirectory).
+func (b *S3Bucket) KeepUploads(t T, repo string) {
+	t.Helper()
+	b.KeepDirectory(t, "docker/registry/v2/repositories/"+repo+"/_uploads/")
+}
+
 // Keys lists the object keys of the bucket under prefix, through the S3 API.
 func (b *S3Bucket) Keys(t T, prefix string) []string {
 	t.Helper()
