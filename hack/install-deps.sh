@@ -16,6 +16,15 @@ if ((${#missing[@]})); then
 	apt-get update -qq
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# PostgreSQL's server binaries for the registry replica tests, which start a
+# private cluster of their own (integration/harness/postgres.go); the
+# package's system cluster is not used.
+if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+	echo "installing: postgresql"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+fi
 if ! command -v go >/dev/null 2>&1; then
 	echo "Go 1.26 is required (https://go.dev/dl); not found on PATH" >&2
 	exit 1

@@ -135,6 +135,9 @@ func (d *DB) LeaseJob(ctx context.Context, owner string, lease time.Duration) (*
 	for range 8 {
 		var job *Job
 		err := d.inTx(ctx, func(tx *sql.Tx) error {
+			if err := d.lockLeases(ctx, tx); err != nil {
+				return err
+			}
 			now := d.nowMillis()
 			var repo, dgst, tag string
 			err := d.queryRow(ctx, tx, `SELECT repository, digest, tag FROM jobs j WHERE `+runnable+`
@@ -146,8 +149,8 @@ func (d *DB) LeaseJob(ctx context.Context, owner string, lease time.Duration) (*
 			if err != nil {
 				return err
 			}
-			// Another replica may have taken the row since the SELECT
-			// (PostgreSQL): the WHERE re-checks and the loop tries again.
+			// The WHERE re-checks the row in case it was taken since the
+			// SELECT all the same; the loop then tries again.
 			res, err := d.exec(ctx, tx, `UPDATE jobs SET state = 'converting', owner = ?, lease_until = ?,
 				attempts = attempts + 1, updated_at = ?
 				WHERE repository = ? AND digest = ? AND tag = ? AND `+runnable,
@@ -173,6 +176,26 @@ func (d *DB) LeaseJob(ctx context.Context, owner string, lease time.Duration) (*
 		}
 	}
 	return nil, ErrNotFound
+}
+
+// leaseLockKey names the PostgreSQL advisory lock that serialises
+// LeaseJob transactions ("Starligh").
+const leaseLockKey int64 = 0x537461726c696768
+
+// lockLeases makes concurrent LeaseJob transactions of every replica take
+// turns on PostgreSQL. Under READ COMMITTED the UPDATE re-checks only the
+// row it takes, not the other jobs of the same image or tag, so two
+// replicas leasing two jobs of one image (a push under two tags) at the
+// same moment would both see the other not yet converting and convert
+// the image twice at once. Behind the lock each SELECT sees every lease
+// committed before it. SQLite needs nothing: BEGIN IMMEDIATE already
+// serialises writers.
+func (d *DB) lockLeases(ctx context.Context, tx *sql.Tx) error {
+	if d.dialect != DialectPostgres {
+		return nil
+	}
+	_, err := d.exec(ctx, tx, `SELECT pg_advisory_xact_lock(?)`, leaseLockKey)
+	return err
 }
 
 // updateLeased updates a job leased by j.Owner, or returns ErrLeaseLost.

@@ -31,6 +31,12 @@ type Process struct {
 // The child gets SIGKILL if the test process dies, so a crashed test run
 // does not leave daemons behind.
 func startProcess(name, logPath string, env []string, bin string, args ...string) (*Process, error) {
+	return startProcessAs(name, logPath, env, nil, bin, args...)
+}
+
+// startProcessAs is startProcess with the child's user and group set to
+// cred (nil: this process's), for daemons that refuse to run as root.
+func startProcessAs(name, logPath string, env []string, cred *syscall.Credential, bin string, args ...string) (*Process, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("open %s log: %w", name, err)
@@ -39,7 +45,7 @@ func startProcess(name, logPath string, env []string, bin string, args ...string
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.Env = append(os.Environ(), env...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Credential: cred}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)

@@ -34,6 +34,13 @@ type RegistryOptions struct {
 	TLS *CA
 	// Options are more starlight middleware options (name → YAML value).
 	Options map[string]string
+	// S3, if set, stores the registry's content in this bucket (the s3-aws
+	// storage driver) instead of a private directory. Replicas given the
+	// same bucket and Database serve the same images.
+	S3 *S3Bucket
+	// Database is the index DSN (e.g. Postgres.CreateDatabase); a private
+	// SQLite file when empty.
+	Database string
 }
 
 // Registry is a running starlight-registry.
@@ -126,12 +133,16 @@ func RegistryConfig(dir, addr, htpasswd string, opts RegistryOptions) string {
 	if level == "" {
 		level = "info"
 	}
+	database := opts.Database
+	if database == "" {
+		database = filepath.Join(dir, "index.db")
+	}
 	options := fmt.Sprintf(`      options:
-        database: %s
+        database: %q
         autoconvert: %t
         tagsuffix: "%s"
         workers: %d
-`, filepath.Join(dir, "index.db"), !opts.NoAutoConvert, suffix, workers)
+`, database, !opts.NoAutoConvert, suffix, workers)
 	for _, k := range sortedKeys(opts.Options) {
 		options += fmt.Sprintf("        %s: %s\n", k, opts.Options[k])
 	}
@@ -141,14 +152,12 @@ log:
   level: %s
   formatter: text
 storage:
-  filesystem:
-    rootdirectory: %s
-  delete:
+%s  delete:
     enabled: true
 http:
   addr: %s
   secret: starlight-integration-test
-`, level, filepath.Join(dir, "storage"), addr)
+`, level, storageConfig(dir, opts.S3), addr)
 	if opts.TLS != nil {
 		fmt.Fprintf(&b, "  tls:\n    certificate: %s\n    key: %s\n", opts.TLS.CertFile, opts.TLS.KeyFile)
 	}
@@ -162,6 +171,22 @@ http:
 	b.WriteString("middleware:\n  registry:\n    - name: starlight\n" + options)
 	b.WriteString("  repository:\n    - name: starlight\n" + options)
 	return b.String()
+}
+
+// storageConfig is the storage driver section of RegistryConfig.
+func storageConfig(dir string, b *S3Bucket) string {
+	if b == nil {
+		return fmt.Sprintf("  filesystem:\n    rootdirectory: %s\n", filepath.Join(dir, "storage"))
+	}
+	return fmt.Sprintf(`  s3:
+    regionendpoint: %s
+    region: %s
+    bucket: %s
+    accesskey: %s
+    secretkey: %s
+    forcepathstyle: true
+    secure: false
+`, b.URL, b.Region, b.Name, b.AccessKey, b.SecretKey)
 }
 
 func writeHtpasswd(path string, users map[string]string) error {
