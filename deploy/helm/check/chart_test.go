@@ -37,7 +37,7 @@ registry:
   host: registry.example.com
   storage:
     type: s3
-    s3: {bucket: starlight, regionEndpoint: "https://s3.example.com", forcePathStyle: true, credentialsSecret: s3-keys}
+    s3: {bucket: starlight, regionEndpoint: "https://s3.example.com", forcePathStyle: true, credentialsSecret: s3-keys, redirect: false}
   database:
     type: postgres
     postgres: {host: pg.example.com, passwordSecret: pg-password}
@@ -266,6 +266,9 @@ func TestRegistry(t *testing.T) {
 	reg, err := configuration.Parse(strings.NewReader(cm.Data["config.yml"]))
 	if err != nil {
 		t.Fatalf("distribution refuses the config.yml: %v\n%s", err, cm.Data["config.yml"])
+	}
+	if reg.Storage["redirect"]["disable"] != true {
+		t.Errorf("storage.redirect %v, want disable: true (s3.redirect false)", reg.Storage["redirect"])
 	}
 	if reg.Storage.Type() != "s3" || reg.Auth.Type() != "htpasswd" {
 		t.Errorf("storage %q, auth %q", reg.Storage.Type(), reg.Auth.Type())
