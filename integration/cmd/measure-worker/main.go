@@ -119,8 +119,8 @@ func measure(env *harness.Env, bigMB, small int, rtt time.Duration, mbps float64
 		{fmt.Sprintf("read /big.bin (%d MiB), warm, MB/s", bigMB), "busybox time -p dd if=/big.bin of=/dev/null bs=1M", false},
 		{"find / -xdev | wc -l, cold, seconds", "busybox time -p sh -c 'find / -xdev | wc -l'", true},
 		{"find / -xdev | wc -l, warm, seconds", "busybox time -p sh -c 'find / -xdev | wc -l'", false},
-		{"read every file, cold, seconds", "busybox time -p sh -c 'find / -xdev -type f -exec cat {} + >/dev/null'", true},
-		{"read every file, warm, seconds", "busybox time -p sh -c 'find / -xdev -type f -exec cat {} + >/dev/null'", false},
+		{"cat every file, cold, seconds", "busybox time -p sh -c 'find / -xdev -type f -exec cat {} + >/dev/null'", true},
+		{"cat every file, warm, seconds", "busybox time -p sh -c 'find / -xdev -type f -exec cat {} + >/dev/null'", false},
 	} {
 		cold := m.cold
 		var medians []float64
