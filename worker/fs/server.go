@@ -287,10 +287,16 @@ func (c *conn) handle(req []byte) {
 	out := *buf
 	n, st := c.ps.HandleRequest([][]byte{req}, [][]byte{out})
 	if n == 0 {
-		if !st.Ok() {
-			log.L.WithField("status", st).Error("FUSE request not handled")
+		if st.Ok() {
+			return // no reply (FORGET, INTERRUPT...)
 		}
-		return // no reply (FORGET, INTERRUPT...)
+		// A request the server could not answer still gets an answer,
+		// its error: the caller in the kernel waits for one.
+		log.L.WithField("status", st).Error("FUSE request not handled")
+		n = errorReply(req, st, out)
+		if n == 0 {
+			return
+		}
 	}
 	if c.detached.Load() {
 		// The next server answers it: the kernel sends it again.
@@ -304,17 +310,38 @@ func (c *conn) handle(req []byte) {
 	}
 }
 
+// errorReply writes into out the reply to req that carries only the error
+// st (fuse_out_header: len, error, unique) and returns its length, 0 for a
+// request too short to answer.
+func errorReply(req []byte, st fuse.Status, out []byte) int {
+	if len(req) < inHeaderSize || len(out) < outHeaderSize {
+		return 0
+	}
+	binary.NativeEndian.PutUint32(out[0:4], outHeaderSize)
+	binary.NativeEndian.PutUint32(out[4:8], uint32(-int32(st)))
+	copy(out[8:16], req[8:16]) // unique
+	return outHeaderSize
+}
+
 // payloadSize is the room a reply to req needs beyond its fixed part: the
 // data of a read, a directory listing or an xattr value (the size the
 // kernel asks for).
 func payloadSize(req []byte) int {
-	if len(req) < inHeaderSize+24 {
+	if len(req) < inHeaderSize {
 		return 0
 	}
+	// Each request is checked against the size of its own fixed part: a
+	// GETXATTR is the header, 8 bytes and the name.
 	switch binary.NativeEndian.Uint32(req[4:8]) {
 	case opRead, opReaddir, opReaddirplus:
+		if len(req) < int(unsafe.Sizeof(fuse.ReadIn{})) {
+			return 0
+		}
 		return int((*fuse.ReadIn)(unsafe.Pointer(&req[0])).Size)
 	case opGetxattr, opListxattr:
+		if len(req) < int(unsafe.Sizeof(fuse.GetXAttrIn{})) {
+			return 0
+		}
 		return int((*fuse.GetXAttrIn)(unsafe.Pointer(&req[0])).Size)
 	case opReadlink:
 		return 0 // within replySlack
