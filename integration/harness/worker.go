@@ -98,6 +98,11 @@ func StartWorker(t T, opts WorkerOptions) *Worker {
 	args := []string{"--root", w.Root, "--address", w.Address, "--api", w.API, "--cri-proxy", w.CRIProxy, "--log-level", level}
 	if opts.Containerd != nil {
 		args = append(args, "--containerd", opts.Containerd.Address)
+		if opts.Containerd.Version == Containerd2 {
+			// containerd 2 cannot mount materialised layers yet
+			// (worker config materialize).
+			args = append(args, "--materialize=false")
+		}
 	}
 	for _, r := range opts.Registries {
 		args = append(args, "--registry", r)

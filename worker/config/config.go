@@ -93,9 +93,20 @@ type Config struct {
 	// FDHolder is the fd-holder's unix socket. Empty: fd-holder.sock
 	// under Root.
 	FDHolder string `toml:"fd_holder"`
+	// Materialize turns complete layers into plain directories of
+	// overlayfs metadata-only files over the store (no FUSE on a new
+	// container's path) where the kernel can stack data-only layers.
+	// Default true. containerd 2 cannot mount them yet (its client-side
+	// temporary mounts fail on the "::" of data-only layers): set false
+	// on containerd 2 nodes.
+	Materialize *bool `toml:"materialize"`
 	// Registries are the Starlight registries references may point at.
 	Registries []Registry `toml:"registry"`
 }
+
+// MaterializeLayers tells whether complete layers are materialised
+// (Materialize, default true).
+func (c *Config) MaterializeLayers() bool { return c.Materialize == nil || *c.Materialize }
 
 // FDHolderSocket is the fd-holder's socket: FDHolder, or its default
 // under Root.

@@ -9,21 +9,22 @@ import (
 // Flags are the starlight-worker command line flags. A flag given on the
 // command line overrides the same setting of the config file.
 type Flags struct {
-	fs         *pflag.FlagSet
-	file       string
-	root       string
-	address    string
-	api        string
-	containerd string
-	criProxy   string
-	metrics    string
-	logLevel   string
-	registries []string
-	demand     int
-	hostsDir   string
-	dockerCfg  string
-	fdStore    string
-	fdHolder   string
+	fs          *pflag.FlagSet
+	file        string
+	root        string
+	address     string
+	api         string
+	containerd  string
+	criProxy    string
+	metrics     string
+	logLevel    string
+	registries  []string
+	demand      int
+	hostsDir    string
+	dockerCfg   string
+	fdStore     string
+	fdHolder    string
+	materialize bool
 }
 
 // AddFlags registers the worker flags on fs.
@@ -42,6 +43,7 @@ func AddFlags(fs *pflag.FlagSet) *Flags {
 	fs.StringVar(&f.dockerCfg, "docker-config", "", "docker config.json for registry credentials (default $DOCKER_CONFIG/config.json or ~/.docker/config.json)")
 	fs.StringVar(&f.fdStore, "fd-store", DefaultFDStore, "where the FUSE connections are kept across worker restarts: auto, systemd, holder, off")
 	fs.StringVar(&f.fdHolder, "fd-holder", "", "unix socket of the fd-holder (default ROOT/fd-holder.sock)")
+	fs.BoolVar(&f.materialize, "materialize", true, "serve complete layers as overlayfs metadata-only directories instead of FUSE (false on containerd 2 nodes)")
 	fs.StringArrayVar(&f.registries, "registry", nil, "Starlight registry, repeatable: http://host:port (plain HTTP), https://host, userinfo allowed")
 	return f
 }
@@ -73,6 +75,9 @@ func (f *Flags) Load() (*Config, error) {
 		if fl := f.fs.Lookup(name); fl != nil && fl.Changed {
 			*dst = fl.Value.String()
 		}
+	}
+	if fl := f.fs.Lookup("materialize"); fl != nil && fl.Changed {
+		c.Materialize = &f.materialize
 	}
 	if fl := f.fs.Lookup("demand-fetches"); fl != nil && fl.Changed {
 		c.DemandFetches = f.demand

@@ -123,7 +123,9 @@ func New(ctx context.Context, cfg *config.Config, opts ...Option) (d *Daemon, er
 	// Complete layers leave FUSE where overlayfs stacks data-only layers
 	// (layers.Materialize).
 	var layerOpts []layers.Option
-	if err := snapshotter.DataLayersSupported(cfg.Root, nil); err != nil {
+	if !cfg.MaterializeLayers() {
+		log.G(ctx).Info("complete layers stay FUSE views (materialize = false)")
+	} else if err := snapshotter.DataLayersSupported(cfg.Root, nil); err != nil {
 		log.G(ctx).WithError(err).Warn("complete layers stay FUSE views")
 	} else {
 		layerOpts = append(layerOpts, layers.Materialize(d.Store))
