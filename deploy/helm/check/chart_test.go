@@ -418,3 +418,15 @@ func loadWorkerConfig(t *testing.T, toml string) *config.Config {
 	}
 	return cfg
 }
+
+// On containerd 2 nodes the workers keep complete layers as FUSE views
+// (containerd 2 cannot mount materialised layers yet); elsewhere they
+// materialise them.
+func TestWorkerMaterialize(t *testing.T) {
+	for values, want := range map[string]bool{valueSets["containerd 2 nodes"]: false, "": true} {
+		cm := named[*corev1.ConfigMap](t, render(t, values), "-worker")
+		if got := loadWorkerConfig(t, cm.Data["worker.toml"]).MaterializeLayers(); got != want {
+			t.Errorf("values %q: materialize %v, want %v", values, got, want)
+		}
+	}
+}
