@@ -3,6 +3,7 @@ package integration
 import (
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io/fs"
 	"net/http"
@@ -119,11 +120,19 @@ func criPullIsAccelerated(t *testing.T, v harness.ContainerdVersion, crictl stri
 func dirBytes(t *testing.T, dir string) int64 {
 	t.Helper()
 	var n int64
+	// The collector may be removing files meanwhile: a file gone is not
+	// counted.
 	err := filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 		if err != nil || !d.Type().IsRegular() {
 			return err
 		}
 		info, err := d.Info()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 		if err == nil {
 			n += info.Size()
 		}
