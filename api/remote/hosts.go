@@ -245,36 +245,15 @@ func (h *Hosts) WithCredentials(first CredentialFunc) *Hosts {
 }
 
 // credentials is the Authorizer's lookup: WithCredentials', then Static's
-// credentials, else Credentials'. It remembers the source for
-// CredentialSource.
+// credentials, else Credentials'; the first source with credentials for
+// host answers. It remembers the source for CredentialSource.
 func (h *Hosts) credentials(host string) (string, string, error) {
 	var looked []string
-	if h.first != nil {
-		c, err := h.first(host)
-		if err != nil {
-			h.remember(host, credentialSource{source: c.Source})
-			return "", "", &CredentialError{Host: host, Err: err}
+	for _, lookup := range []CredentialFunc{h.first, h.static, h.opts.Credentials} {
+		if lookup == nil {
+			continue
 		}
-		if !c.Empty() {
-			h.remember(host, credentialSource{source: c.Source, found: true})
-			return c.Username, c.Secret, nil
-		}
-		if c.Source != "" {
-			looked = append(looked, c.Source)
-		}
-	}
-	if h.opts.Static != nil {
-		hc := endpointConfig(h.opts.Static, host)
-		if hc.Username != "" || hc.Password != "" {
-			h.remember(host, credentialSource{source: h.opts.StaticSource, found: true})
-			return hc.Username, hc.Password, nil
-		}
-	}
-	if h.opts.StaticSource != "" {
-		looked = append(looked, h.opts.StaticSource)
-	}
-	if h.opts.Credentials != nil {
-		c, err := h.opts.Credentials(host)
+		c, err := lookup(host)
 		if err != nil {
 			h.remember(host, credentialSource{source: c.Source})
 			return "", "", &CredentialError{Host: host, Err: err}
@@ -289,6 +268,17 @@ func (h *Hosts) credentials(host string) (string, string, error) {
 	}
 	h.remember(host, credentialSource{source: strings.Join(looked, " or ")})
 	return "", "", nil
+}
+
+// static is Static's credentials of endpoint host as a CredentialFunc,
+// from StaticSource.
+func (h *Hosts) static(host string) (Credential, error) {
+	c := Credential{Source: h.opts.StaticSource}
+	if h.opts.Static != nil {
+		hc := endpointConfig(h.opts.Static, host)
+		c.Username, c.Secret = hc.Username, hc.Password
+	}
+	return c, nil
 }
 
 func (h *Hosts) remember(host string, s credentialSource) {
