@@ -110,24 +110,8 @@ func (rep *TraceReport) Canonicalize() error {
 		return fmt.Errorf("startedAt %s is outside the years 0 to 9999 in UTC", rep.StartedAt)
 	}
 	for i := range rep.Accesses {
-		a := &rep.Accesses[i]
-		l, err := ParseDigest(a.Layer)
-		if err != nil {
-			return fmt.Errorf("access %d: layer: %w", i, err)
-		}
-		a.Layer = l.String()
-		if err := ValidateName(a.Name); err != nil {
-			return fmt.Errorf("access %d: %w", i, err)
-		}
-		if a.Digest != "" {
-			c, err := ParseDigest(a.Digest)
-			if err != nil {
-				return fmt.Errorf("access %d (%s): digest: %w", i, a.Name, err)
-			}
-			a.Digest = c.String()
-		}
-		if a.ChunkOffset < 0 || a.TimeNS < 0 || a.TimeNS > MaxTraceTime {
-			return fmt.Errorf("access %d (%s): chunkOffset and timeNs must be non-negative (and timeNs at most %d)", i, a.Name, MaxTraceTime)
+		if err := rep.Accesses[i].Validate(i); err != nil {
+			return err
 		}
 	}
 	slices.SortStableFunc(rep.Accesses, func(a, b TraceAccess) int {
@@ -154,5 +138,30 @@ func (rep *TraceReport) Canonicalize() error {
 		out = append(out, a)
 	}
 	rep.Accesses = out
+	return nil
+}
+
+// Validate checks access i of a report on its own and canonicalises its
+// digests: a layer digest, a valid name, an optional content digest,
+// chunkOffset and timeNs not negative and timeNs at most MaxTraceTime.
+func (a *TraceAccess) Validate(i int) error {
+	l, err := ParseDigest(a.Layer)
+	if err != nil {
+		return fmt.Errorf("access %d: layer: %w", i, err)
+	}
+	a.Layer = l.String()
+	if err := ValidateName(a.Name); err != nil {
+		return fmt.Errorf("access %d: %w", i, err)
+	}
+	if a.Digest != "" {
+		c, err := ParseDigest(a.Digest)
+		if err != nil {
+			return fmt.Errorf("access %d (%s): digest: %w", i, a.Name, err)
+		}
+		a.Digest = c.String()
+	}
+	if a.ChunkOffset < 0 || a.TimeNS < 0 || a.TimeNS > MaxTraceTime {
+		return fmt.Errorf("access %d (%s): chunkOffset and timeNs must be non-negative (and timeNs at most %d)", i, a.Name, MaxTraceTime)
+	}
 	return nil
 }

@@ -119,7 +119,7 @@ func (x *Extension) storePredictions(ctx context.Context, reports []*api.TraceRe
 }
 
 func (x *Extension) storePrediction(ctx context.Context, rep *api.TraceReport) (*api.TraceResult, error) {
-	if err := canonicalizeReport(rep); err != nil {
+	if err := rep.Canonicalize(); err != nil {
 		return nil, err
 	}
 	return x.ingestTrace(ctx, rep, true)

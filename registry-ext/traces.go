@@ -22,10 +22,6 @@ import (
 // Bounds on POST /starlight/v1/traces, besides the body size and access
 // count of the API (api.MaxTraceReportSize, api.MaxTraceAccesses).
 const (
-	// maxTraceLabel and maxTraceTime: the API's (the worker checks the
-	// same when it decodes a report).
-	maxTraceLabel = api.MaxTraceLabel
-	maxTraceTime  = api.MaxTraceTime
 	// maxOffenders is how many invalid accesses a 400 answer lists.
 	maxOffenders = 5
 	// traceIngestions bounds concurrent ingestions, decoding included:
@@ -134,14 +130,14 @@ func decodeTraceReport(w http.ResponseWriter, r *http.Request) (*api.TraceReport
 		}
 		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid trace report: %v", err)
 	}
-	if err := canonicalizeReport(rep); err != nil {
+	if err := rep.Canonicalize(); err != nil {
 		return nil, errorf(http.StatusBadRequest, api.CodeBadRequest, "invalid trace report: %v", err)
 	}
 	return rep, nil
 }
 
 // decodeReportStream decodes one api.TraceReport object field by field,
-// the accesses one at a time, validating each (validateAccess) and
+// the accesses one at a time, validating each (api.TraceAccess.Validate) and
 // sharing the strings of equal layer digests.
 func decodeReportStream(dec *json.Decoder) (*api.TraceReport, error) {
 	var rep api.TraceReport
@@ -205,7 +201,7 @@ func decodeAccesses(dec *json.Decoder, layers map[string]string) ([]api.TraceAcc
 		if err := dec.Decode(&a); err != nil {
 			return nil, fmt.Errorf("access %d: %w", len(out), err)
 		}
-		if err := validateAccess(len(out), &a); err != nil {
+		if err := a.Validate(len(out)); err != nil {
 			return nil, err
 		}
 		if l, ok := layers[a.Layer]; ok {
@@ -257,76 +253,6 @@ func (w *windowReader) Read(p []byte) (int, error) {
 	n, err := w.r.Read(p)
 	w.read += int64(n)
 	return n, err
-}
-
-// canonicalizeReport validates the parts of a report that need no index
-// and normalises it, so that equal runs hash equal: UTC start time,
-// accesses in order of time (stable), each (layer, name, chunk) once.
-func canonicalizeReport(rep *api.TraceReport) error {
-	d, err := api.ParseDigest(rep.ManifestDigest)
-	if err != nil {
-		return fmt.Errorf("manifestDigest: %w", err)
-	}
-	rep.ManifestDigest = d.String()
-	if len(rep.Worker) > maxTraceLabel || len(rep.Container) > maxTraceLabel {
-		return fmt.Errorf("worker and container are limited to %d bytes", maxTraceLabel)
-	}
-	if n := len(rep.Accesses); n == 0 {
-		return errors.New("no accesses")
-	} else if n > api.MaxTraceAccesses {
-		return fmt.Errorf("%d accesses, at most %d are accepted", n, api.MaxTraceAccesses)
-	}
-	rep.StartedAt = rep.StartedAt.UTC()
-	for i := range rep.Accesses {
-		if err := validateAccess(i, &rep.Accesses[i]); err != nil {
-			return err
-		}
-	}
-	slices.SortStableFunc(rep.Accesses, func(a, b api.TraceAccess) int {
-		switch {
-		case a.TimeNS < b.TimeNS:
-			return -1
-		case a.TimeNS > b.TimeNS:
-			return 1
-		}
-		return 0
-	})
-	seen := make(map[traceKey]struct{}, len(rep.Accesses))
-	out := rep.Accesses[:0]
-	for _, a := range rep.Accesses {
-		k := traceKey{a.Layer, a.Name, a.ChunkOffset}
-		if _, dup := seen[k]; dup {
-			continue
-		}
-		seen[k] = struct{}{}
-		out = append(out, a)
-	}
-	rep.Accesses = out
-	return nil
-}
-
-// validateAccess checks access i of a report and canonicalises its
-// digests.
-func validateAccess(i int, a *api.TraceAccess) error {
-	l, err := api.ParseDigest(a.Layer)
-	if err != nil {
-		return fmt.Errorf("access %d: layer: %w", i, err)
-	}
-	a.Layer = l.String()
-	if err := api.ValidateName(a.Name); err != nil {
-		return fmt.Errorf("access %d: %w", i, err)
-	}
-	if a.Digest != "" {
-		c, err := api.ParseDigest(a.Digest)
-		if err != nil {
-			return fmt.Errorf("access %d (%s): digest: %w", i, a.Name, err)
-		}
-		a.Digest = c.String()
-	}
-	if a.ChunkOffset < 0 || a.TimeNS < 0 || a.TimeNS > maxTraceTime {
-		return fmt.Errorf("access %d (%s): chunkOffset and timeNs must be non-negative (and timeNs below %d)", i, a.Name, maxTraceTime)
-	}
-	return nil
 }
 
 // traceID is the identity of a canonical report: the sha256 of its JSON;
